@@ -1,0 +1,81 @@
+"""Per-layer input statistics accumulated over calibration tokens.
+
+All accumulators are float32 sums, so splitting tokens across batches (or ranks, by summing)
+gives the same result as one pass. X is the layer input flattened to [tokens, in_features].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+STAT_NORMS = "norms"  # sum_t x_tj^2       (Wanda's ||X_j||_2^2)
+STAT_HESSIAN = "hessian"  # X^T X           (SparseGPT's H before scaling/damping)
+STAT_MOMENTS = "moments"  # sum_t x_tj, sum_t x_tj^2 (means and variances, DSnoT)
+KNOWN_STATS = frozenset({STAT_NORMS, STAT_HESSIAN, STAT_MOMENTS})
+
+
+@dataclass
+class LayerStats:
+    """Running sums of one layer's input. ``tokens`` counts rows of X seen so far."""
+
+    in_features: int
+    wanted: frozenset[str]
+    tokens: int = 0
+    sq_sum: torch.Tensor | None = None  # [in]
+    col_sum: torch.Tensor | None = None  # [in]
+    xtx: torch.Tensor | None = None  # [in, in]
+    _device: torch.device | None = field(default=None, repr=False)
+
+    def update(self, inputs: torch.Tensor) -> None:
+        """Add a batch of inputs of shape [..., in_features]."""
+        x = inputs.detach().reshape(-1, inputs.shape[-1]).to(torch.float32)
+        if x.shape[1] != self.in_features:
+            raise ValueError(f"expected inputs with {self.in_features} features, got {x.shape[1]}")
+        if self.tokens == 0:
+            self._init(x.device)
+        self.tokens += x.shape[0]
+        if STAT_NORMS in self.wanted or STAT_MOMENTS in self.wanted:
+            self.sq_sum += (x * x).sum(0)
+        if STAT_MOMENTS in self.wanted:
+            self.col_sum += x.sum(0)
+        if STAT_HESSIAN in self.wanted:
+            self.xtx.addmm_(x.T, x)
+
+    def _init(self, device: torch.device) -> None:
+        self._device = device
+        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float32, device=device)  # noqa: E731
+        if STAT_NORMS in self.wanted or STAT_MOMENTS in self.wanted:
+            self.sq_sum = zeros(self.in_features)
+        if STAT_MOMENTS in self.wanted:
+            self.col_sum = zeros(self.in_features)
+        if STAT_HESSIAN in self.wanted:
+            self.xtx = zeros(self.in_features, self.in_features)
+
+    @property
+    def channel_norms(self) -> torch.Tensor:
+        """||X_j||_2 over all tokens seen (Wanda's activation norm)."""
+        return self.sq_sum.sqrt()
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.col_sum / max(self.tokens, 1)
+
+    @property
+    def var(self) -> torch.Tensor:
+        return (self.sq_sum / max(self.tokens, 1) - self.mean**2).clamp_min(0)
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """H = (2 / tokens) X^T X, the OBS Hessian of the layer-wise squared error."""
+        return self.xtx * (2.0 / max(self.tokens, 1))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The raw sums, by name (what an all-reduce across ranks would add up)."""
+        out = {}
+        for name in ("sq_sum", "col_sum", "xtx"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        return out
