@@ -8,6 +8,7 @@ cores accelerate. Ties are broken by position so the same scores always give the
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -126,6 +127,15 @@ def check_ratio(sparsity: float) -> float:
     return value
 
 
+def prune_count(total: int, sparsity: float) -> int:
+    """floor(sparsity * total), immune to float round-off (0.29 * 100 is 28.999..., meant as 29)."""
+    value = total * float(sparsity)
+    nearest = round(value)
+    if abs(value - nearest) <= 1e-9 * max(1.0, value):
+        return int(nearest)
+    return math.floor(value)
+
+
 def _keep_lowest_pruned(flat_scores: torch.Tensor, n_prune: int) -> torch.Tensor:
     """Bool keep-mask over a 1-D score vector that prunes exactly ``n_prune`` lowest entries."""
     keep = torch.ones_like(flat_scores, dtype=torch.bool)
@@ -144,14 +154,14 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float, scope: Scope = "row
     """
     check_ratio(sparsity)
     if scope == "row":
-        n_prune = int(scores.shape[1] * sparsity)
+        n_prune = prune_count(scores.shape[1], sparsity)
         keep = torch.ones_like(scores, dtype=torch.bool)
         if n_prune > 0:
             order = torch.sort(scores, dim=1, stable=True).indices
             keep.scatter_(1, order[:, :n_prune], False)
         return keep
     if scope == "layer":
-        return _keep_lowest_pruned(scores.reshape(-1), int(scores.numel() * sparsity)).view_as(scores)
+        return _keep_lowest_pruned(scores.reshape(-1), prune_count(scores.numel(), sparsity)).view_as(scores)
     raise ConfigError("scope='global' ranks several layers together: use global_masks().")
 
 
@@ -159,8 +169,10 @@ def global_masks(scores: dict[str, torch.Tensor], sparsity: float) -> dict[str, 
     """Keep-masks from one ranking over all given layers (scores must be comparable across them)."""
     check_ratio(sparsity)
     names = list(scores)
+    if not names:
+        raise ConfigError("global_masks needs at least one layer's scores; no prunable layer was selected.")
     flat = torch.cat([scores[name].reshape(-1).float().cpu() for name in names])
-    keep = _keep_lowest_pruned(flat, int(flat.numel() * sparsity))
+    keep = _keep_lowest_pruned(flat, prune_count(flat.numel(), sparsity))
     out, start = {}, 0
     for name in names:
         count = scores[name].numel()
@@ -184,12 +196,13 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 def block_mask(scores: torch.Tensor, sparsity: float, block: tuple[int, int]) -> torch.Tensor:
     """Keep-mask removing whole ``block`` tiles with the lowest summed score (per layer)."""
+    check_ratio(sparsity)
     rows, cols = block
     out_features, in_features = scores.shape
     if out_features % rows or in_features % cols:
         raise PatternError(f"block {rows}x{cols} does not tile a weight of shape {tuple(scores.shape)}.")
     tiles = scores.reshape(out_features // rows, rows, in_features // cols, cols).sum(dim=(1, 3))
-    keep_tiles = _keep_lowest_pruned(tiles.reshape(-1), int(tiles.numel() * sparsity)).view_as(tiles)
+    keep_tiles = _keep_lowest_pruned(tiles.reshape(-1), prune_count(tiles.numel(), sparsity)).view_as(tiles)
     return keep_tiles.repeat_interleave(rows, 0).repeat_interleave(cols, 1)
 
 

@@ -19,4 +19,333 @@ ModelAdapter(model, include=None, exclude=None, targets="blocks")
                                                       (lm_head / embeddings only when targets asks)
     Include/exclude are lists of regular expressions matched with re.search against full names.
     Raise UnsupportedModelError with a clear message when no block list can be found.
+
+Implementation notes
+--------------------
+Nothing here knows a model family's attribute paths. The blocks are the ``nn.ModuleList`` whose
+children all share one class and hold at least one Linear/Conv1D; when several qualify (an
+encoder-decoder, a vision tower, MoE experts inside blocks) the one holding the most parameters
+wins. ``blocks=[...]`` (module names) overrides the discovery.
+
+Selection rules, in order:
+
+* block layers: every ``nn.Linear`` / ``Conv1D`` inside the blocks, in registration order;
+* ``include``: each pattern that matches some block layer *restricts* the block layers to the
+  matches of such patterns; a pattern that matches only layers outside the blocks *adds* those
+  layers as extras. So ``include=["lm_head"]`` keeps every block layer and adds ``lm_head``,
+  while ``include=["mlp"]`` keeps only MLP layers. A pattern that matches no layer at all is an
+  error (a typo would otherwise silently prune everything);
+* ``targets="all"`` adds every Linear/Conv1D outside the blocks (lm_head, poolers, projections);
+* ``exclude`` always removes, last.
+
+Embeddings (``nn.Embedding``) are never prunable layers. A selected layer whose weight is the
+same tensor as an embedding's (a tied ``lm_head``) gets ``tied=True`` so callers can warn that
+pruning it also prunes the input embedding.
 """
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, PatternError, UnsupportedModelError
+
+__all__ = ["ModelAdapter", "PrunableLayer", "is_prunable_module"]
+
+TARGETS = ("blocks", "all")
+
+
+def _conv1d_class() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is optional for plain torch models
+        return None
+    return Conv1D
+
+
+_CONV1D = _conv1d_class()
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return _CONV1D is not None and isinstance(module, _CONV1D)
+
+
+def is_prunable_module(module: nn.Module) -> bool:
+    """True for the layer types sparsewise prunes: ``nn.Linear`` and transformers' ``Conv1D``."""
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+@dataclass(eq=False)
+class PrunableLayer:
+    """One prunable weight, seen as a [out, in] matrix whatever its storage layout.
+
+    ``block`` is the index of the block that holds it (None for extras such as ``lm_head``);
+    ``tied`` is True when the weight is shared with an input embedding.
+    """
+
+    name: str
+    module: nn.Module
+    block: int | None = None
+    tied: bool = False
+
+    @property
+    def transposed(self) -> bool:
+        """True when the module stores its weight as [in, out] (transformers' Conv1D)."""
+        return _is_conv1d(self.module)
+
+    @property
+    def in_features(self) -> int:
+        shape = self.module.weight.shape
+        return int(shape[0] if self.transposed else shape[1])
+
+    @property
+    def out_features(self) -> int:
+        shape = self.module.weight.shape
+        return int(shape[1] if self.transposed else shape[0])
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.module, "bias", None)
+
+    @property
+    def numel(self) -> int:
+        return self.in_features * self.out_features
+
+    def get_weight(self) -> torch.Tensor:
+        """The weight as [out, in]: a detached view sharing storage with the module (no copy)."""
+        weight = self.module.weight.detach()
+        return weight.T if self.transposed else weight
+
+    def set_weight(self, weight: torch.Tensor) -> None:
+        """Write a [out, in] tensor into the module in place (dtype, device and layout are kept)."""
+        expected = (self.out_features, self.in_features)
+        if tuple(weight.shape) != expected:
+            raise PatternError(
+                f"{self.name}: new weight has shape {tuple(weight.shape)}, expected [out, in] = {list(expected)}; "
+                "pass the weight in [out, in] layout (get_weight() returns it that way)."
+            )
+        with torch.no_grad():
+            # copy_ converts dtype/device and keeps the Parameter object, so optimizers, tied
+            # references and hooks stay valid.
+            self.module.weight.copy_(weight.T if self.transposed else weight)
+
+    def __repr__(self) -> str:
+        kind = "Conv1D" if self.transposed else type(self.module).__name__
+        extra = ", tied" if self.tied else ""
+        return f"PrunableLayer({self.name!r}, {kind}, out={self.out_features}, in={self.in_features}{extra})"
+
+
+def _unique_param_count(module: nn.Module) -> int:
+    seen: set[int] = set()
+    total = 0
+    for param in module.parameters():
+        if id(param) not in seen:
+            seen.add(id(param))
+            total += param.numel()
+    return total
+
+
+def _holds_prunable(module: nn.Module) -> bool:
+    return any(is_prunable_module(sub) for sub in module.modules())
+
+
+def find_block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """Every ``nn.ModuleList`` whose children share one class and hold Linear/Conv1D layers."""
+    found = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        classes = {type(child) for child in module}
+        if len(classes) == 1 and all(_holds_prunable(child) for child in module):
+            found.append((name, module))
+    return found
+
+
+def _compile(patterns: Sequence[str] | str | None, what: str) -> list[re.Pattern]:
+    if patterns is None:
+        return []
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    compiled = []
+    for pattern in patterns:
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as exc:
+            raise ConfigError(f"{what} pattern {pattern!r} is not a valid regular expression: {exc}") from exc
+    return compiled
+
+
+def _embedding_weight_ids(model: nn.Module) -> set[int]:
+    return {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+
+
+class ModelAdapter:
+    """Finds a model's repeated blocks and prunable layers, generically (see module docstring).
+
+    model:    any nn.Module (transformers model or a plain user module)
+    include:  regexes (re.search on full module names) restricting block layers / adding extras
+    exclude:  regexes removing layers, applied last
+    targets:  "blocks" (default: only block layers, plus extras named by ``include``) or "all"
+              (also every Linear/Conv1D outside the blocks, e.g. ``lm_head``)
+    blocks:   module names of the blocks, overriding discovery (e.g. ["encoder.0", "encoder.1"])
+
+    The adapter reads the module tree at each call, so it stays valid after weights change; build
+    a new one after *replacing* modules.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        include: Sequence[str] | str | None = None,
+        exclude: Sequence[str] | str | None = None,
+        targets: str = "blocks",
+        blocks: Sequence[str] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise UnsupportedModelError(f"expected a torch nn.Module, got {type(model).__name__}.")
+        if targets not in TARGETS:
+            raise ConfigError(f"targets must be one of {', '.join(TARGETS)}; got {targets!r}.")
+        self.model = model
+        self.targets = targets
+        self._exclude = _compile(exclude, "exclude")
+        self.blocks: list[tuple[str, nn.Module]] = (
+            self._named_blocks(blocks) if blocks is not None else self._discover_blocks()
+        )
+        self._restrict, self._add = self._split_include(_compile(include, "include"))
+
+    # ----------------------------------------------------------------- discovery
+    @property
+    def family(self) -> str:
+        config = getattr(self.model, "config", None)
+        model_type = getattr(config, "model_type", None)
+        return model_type if isinstance(model_type, str) and model_type else "generic"
+
+    def _discover_blocks(self) -> list[tuple[str, nn.Module]]:
+        candidates = find_block_lists(self.model)
+        if not candidates:
+            n_linear = sum(1 for m in self.model.modules() if is_prunable_module(m))
+            raise UnsupportedModelError(
+                f"could not find the repeated blocks of {type(self.model).__name__} "
+                f"({n_linear} Linear/Conv1D layers found): sparsewise needs the model's repeated blocks in an "
+                "nn.ModuleList whose children share one class and contain nn.Linear (or Conv1D) layers. "
+                "Put the blocks in an nn.ModuleList, or pass blocks=[...] with their module names explicitly."
+            )
+        # max() keeps the first of equals, i.e. the outermost/earliest list.
+        list_name, block_list = max(candidates, key=lambda item: _unique_param_count(item[1]))
+        prefix = f"{list_name}." if list_name else ""
+        return [(f"{prefix}{index}", child) for index, child in enumerate(block_list)]
+
+    def _named_blocks(self, names: Sequence[str]) -> list[tuple[str, nn.Module]]:
+        if isinstance(names, str):
+            names = [names]
+        if not names:
+            raise ConfigError("blocks=[] names no block; pass the module names of the repeated blocks.")
+        resolved = []
+        for name in names:
+            try:
+                resolved.append((name, self.model.get_submodule(name)))
+            except AttributeError as exc:
+                top = ", ".join(n for n, _ in self.model.named_children()) or "none"
+                raise ConfigError(
+                    f"blocks: {type(self.model).__name__} has no submodule {name!r} (top-level children: {top}); "
+                    "use names as printed by model.named_modules()."
+                ) from exc
+        return resolved
+
+    # ----------------------------------------------------------------- layers
+    def _iter_block_candidates(self, index: int) -> Iterator[PrunableLayer]:
+        block_name, block = self.blocks[index]
+        seen: set[int] = set()
+        for sub_name, module in block.named_modules():
+            if is_prunable_module(module) and id(module) not in seen:
+                seen.add(id(module))
+                name = f"{block_name}.{sub_name}" if sub_name else block_name
+                yield PrunableLayer(name=name, module=module, block=index)
+
+    def _iter_outside_candidates(self) -> Iterator[PrunableLayer]:
+        inside = {id(m) for _, block in self.blocks for m in block.modules()}
+        seen: set[int] = set()
+        for name, module in self.model.named_modules():
+            if is_prunable_module(module) and id(module) not in inside and id(module) not in seen:
+                seen.add(id(module))
+                yield PrunableLayer(name=name, module=module, block=None)
+
+    def _split_include(self, include: list[re.Pattern]) -> tuple[list[re.Pattern], list[re.Pattern]]:
+        """Sort include patterns into ones restricting block layers and ones adding extras."""
+        if not include:
+            return [], []
+        block_names = [layer.name for i in range(len(self.blocks)) for layer in self._iter_block_candidates(i)]
+        outside_names = [layer.name for layer in self._iter_outside_candidates()]
+        restrict, add = [], []
+        for pattern in include:
+            if any(pattern.search(n) for n in block_names):
+                restrict.append(pattern)
+            elif any(pattern.search(n) for n in outside_names):
+                add.append(pattern)
+            else:
+                examples = ", ".join((block_names + outside_names)[:4])
+                raise ConfigError(
+                    f"include pattern {pattern.pattern!r} matches no Linear/Conv1D layer of "
+                    f"{type(self.model).__name__}; patterns are regexes searched in full module names such as "
+                    f"{examples}."
+                )
+        return restrict, add
+
+    def _excluded(self, name: str) -> bool:
+        return any(pattern.search(name) for pattern in self._exclude)
+
+    def _mark_tied(self, layers: Iterable[PrunableLayer]) -> dict[str, PrunableLayer]:
+        embedding_ids = _embedding_weight_ids(self.model)
+        out = {}
+        for layer in layers:
+            layer.tied = id(layer.module.weight) in embedding_ids
+            out[layer.name] = layer
+        return out
+
+    def block_layers(self, index: int) -> dict[str, PrunableLayer]:
+        """Prunable layers of block ``index`` (include/exclude applied), in registration order."""
+        if not -len(self.blocks) <= index < len(self.blocks):
+            raise IndexError(f"block index {index} out of range: the model has {len(self.blocks)} blocks.")
+        index %= len(self.blocks)
+        selected = (
+            layer
+            for layer in self._iter_block_candidates(index)
+            if (not self._restrict or any(p.search(layer.name) for p in self._restrict))
+            and not self._excluded(layer.name)
+        )
+        return self._mark_tied(selected)
+
+    def extra_layers(self) -> dict[str, PrunableLayer]:
+        """Linear/Conv1D layers outside the blocks that were asked for (``include`` or ``targets="all"``)."""
+        selected = (
+            layer
+            for layer in self._iter_outside_candidates()
+            if (self.targets == "all" or any(p.search(layer.name) for p in self._add))
+            and not self._excluded(layer.name)
+        )
+        return self._mark_tied(selected)
+
+    def prunable_layers(self) -> dict[str, PrunableLayer]:
+        """Every selected layer: block layers in block order, then the extras."""
+        layers: dict[str, PrunableLayer] = {}
+        for index in range(len(self.blocks)):
+            layers.update(self.block_layers(index))
+        layers.update(self.extra_layers())
+        return layers
+
+    def counted_parameters(self) -> int:
+        """Number of weights (biases excluded) in the selected prunable layers."""
+        return sum(layer.numel for layer in self.prunable_layers().values())
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __repr__(self) -> str:
+        return (
+            f"ModelAdapter(family={self.family!r}, blocks={len(self.blocks)}, "
+            f"layers={len(self.prunable_layers())}, targets={self.targets!r})"
+        )

@@ -1,0 +1,208 @@
+"""Sequential block-by-block calibration (the scheme of SparseGPT, Wanda and llm-compressor).
+
+Capture the inputs of block 0 with a pre-forward hook, then for each block: run it over the
+calibration batches with statistics hooks on its layers, let the caller prune the block, run it
+again to produce the *pruned* block's outputs, and feed those to the next block. Only one
+block's activations live at a time; blocks may be onloaded to ``device`` one at a time while
+the rest of the model stays where it is.
+
+No per-family forward code: the block receives exactly the positional and keyword arguments
+the model's own forward gave it (attention masks, rotary embeddings, position ids, ...).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import NumericalError, UnsupportedModelError
+from .stats import LayerStats
+
+
+class _StopForward(Exception):
+    """Raised inside the first block's pre-hook: everything after block 0 is not needed."""
+
+
+def move_to(obj, device: torch.device):
+    """Move every tensor inside nested tuples/lists/dicts to ``device`` (other objects as is)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(move_to(item, device) for item in obj)
+    if isinstance(obj, list):
+        return [move_to(item, device) for item in obj]
+    if isinstance(obj, dict):
+        return {key: move_to(value, device) for key, value in obj.items()}
+    return obj
+
+
+@dataclass
+class BlockCall:
+    """One calibration batch as block 0 (and then every later block) receives it."""
+
+    args: tuple
+    kwargs: dict
+
+    @property
+    def hidden_states(self) -> torch.Tensor:
+        return self.args[0] if self.args else self.kwargs["hidden_states"]
+
+    def with_hidden_states(self, hidden: torch.Tensor) -> BlockCall:
+        if self.args:
+            return BlockCall((hidden, *self.args[1:]), self.kwargs)
+        return BlockCall(self.args, {**self.kwargs, "hidden_states": hidden})
+
+
+def _forward_kwargs(model: nn.Module) -> dict:
+    # Caches only cost memory during calibration; not every model's forward takes the flag.
+    params = inspect.signature(model.forward).parameters
+    return {"use_cache": False} if "use_cache" in params else {}
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, first_block: nn.Module, batches: Iterable[dict], device: torch.device
+) -> list[BlockCall]:
+    """Run the model up to ``first_block`` for each batch; return what the block received."""
+    captured: list[BlockCall] = []
+
+    def grab(_module, args, kwargs):
+        captured.append(BlockCall(move_to(args, device), move_to(kwargs, device)))
+        raise _StopForward
+
+    model_device = _module_device(model)
+    extra = _forward_kwargs(model)
+    handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for batch in batches:
+            count = len(captured)
+            try:
+                model(**move_to(batch, model_device), **extra)
+            except _StopForward:
+                pass
+            if len(captured) != count + 1:
+                raise UnsupportedModelError(
+                    "the model's forward never reached its first block; pass blocks=[...] to the adapter "
+                    "naming the modules its forward actually runs."
+                )
+    finally:
+        handle.remove()
+    for call in captured:
+        if not torch.isfinite(call.hidden_states).all():
+            raise NumericalError("non-finite hidden states entering the first block: check the model weights.")
+    return captured
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for param in module.parameters():
+        if param.device.type != "meta":
+            return param.device
+    return torch.device("cpu")
+
+
+def _block_output(output) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    if hasattr(output, "last_hidden_state"):
+        return output.last_hidden_state
+    raise UnsupportedModelError(f"cannot find the hidden states in a block output of type {type(output).__name__}")
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, calls: list[BlockCall]) -> list[torch.Tensor]:
+    """The block's output hidden states for every call."""
+    return [_block_output(block(*call.args, **call.kwargs)) for call in calls]
+
+
+@torch.no_grad()
+def collect_block_stats(
+    block: nn.Module, layers: dict[str, nn.Module], in_features: dict[str, int], calls: list[BlockCall],
+    wanted: frozenset[str],
+) -> dict[str, LayerStats]:
+    """Input statistics of every layer of one block over all calibration calls.
+
+    Layers that read the very same input tensor (q/k/v, gate/up) share one accumulator: X^T X
+    is the costliest statistic and is identical for them.
+    """
+    stats: dict[str, LayerStats] = {}
+    seen: list[tuple[str, torch.Tensor]] = []
+
+    def make_hook(name: str):
+        def hook(_module, args, _output):
+            seen.append((name, args[0]))
+
+        return hook
+
+    handles = [module.register_forward_hook(make_hook(name)) for name, module in layers.items()]
+    try:
+        for call in calls:
+            seen.clear()
+            block(*call.args, **call.kwargs)
+            leaders: dict[tuple, str] = {}
+            for name, tensor in seen:
+                key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
+                if key in leaders and leaders[key] != name:
+                    stats.setdefault(name, stats[leaders[key]])
+                    continue
+                leaders[key] = name
+                if name not in stats:
+                    stats[name] = LayerStats(in_features[name], wanted)
+                if not torch.isfinite(tensor).all():
+                    raise NumericalError(f"non-finite activations at the input of {name}: check the model weights.")
+                stats[name].update(tensor)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [name for name in layers if name not in stats]
+    if missing:
+        raise UnsupportedModelError(f"layers never ran during calibration: {missing}; exclude them.")
+    return stats
+
+
+BlockPruner = Callable[[int, dict[str, LayerStats] | None], None]
+
+
+@torch.no_grad()
+def sequential_calibration(
+    model: nn.Module,
+    blocks: list[tuple[str, nn.Module]],
+    block_layers: Callable[[int], dict],
+    batches: Iterable[dict],
+    prune_block: BlockPruner,
+    *,
+    wanted: frozenset[str],
+    device: torch.device,
+    progress: Callable[[int, str], None] | None = None,
+) -> None:
+    """Drive ``prune_block(index, stats)`` over every block in order, propagating pruned outputs.
+
+    ``block_layers(index)`` returns {name: PrunableLayer}; ``stats`` is None when ``wanted`` is empty.
+    """
+    calls = capture_block_inputs(model, blocks[0][1], batches, device)
+    for index, (name, block) in enumerate(blocks):
+        home = _module_device(block)
+        block.to(device)
+        layers = block_layers(index)
+        stats = None
+        if wanted and layers:
+            stats = collect_block_stats(
+                block,
+                {layer_name: layer.module for layer_name, layer in layers.items()},
+                {layer_name: layer.in_features for layer_name, layer in layers.items()},
+                calls,
+                wanted,
+            )
+        prune_block(index, stats)
+        del stats
+        if index + 1 < len(blocks):
+            outputs = run_block(block, calls)
+            calls = [call.with_hidden_states(out) for call, out in zip(calls, outputs, strict=True)]
+        block.to(home)
+        if progress is not None:
+            progress(index, name)

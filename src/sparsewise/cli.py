@@ -1,0 +1,143 @@
+"""``sparsewise prune / eval / report``: the command line mirrors the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import PruneConfig
+from .errors import SparsewiseError
+
+
+def _prune_parser(sub) -> None:
+    cmd = sub.add_parser("prune", help="prune a model (defaults: bundled SmolLM2-135M, Wanda, 50%)",
+                         description="Prune a model and print a before/after summary. Every flag is also a "
+                                     "field of a YAML recipe (--recipe); flags given here win.")
+    add = cmd.add_argument
+    add("--recipe", type=Path, help="YAML file with the same fields as these flags (dashes or underscores)")
+    add("--model", help="short name (smollm2-135m, minilm-l6), HF dir, .gguf file, hub id or sparsewise dir")
+    add("--method", help="magnitude | random | wanda | sparsegpt (default wanda)")
+    add("--sparsity", type=float, help="fraction of zeros per layer, e.g. 0.5 (N:M patterns fix it)")
+    add("--pattern", help="unstructured (per row) | unstructured:layer | unstructured:global | N:M | block:RxC")
+    add("--calib", help="calibration: .txt/.raw/.jsonl/.parquet path, dataset name, or 'self' (default)")
+    add("--calib-n", type=int, help="calibration windows (default 128; 'self' uses --self-n)")
+    add("--calib-seqlen", type=int, help="tokens per calibration window (default 512)")
+    add("--self-n", type=int, help="self-generated calibration sequences (default 32)")
+    add("--self-seqlen", type=int, help="tokens per self-generated sequence (default 256)")
+    add("--seed", type=int, help="seed of every random choice (default 0)")
+    add("--eval", help="perplexity text: path or dataset name (optional)")
+    add("--eval-seqlen", "--seqlen", dest="eval_seqlen", type=int, help="perplexity window (default 512)")
+    add("--max-windows", type=int, help="evenly spaced subset of eval windows (default 32; 0 = all)")
+    add("--include", nargs="+", help="regexes of module names to prune (default: every linear in the blocks)")
+    add("--exclude", nargs="+", help="regexes of module names to skip")
+    add("--device", help="auto | cpu | cuda (default auto)")
+    add("--batch-size", type=int, help="calibration batch size (default 8)")
+    add("--out", help="directory to save the pruned model to")
+    add("--save-format", choices=["sparsewise", "hf-dense"], help="compressed sparsewise (default) or plain HF")
+    add("--overwrite", action="store_true", default=None, help="replace an existing --out directory")
+    add("--no-progress", action="store_true", help="no progress bars")
+
+
+def _eval_parser(sub) -> None:
+    cmd = sub.add_parser("eval", help="perplexity of a saved or named model")
+    cmd.add_argument("model", help="sparsewise dir, HF dir, .gguf file, or short name")
+    cmd.add_argument("--eval", required=True, help="text file or dataset name")
+    cmd.add_argument("--seqlen", type=int, default=512)
+    cmd.add_argument("--max-windows", type=int, default=32, help="evenly spaced subset (0 = all windows)")
+    cmd.add_argument("--batch-size", type=int, default=1)
+    cmd.add_argument("--device", default="auto")
+    cmd.add_argument("--json", action="store_true", help="print the result as JSON")
+    cmd.add_argument("--no-progress", action="store_true")
+
+
+def _report_parser(sub) -> None:
+    cmd = sub.add_parser("report", help="per-layer sparsity table, N:M pattern check, size on disk")
+    cmd.add_argument("path", help="a sparsewise checkpoint directory")
+    cmd.add_argument("--max-rows", type=int, default=None, help="show at most this many layer rows")
+    cmd.add_argument("--json", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="sparsewise", description="Make neural networks sparse, and make it pay.")
+    parser.add_argument("--version", action="version", version=f"sparsewise {__version__}")
+    sub = parser.add_subparsers(dest="command")
+    _prune_parser(sub)
+    _eval_parser(sub)
+    _report_parser(sub)
+    return parser
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .jobs import prune_job
+
+    config = PruneConfig.from_yaml(args.recipe) if args.recipe else PruneConfig()
+    overrides = {name: getattr(args, name, None) for name in PruneConfig.field_names()}
+    config = config.merged(overrides)
+    if config.max_windows == 0:
+        config.max_windows = None
+    report = prune_job(config, progress=not args.no_progress)
+    print(report.summary())
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from .metrics import perplexity
+    from .models import load_model
+
+    model, tokenizer = load_model(args.model)
+    if tokenizer is None:
+        raise SparsewiseError(f"{args.model} has no tokenizer saved beside it; perplexity needs one.")
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    model.to(device)
+    result = perplexity(model, tokenizer, args.eval, seqlen=args.seqlen, max_windows=args.max_windows or None,
+                        batch_size=args.batch_size, progress=not args.no_progress)
+    if args.json:
+        print(json.dumps({"ppl": result.ppl, "mean_nll": result.mean_nll, "seqlen": result.seqlen,
+                          "windows": result.n_windows, "total_windows": result.total_windows,
+                          "tokens": result.tokens, "source": str(args.eval), "model": args.model}, indent=2))
+    else:
+        print(f"{args.model}: ppl {result.ppl:.3f} on {args.eval} (seqlen {result.seqlen}, "
+              f"{result.n_windows}/{result.total_windows} windows, {result.tokens:,} tokens)")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .formats import checkpoint_size, load
+    from .metrics import sparsity_report
+    from .records import get_records
+
+    model = load(args.path)
+    report = sparsity_report(model, records=get_records(model) or None)
+    size = checkpoint_size(args.path)
+    if args.json:
+        print(json.dumps({"sparsity": report.to_json(), "size": size}, indent=2))
+        return 0
+    print(report.table(max_rows=args.max_rows))
+    print(f"size on disk: {size['weights_bytes'] / 2**20:.1f} MiB weights vs {size['dense_bytes'] / 2**20:.1f} MiB "
+          f"dense ({size['weights_bytes'] / max(size['dense_bytes'], 1):.3f}x)")
+    print("pattern check: " + ("every N:M group valid" if report.all_patterns_ok else "VIOLATIONS (see table)"))
+    return 0 if report.all_patterns_ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        # The embedded default job: `sparsewise` alone behaves like `sparsewise prune`.
+        args = parser.parse_args(["prune", *(argv or [])])
+    handlers = {"prune": cmd_prune, "eval": cmd_eval, "report": cmd_report}
+    try:
+        return handlers[args.command](args)
+    except SparsewiseError as exc:
+        print(f"sparsewise: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Typed configuration of a pruning run; the CLI flags and YAML recipes map onto it 1:1."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+
+@dataclass
+class PruneConfig:
+    """One pruning run, end to end (load -> calibrate -> prune -> evaluate -> save).
+
+    ``calib`` is a path (.txt/.raw/.jsonl/.parquet), a dataset name, or "self" (text sampled
+    from the model with ``seed``; then ``self_n``/``self_seqlen`` apply, sized for a CPU).
+    """
+
+    model: str = "smollm2-135m"
+    method: str = "wanda"
+    sparsity: float | None = 0.5
+    pattern: str = "unstructured"
+    calib: str = "self"
+    calib_n: int = 128
+    calib_seqlen: int = 512
+    self_n: int = 32
+    self_seqlen: int = 256
+    seed: int = 0
+    eval: str | None = None
+    eval_seqlen: int = 512
+    max_windows: int | None = 32
+    fidelity_n: int = 8
+    fidelity_seqlen: int = 256
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    device: str = "auto"
+    batch_size: int = 8
+    method_options: dict[str, Any] = field(default_factory=dict)
+    out: str | None = None
+    save_format: str = "sparsewise"
+    overwrite: bool = False
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [item.name for item in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PruneConfig:
+        names = set(cls.field_names())
+        normalized = {str(key).replace("-", "_"): value for key, value in data.items()}
+        unknown = sorted(set(normalized) - names)
+        if unknown:
+            raise ConfigError(f"unknown recipe field(s) {unknown}; known fields: {sorted(names)}.")
+        return cls(**normalized)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> PruneConfig:
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"recipe file not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"recipe {path} must be a mapping of field: value, got {type(data).__name__}.")
+        return cls.from_dict(data)
+
+    def merged(self, overrides: dict[str, Any]) -> PruneConfig:
+        """A copy with every non-None override applied (flags given on the command line win)."""
+        return dataclasses.replace(self, **{key: value for key, value in overrides.items() if value is not None})

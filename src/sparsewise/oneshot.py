@@ -1,0 +1,236 @@
+"""The post-training pipeline: per-block statistics -> method -> mask -> propagate.
+
+``prune`` is the library's main verb. It modifies the model in place and returns a
+:class:`PruneResult`; if anything fails midway, every weight it touched is restored first.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .calibration.engine import sequential_calibration
+from .errors import ConfigError
+from .methods import LayerTask, get_method
+from .models import ModelAdapter, PrunableLayer
+from .patterns import Pattern, global_masks
+from .records import LayerRecord, get_records, set_records
+from .scores import magnitude_scores, random_scores
+
+
+@dataclass
+class PruneResult:
+    """What ``prune`` did: one record per layer plus run facts for the summary."""
+
+    method: str
+    pattern: str
+    sparsity: float
+    records: dict[str, LayerRecord]
+    wall_s: float
+    peak_rss_mb: float
+    peak_gpu_mb: float | None
+    device: str
+    calibration: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def counted_params(self) -> int:
+        return sum(rec.shape[0] * rec.shape[1] for rec in self.records.values())
+
+    @property
+    def achieved_sparsity(self) -> float:
+        total = self.counted_params
+        zeros = sum(rec.achieved * rec.shape[0] * rec.shape[1] for rec in self.records.values())
+        return zeros / total if total else 0.0
+
+    @property
+    def warnings(self) -> list[str]:
+        notes = []
+        for rec in self.records.values():
+            if rec.info.get("damp_raised"):
+                notes.append(f"{rec.name}: Hessian needed damp_ratio={rec.info['damp_ratio']:g} to factor")
+        return notes
+
+    def summary(self) -> str:
+        lines = [
+            f"method {self.method}  pattern {self.pattern}  target sparsity {self.sparsity:.2%}",
+            f"layers {len(self.records)}  counted weights {self.counted_params:,}  achieved {self.achieved_sparsity:.4%}",
+            f"wall {self.wall_s:.1f} s  peak RSS {self.peak_rss_mb:.0f} MB"
+            + (f"  peak GPU {self.peak_gpu_mb:.0f} MB" if self.peak_gpu_mb is not None else "")
+            + f"  device {self.device}",
+        ]
+        lines += [f"warning: {note}" for note in self.warnings]
+        return "\n".join(lines)
+
+
+def peak_rss_mb() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return usage / (1024 * 1024) if sys.platform == "darwin" else usage / 1024
+
+
+def _pick_device(device: str | torch.device | None, model: nn.Module) -> torch.device:
+    if device is None or device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return next(model.parameters()).device
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' was asked but CUDA is not available; use device='cpu'.")
+    return device
+
+
+def prune(
+    model: nn.Module,
+    method: str = "wanda",
+    sparsity: float | None = 0.5,
+    pattern: str | Pattern | None = "unstructured",
+    calibration=None,
+    *,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    blocks: list[str] | None = None,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    method_options: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> PruneResult:
+    """Prune ``model`` in place and return a :class:`PruneResult`.
+
+    ``sparsity`` is the fraction of zeros in every targeted layer (N:M patterns fix it at 1-N/M;
+    pass None or the matching value). ``calibration`` is a :class:`sparsewise.data.CalibrationSet`
+    (or any iterable of model-input dicts) and is required by data-aware methods (wanda,
+    sparsegpt). ``include``/``exclude`` are regexes on module names; by default every linear inside
+    the repeated blocks is pruned, never embeddings or lm_head.
+    """
+    pattern = Pattern.parse(pattern)
+    sparsity = pattern.resolve_sparsity(sparsity)
+    pruner = get_method(method)
+    adapter = ModelAdapter(model, include=include, exclude=exclude, blocks=blocks)
+    extra = adapter.extra_layers()
+    if pruner.needs and extra:
+        raise ConfigError(
+            f"{sorted(extra)} lie outside the repeated blocks, but {pruner.name} calibrates block by block: "
+            "prune them with magnitude in a second call, or drop them from include."
+        )
+    layers = {**adapter.prunable_layers(), **extra}
+    if not layers:
+        raise ConfigError("no layer matched: check include/exclude patterns against the model's module names.")
+    for name, layer in layers.items():
+        pattern.check_shape((layer.out_features, layer.in_features), name)
+    if pruner.needs and calibration is None:
+        raise ConfigError(
+            f"method {pruner.name!r} needs calibration data: pass calibration=sw.data.calibration(...) "
+            "(a text/jsonl path, a dataset name, or 'self' to sample from the model)."
+        )
+    if pattern.scope == "global" and pruner.name not in ("magnitude", "random"):
+        raise ConfigError("global ranking compares raw scores across layers: use it with magnitude or random.")
+
+    compute_device = _pick_device(device, model)
+    options = dict(method_options or {})
+    generator = torch.Generator().manual_seed(seed)
+    backup: dict[str, torch.Tensor] = {}
+    records: dict[str, LayerRecord] = {}
+    if compute_device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(compute_device)
+    start = time.perf_counter()
+
+    def apply(name: str, layer: PrunableLayer, stats=None, keep: torch.Tensor | None = None) -> None:
+        weight = layer.get_weight()
+        backup[name] = weight.detach().to("cpu", copy=True)
+        work = weight.detach().to(compute_device, torch.float32)
+        if keep is not None:  # mask decided globally beforehand
+            new_weight, mask, info = work * keep, keep, {}
+        else:
+            task = LayerTask(name, work, sparsity, pattern, stats, generator, options)
+            result = pruner.prune_layer(task)
+            new_weight, mask, info = result.weight, result.mask, result.info
+        layer.set_weight(new_weight.to(weight.dtype))
+        zeros = (layer.get_weight() == 0).sum().item()
+        records[name] = LayerRecord(
+            name=name, pattern=str(pattern), sparsity=sparsity, achieved=zeros / weight.numel(),
+            method=pruner.name, shape=(layer.out_features, layer.in_features), info=info, mask=mask.cpu(),
+        )
+
+    bar = _progress_bar(len(adapter.blocks), f"{pruner.name} {pattern}", progress)
+    try:
+        with torch.no_grad():
+            if pattern.scope == "global":
+                scores = {
+                    name: random_scores(layer.get_weight(), generator) if pruner.name == "random"
+                    else magnitude_scores(layer.get_weight().float())
+                    for name, layer in layers.items()
+                }
+                for name, keep in global_masks(scores, sparsity).items():
+                    apply(name, layers[name], keep=keep.to(compute_device))
+            elif not pruner.needs:
+                for name, layer in layers.items():
+                    apply(name, layer)
+                bar.update(len(adapter.blocks))
+            else:
+                def prune_block(index: int, stats) -> None:
+                    for name, layer in adapter.block_layers(index).items():
+                        apply(name, layer, stats[name])
+
+                sequential_calibration(
+                    model, adapter.blocks, adapter.block_layers, _batches(calibration, batch_size), prune_block,
+                    wanted=pruner.needs, device=compute_device,
+                    progress=lambda index, name: bar.update(1),
+                )
+    except BaseException:
+        for name, original in backup.items():
+            layers[name].set_weight(original.to(layers[name].get_weight().device))
+        raise
+    finally:
+        bar.close()
+
+    set_records(model, {**get_records(model), **records})
+    return PruneResult(
+        method=pruner.name,
+        pattern=str(pattern),
+        sparsity=sparsity,
+        records=records,
+        wall_s=time.perf_counter() - start,
+        peak_rss_mb=peak_rss_mb(),
+        peak_gpu_mb=torch.cuda.max_memory_allocated(compute_device) / 2**20 if compute_device.type == "cuda" else None,
+        device=str(compute_device),
+        calibration=_calibration_facts(calibration),
+    )
+
+
+def _batches(calibration, batch_size: int):
+    if hasattr(calibration, "batches"):
+        return list(calibration.batches(batch_size))
+    return list(calibration)
+
+
+def _calibration_facts(calibration) -> dict[str, Any]:
+    if calibration is None:
+        return {}
+    facts = {}
+    for key in ("source", "n", "seqlen", "seed", "note"):
+        value = getattr(calibration, key, None)
+        if value is not None:
+            facts[key] = value
+    return facts
+
+
+class _NoBar:
+    def update(self, _n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="block", leave=False)
