@@ -11,6 +11,7 @@ window of ``seqlen`` tokens. Every random choice goes through one ``torch.Genera
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import sys
@@ -366,17 +367,48 @@ def _logits(output: Any) -> torch.Tensor:
     return output[0]
 
 
+def _cache_keyword(model: torch.nn.Module) -> str:
+    """transformers >= 5.2x calls the KV cache argument ``cache``; older versions ``past_key_values``."""
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def _cache_of(output: Any) -> Any:
+    for key in ("cache", "past_key_values"):
+        value = getattr(output, key, None)
+        if value is not None:
+            return value
+    return None
+
+
+def top_k_sample(logits: torch.Tensor, uniforms: torch.Tensor, top_k: int = 50,
+                 temperature: float = 1.0) -> torch.Tensor:
+    """Token ids drawn from softmax(logits / temperature) restricted to the ``top_k`` largest logits.
+
+    Inverse-CDF sampling with given uniforms in [0, 1) (one per row): logits [B, V], uniforms [B] -> [B].
+    """
+    values, indices = torch.topk(logits.float() / temperature, min(top_k, logits.shape[-1]), dim=-1)
+    cdf = torch.softmax(values, dim=-1).cumsum(dim=-1)
+    picks = torch.searchsorted(cdf, uniforms.to(cdf).unsqueeze(-1)).clamp_max(values.shape[-1] - 1)
+    return indices.gather(-1, picks).squeeze(-1)
+
+
 @torch.no_grad()
 def sample_from_model(model: torch.nn.Module, start_token: int, *, n: int, seqlen: int, seed: int = 0,
                       top_k: int = 50, temperature: float = 1.0, batch_size: int = 8,
                       progress: bool = True) -> torch.Tensor:
     """``n`` sequences of ``seqlen`` tokens the model writes itself, from ``start_token``.
 
-    Each step samples from softmax(logits / temperature) restricted to the ``top_k`` largest
-    logits, with a ``torch.Generator(seed)`` on the model's device and the KV cache.
+    Each step samples :func:`top_k_sample` with the KV cache. The uniforms come from one CPU
+    ``torch.Generator(seed)`` drawn up front ([n, seqlen - 1]), so the result does not depend on
+    ``batch_size`` or the device beyond floating-point differences in the logits.
     """
     device = _model_device(model)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    uniforms = torch.rand(n, seqlen - 1, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    cache_keyword = _cache_keyword(model)
     was_training = model.training
     model.eval()
     sequences = []
@@ -385,18 +417,15 @@ def sample_from_model(model: torch.nn.Module, start_token: int, *, n: int, seqle
             for start in range(0, n, batch_size):
                 rows = min(batch_size, n - start)
                 tokens = torch.full((rows, 1), start_token, dtype=torch.long, device=device)
-                past = None
-                step_input = tokens
-                for _ in range(seqlen - 1):
-                    output = model(input_ids=step_input, past_key_values=past, use_cache=True)
-                    past = getattr(output, "past_key_values", None)
-                    logits = _logits(output)[:, -1].float()
-                    values, indices = torch.topk(logits / temperature, min(top_k, logits.shape[-1]), dim=-1)
-                    choice = torch.multinomial(torch.softmax(values, dim=-1), 1, generator=generator)
-                    next_token = indices.gather(-1, choice)
-                    tokens = torch.cat([tokens, next_token], dim=1)
+                batch_uniforms = uniforms[start : start + rows].to(device)
+                cache, step_input = None, tokens
+                for step in range(seqlen - 1):
+                    output = model(input_ids=step_input, use_cache=True, **{cache_keyword: cache})
+                    cache = _cache_of(output)
+                    next_token = top_k_sample(_logits(output)[:, -1], batch_uniforms[:, step], top_k, temperature)
+                    tokens = torch.cat([tokens, next_token.unsqueeze(-1)], dim=1)
                     # a model without a KV cache gets the whole prefix again
-                    step_input = next_token if past is not None else tokens
+                    step_input = tokens[:, -1:] if cache is not None else tokens
                     bar.update(rows)
                 sequences.append(tokens.cpu())
     finally:

@@ -126,40 +126,39 @@ def sparsegpt_prune(
     upper, info = _damped_inverse_factor(H, float(damp_ratio), int(max_damp_tries))
     del H
 
-    keep = torch.ones(rows, cols, dtype=torch.bool, device=W.device)
+    # work on W^T so each column is a contiguous row: the per-column updates stay cache-friendly
+    weight_t = W.T.contiguous()
+    keep_t = torch.ones(cols, rows, dtype=torch.bool, device=W.device)
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
-        width = end - start
-        block = W[:, start:end].clone()
+        block = weight_t[start:end]  # view [width, rows]
+        block_keep = keep_t[start:end]
         block_upper = upper[start:end, start:end]
-        inv_diag_sq = block_upper.diagonal().square()
-        block_keep = torch.ones_like(block, dtype=torch.bool)
+        inv_diag_sq = block_upper.diagonal().square().unsqueeze(1)
         errors = torch.zeros_like(block)
 
         if pattern.kind == "unstructured":
             n_prune = prune_count(rows * end, sparsity) - prune_count(rows * start, sparsity)
             if n_prune > 0:
-                saliency = block.square() / inv_diag_sq.unsqueeze(0)
+                saliency = block.square() / inv_diag_sq
                 order = torch.sort(saliency.reshape(-1), stable=True).indices
                 block_keep.view(-1)[order[:n_prune]] = False
 
-        for col in range(width):
+        for col in range(end - start):
             if pattern.kind == "nm" and col % pattern.m == 0:
                 group = slice(col, col + pattern.m)
-                saliency = block[:, group].square() / inv_diag_sq[group].unsqueeze(0)
-                block_keep[:, group] = nm_mask(saliency, pattern.n, pattern.m)
-            column = block[:, col]
-            kept = column * block_keep[:, col]
-            err = (column - kept) / block_upper[col, col]
-            block[:, col] = kept
-            block[:, col + 1 :].addr_(err, block_upper[col, col + 1 :], alpha=-1.0)
-            errors[:, col] = err
+                saliency = block[group].square() / inv_diag_sq[group]
+                block_keep[group] = nm_mask(saliency.T, pattern.n, pattern.m).T
+            column, kept = block[col], block_keep[col]
+            errors[col].copy_(column).masked_fill_(kept, 0.0).div_(block_upper[col, col])
+            column.masked_fill_(~kept, 0.0)
+            block[col + 1 :].addr_(block_upper[col, col + 1 :], errors[col], alpha=-1.0)
 
-        W[:, start:end] = block
-        keep[:, start:end] = block_keep
         if end < cols:
-            W[:, end:] -= errors @ upper[start:end, end:]
+            weight_t[end:].addmm_(upper[start:end, end:].T, errors, alpha=-1.0)
 
+    W = weight_t.T
+    keep = keep_t.T
     delta = original - W
     info["recon_error"] = float(((delta @ hessian_in) * delta).sum())
     info["dead_inputs"] = int(dead.sum())

@@ -1,0 +1,38 @@
+"""SparseGPT: OBS pruning with weight reconstruction from H = X^T X.
+
+Frantar & Alistarh 2023, "SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot".
+The math lives in :func:`sparsewise.solvers.sparsegpt_prune`; this module wires a layer task to it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from ..calibration.stats import STAT_HESSIAN
+from ..errors import NumericalError
+from ..solvers import sparsegpt_prune
+from ._common import check_options, refuse_global, require_stats
+from .base import LayerResult, LayerTask, register
+
+
+@register
+class SparseGPTPruning:
+    name: ClassVar[str] = "sparsegpt"
+    needs: ClassVar[frozenset[str]] = frozenset({STAT_HESSIAN})
+
+    def __init__(self, block_size: int = 128, damp_ratio: float = 0.01, max_damp_tries: int = 6) -> None:
+        self.defaults: dict[str, Any] = {
+            "block_size": block_size, "damp_ratio": damp_ratio, "max_damp_tries": max_damp_tries,
+        }
+
+    def prune_layer(self, task: LayerTask) -> LayerResult:
+        options = {**self.defaults, **check_options(task, self.name, self.defaults)}
+        refuse_global(task, self.name)
+        task.pattern.check_shape(tuple(task.weight.shape), task.name)
+        stats = require_stats(task, self.name, "xtx", STAT_HESSIAN)
+        try:
+            weight, mask, info = sparsegpt_prune(task.weight, stats.hessian, task.sparsity, task.pattern, **options)
+        except NumericalError as error:
+            raise NumericalError(f"{task.name}: {error}") from error
+        info["tokens"] = stats.tokens
+        return LayerResult(weight=weight, mask=mask, info=info)

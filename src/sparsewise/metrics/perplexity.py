@@ -1,0 +1,131 @@
+"""Perplexity over non-overlapping windows (the Wanda/SparseGPT evaluation protocol).
+
+The text is tokenized once without special tokens and cut into ``total = tokens // seqlen``
+windows (the tail is dropped). Window loss = mean cross-entropy over its ``seqlen - 1`` shifted
+targets; ``ppl = exp(mean of window losses)``. With ``max_windows`` an evenly spaced subset is
+used: ``stride = total // max_windows``, windows ``0, stride, 2 * stride, ...``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..data import DATASET_NAMES, _encode, _logits, _model_device, _progress, read_text
+from ..errors import ConfigError, DataError
+
+
+@dataclass
+class PerplexityResult:
+    """ppl = exp(mean_nll); window_nll holds the loss of every evaluated window, in order."""
+
+    ppl: float
+    mean_nll: float
+    window_nll: list[float]
+    n_windows: int
+    total_windows: int
+    seqlen: int
+    tokens: int
+    source: str
+    window_indices: list[int]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return (f"ppl {self.ppl:.4f} (mean NLL {self.mean_nll:.5f}) on {self.n_windows}/{self.total_windows} "
+                f"windows of {self.seqlen} tokens, {self.source}")
+
+
+def window_indices(total_windows: int, max_windows: int | None) -> list[int]:
+    """Evenly spaced window indices: every ``total // max_windows``-th, the first ``max_windows``."""
+    if max_windows is None or max_windows >= total_windows:
+        return list(range(total_windows))
+    if max_windows < 1:
+        raise ConfigError(f"max_windows must be >= 1 (or None for all windows), got {max_windows}.")
+    stride = total_windows // max_windows
+    return [index * stride for index in range(max_windows)]
+
+
+def window_losses(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of each row: logits [B, T, V], input_ids [B, T] -> [B]."""
+    shifted = logits[:, :-1].float()
+    targets = input_ids[:, 1:].to(shifted.device)
+    losses = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), reduction="none")
+    return losses.view(targets.shape).mean(dim=1)
+
+
+@torch.no_grad()
+def perplexity_from_ids(model: torch.nn.Module, input_ids: torch.Tensor | list[int], *, seqlen: int = 512,
+                        max_windows: int | None = None, batch_size: int = 1,
+                        device: torch.device | str | None = None, progress: bool = True,
+                        source: str = "<token ids>") -> PerplexityResult:
+    """Perplexity of ``model`` on one token stream (1-D, or [1, T]); see the module docstring."""
+    ids = torch.as_tensor(input_ids, dtype=torch.long)
+    if ids.dim() == 2 and ids.shape[0] == 1:
+        ids = ids[0]
+    if ids.dim() != 1:
+        raise DataError(f"perplexity needs one token stream (1-D or [1, T]), got shape {tuple(ids.shape)}.")
+    if seqlen < 2:
+        raise ConfigError(f"seqlen must be >= 2 (one window predicts seqlen - 1 tokens), got {seqlen}.")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
+    total_windows = ids.numel() // seqlen
+    if total_windows == 0:
+        raise DataError(
+            f"{source} has {ids.numel()} tokens, fewer than one window of seqlen={seqlen}: "
+            "use a longer text or a smaller seqlen."
+        )
+    chosen = window_indices(total_windows, max_windows)
+    windows = ids[: total_windows * seqlen].view(total_windows, seqlen)[chosen]
+    device = torch.device(device) if device is not None else _model_device(model)
+
+    was_training = model.training
+    model.eval()
+    losses: list[float] = []
+    try:
+        with _progress(len(chosen), f"perplexity (seqlen {seqlen})", progress) as bar:
+            for start in range(0, len(chosen), batch_size):
+                batch = windows[start : start + batch_size].to(device)
+                losses.extend(window_losses(_logits(model(input_ids=batch)), batch).double().cpu().tolist())
+                bar.update(batch.shape[0])
+    finally:
+        model.train(was_training)
+    mean_nll = math.fsum(losses) / len(losses)
+    return PerplexityResult(ppl=math.exp(mean_nll), mean_nll=mean_nll, window_nll=losses, n_windows=len(chosen),
+                            total_windows=total_windows, seqlen=seqlen, tokens=int(ids.numel()), source=source,
+                            window_indices=chosen)
+
+
+def _load_eval_text(text_or_path: str | Path) -> tuple[str, str]:
+    """(text, label): files and dataset names are read, anything else is the text itself."""
+    if isinstance(text_or_path, Path):
+        return read_text(text_or_path), str(text_or_path)
+    text = str(text_or_path)
+    single_line = "\n" not in text and len(text) < 4096
+    if single_line and os.path.exists(text):
+        return read_text(text), text
+    if single_line and text.strip().lower() in DATASET_NAMES:
+        return read_text(text.strip().lower(), split="test"), text.strip().lower()
+    if single_line and Path(text).suffix.lower() in (".raw", ".txt", ".jsonl", ".parquet") and " " not in text:
+        raise DataError(f"evaluation file not found: {text} (pass an existing path, or the text itself).")
+    return text, f"<text: {len(text)} chars>"
+
+
+def perplexity(model: torch.nn.Module, tokenizer: Any, text_or_path: str | Path, *, seqlen: int = 512,
+               max_windows: int | None = None, batch_size: int = 1, device: torch.device | str | None = None,
+               progress: bool = True) -> PerplexityResult:
+    """Perplexity of a causal LM on a text, a file (see :func:`sparsewise.data.read_text`) or "wikitext2".
+
+    Tokenized once with ``add_special_tokens=False``; losses in float32; no gradients.
+    """
+    text, label = _load_eval_text(text_or_path)
+    ids = _encode(tokenizer, text)
+    return perplexity_from_ids(model, ids, seqlen=seqlen, max_windows=max_windows, batch_size=batch_size,
+                               device=device, progress=progress, source=label)
