@@ -108,7 +108,9 @@ def test_pack_bits_round_trip(bits):
     values = torch.randint(0, min(2**bits, 2**62), (1003,), generator=generator)
     packed = pack_bits(values, bits)
     assert packed.dtype == torch.uint8 and packed.numel() == -(-1003 * bits // 8)
-    assert torch.equal(unpack_bits(packed, bits, 1003), values)
+    restored = unpack_bits(packed, bits, 1003)
+    assert restored.dtype == (torch.uint8 if bits <= 8 else torch.int64)
+    assert torch.equal(restored.long(), values)
 
 
 def test_pack_bits_layout_and_range():
@@ -150,17 +152,23 @@ def test_bitmask_bytes_half_sparse_fp32():
     assert per_element == pytest.approx(2.125)
 
 
-@pytest.mark.parametrize(("n", "m", "bits"), [(2, 4, 2), (4, 8, 3), (1, 4, 2), (1, 2, 1), (3, 8, 3)])
+@pytest.mark.parametrize(
+    ("n", "m", "bits"), [(2, 4, 2), (4, 8, 3), (1, 4, 2), (1, 2, 1), (3, 8, 3), (16, 32, 5), (2, 320, 9)]
+)
 def test_nm_round_trip(n, m, bits):
     generator = torch.Generator().manual_seed(n * 10 + m)
-    weight = torch.randn(12, 64, generator=generator)
+    cols = 64 if 64 % m == 0 else m * 2
+    weight = torch.randn(12, cols, generator=generator)
     weight[~nm_mask(weight.abs(), n, m)] = 0
     weight[0, :m] = 0  # an empty group
     weight[1, 1:m] = 0  # a group with a single nonzero: padded with zeros
+    weight[2, m - 1] = -0.0  # stays a zero
     values, indices = pack_nm(weight, n, m)
-    assert values.shape == (12, 64 // m * n) and values.dtype == weight.dtype
+    assert values.shape == (12, cols // m * n) and values.dtype == weight.dtype
     assert indices.dtype == torch.uint8 and indices.numel() == -(-values.numel() * bits // 8)
     restored = unpack_nm(values, indices, n, m, weight.shape, weight.dtype)
+    assert torch.equal(restored, weight)
+    weight[2, m - 1] = 0.0
     assert torch.equal(bits_of(restored), bits_of(weight))
 
 
@@ -289,6 +297,27 @@ def test_load_dtype(tmp_path):
     assert loaded.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
     mask = get_records(loaded)["model.layers.0.mlp.up_proj"].mask
     assert torch.equal(mask, model.model.layers[0].mlp.up_proj.weight != 0)
+
+
+def test_bf16_model_round_trip(tmp_path):
+    model = build_tiny("opt").to(torch.bfloat16)
+    sparsify(model, "unstructured")
+    loaded = load(save(model, tmp_path / "ckpt"))
+    assert loaded.model.decoder.layers[0].fc1.weight.dtype == torch.bfloat16
+    assert_bit_equal(model.state_dict(), loaded.state_dict())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_round_trip(tmp_path):
+    model = build_tiny("gpt2").cuda()
+    sparsify(model, "2:4")
+    weight = model.transformer.h[0].mlp.c_fc.weight.detach()
+    values, indices = pack_nm(weight.t(), 2, 4)
+    assert values.is_cuda and torch.equal(unpack_nm(values, indices, 2, 4, weight.t().shape, weight.dtype), weight.t())
+    loaded = load(save(model, tmp_path / "ckpt"), device="cuda")
+    assert loaded.transformer.h[0].mlp.c_fc.weight.is_cuda
+    assert_bit_equal(model.state_dict(), loaded.state_dict())
+    assert get_records(loaded)["transformer.h.0.mlp.c_fc"].mask.is_cuda
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate"])

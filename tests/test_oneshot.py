@@ -77,17 +77,8 @@ def recorder():
     _REGISTRY.pop(_Recorder.name)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
-def test_stats_come_from_pruned_earlier_blocks(family, recorder):
-    """Block k is calibrated on the outputs of the *pruned* blocks before it (sequential scheme)."""
-    model = build_tiny(family)
-    calib = calibration_for(family)
-    sw.prune(model, method=recorder.name, sparsity=0.5, calibration=calib, progress=False)
-    adapter = ModelAdapter(model)
-    # The first layer of every block reads the block input (after its norm): after pruning, a
-    # fresh forward of the final model must reproduce exactly the norms the method was given.
-    first_layers = [next(iter(adapter.block_layers(i))) for i in range(len(adapter.blocks))]
-    sums = {name: 0 for name in first_layers}
+def _input_norms(model, calib, names):
+    sums = {name: 0 for name in names}
 
     def hook_for(name):
         def hook(_module, args, _out):
@@ -95,13 +86,41 @@ def test_stats_come_from_pruned_earlier_blocks(family, recorder):
             sums[name] = sums[name] + (x * x).sum(0)
         return hook
 
-    handles = [model.get_submodule(name).register_forward_hook(hook_for(name)) for name in first_layers]
+    handles = [model.get_submodule(name).register_forward_hook(hook_for(name)) for name in names]
     for batch in calib:
         forward(model, batch)
     for handle in handles:
         handle.remove()
+    return {name: value.sqrt() for name, value in sums.items()}
+
+
+@pytest.mark.parametrize("sequential", ["layer", "block"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+def test_stats_come_from_pruned_earlier_blocks(family, sequential, recorder):
+    """Block k is calibrated on the outputs of the *pruned* blocks before it (sequential scheme)."""
+    model = build_tiny(family)
+    calib = calibration_for(family)
+    sw.prune(model, method=recorder.name, sparsity=0.5, calibration=calib, sequential=sequential,
+             batch_size=1, progress=False)
+    adapter = ModelAdapter(model)
+    # The first layer of every block reads the block input (after its norm): after pruning, a
+    # fresh forward of the final model must reproduce exactly the norms the method was given.
+    first_layers = [next(iter(adapter.block_layers(i))) for i in range(len(adapter.blocks))]
+    norms = _input_norms(model, calib, first_layers)
     for name in first_layers:
-        torch.testing.assert_close(recorder.seen[name], sums[name].sqrt(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(recorder.seen[name], norms[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("sequential", "matches_pruned"), [("layer", True), ("block", False)])
+def test_layer_mode_calibrates_later_layers_on_pruned_earlier_layers(sequential, matches_pruned, recorder):
+    """o_proj reads attention over pruned q/k/v only in the layer-sequential mode."""
+    model = build_tiny("llama")
+    calib = calibration_for("llama")
+    sw.prune(model, method=recorder.name, sparsity=0.5, calibration=calib, sequential=sequential,
+             batch_size=1, progress=False)
+    name = "model.layers.0.self_attn.o_proj"
+    final = _input_norms(model, calib, [name])[name]
+    assert torch.allclose(recorder.seen[name], final, rtol=1e-4, atol=1e-5) == matches_pruned
 
 
 def test_failure_leaves_model_untouched(tiny_llama):

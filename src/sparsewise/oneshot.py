@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .calibration.engine import sequential_calibration
+from .calibration.engine import SEQUENTIAL_MODES, sequential_calibration
 from .errors import ConfigError
 from .methods import LayerTask, get_method
 from .models import ModelAdapter, PrunableLayer
@@ -36,6 +36,7 @@ class PruneResult:
     peak_rss_mb: float
     peak_gpu_mb: float | None
     device: str
+    sequential: str = "layer"
     calibration: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -62,7 +63,7 @@ class PruneResult:
             f"layers {len(self.records)}  counted weights {self.counted_params:,}  achieved {self.achieved_sparsity:.4%}",
             f"wall {self.wall_s:.1f} s  peak RSS {self.peak_rss_mb:.0f} MB"
             + (f"  peak GPU {self.peak_gpu_mb:.0f} MB" if self.peak_gpu_mb is not None else "")
-            + f"  device {self.device}",
+            + f"  device {self.device}  sequential-{self.sequential}",
         ]
         lines += [f"warning: {note}" for note in self.warnings]
         return "\n".join(lines)
@@ -96,6 +97,7 @@ def prune(
     blocks: list[str] | None = None,
     device: str | torch.device | None = None,
     seed: int = 0,
+    sequential: str = "layer",
     batch_size: int = 8,
     method_options: dict[str, Any] | None = None,
     progress: bool = True,
@@ -107,6 +109,13 @@ def prune(
     (or any iterable of model-input dicts) and is required by data-aware methods (wanda,
     sparsegpt). ``include``/``exclude`` are regexes on module names; by default every linear inside
     the repeated blocks is pruned, never embeddings or lm_head.
+
+    ``sequential="layer"`` (default) runs all calibration samples through each block in one
+    batch and prunes layers in execution order inside that pass (later layers see the pruned
+    earlier ones; one forward per block). ``sequential="block"`` is the classic scheme of the
+    Wanda/SparseGPT code and llm-compressor: statistics of the whole dense block over batches of
+    ``batch_size`` samples, then prune, then a second pass for the pruned outputs; it bounds
+    activation memory by ``batch_size`` for calibration sets too large for one batch.
     """
     pattern = Pattern.parse(pattern)
     sparsity = pattern.resolve_sparsity(sparsity)
@@ -128,6 +137,8 @@ def prune(
             f"method {pruner.name!r} needs calibration data: pass calibration=sw.data.calibration(...) "
             "(a text/jsonl path, a dataset name, or 'self' to sample from the model)."
         )
+    if sequential not in SEQUENTIAL_MODES:
+        raise ConfigError(f"sequential must be one of {SEQUENTIAL_MODES}, got {sequential!r}.")
     if pattern.scope == "global" and pruner.name not in ("magnitude", "random"):
         raise ConfigError("global ranking compares raw scores across layers: use it with magnitude or random.")
 
@@ -173,13 +184,11 @@ def prune(
                     apply(name, layer)
                 bar.update(len(adapter.blocks))
             else:
-                def prune_block(index: int, stats) -> None:
-                    for name, layer in adapter.block_layers(index).items():
-                        apply(name, layer, stats[name])
-
+                batches = _batches(calibration, None if sequential == "layer" else batch_size)
                 sequential_calibration(
-                    model, adapter.blocks, adapter.block_layers, _batches(calibration, batch_size), prune_block,
-                    wanted=pruner.needs, device=compute_device,
+                    model, adapter.blocks, adapter.block_layers, batches,
+                    lambda name, stats: apply(name, layers[name], stats),
+                    wanted=pruner.needs, device=compute_device, mode=sequential,
                     progress=lambda index, name: bar.update(1),
                 )
     except BaseException:
@@ -199,14 +208,22 @@ def prune(
         peak_rss_mb=peak_rss_mb(),
         peak_gpu_mb=torch.cuda.max_memory_allocated(compute_device) / 2**20 if compute_device.type == "cuda" else None,
         device=str(compute_device),
+        sequential=sequential,
         calibration=_calibration_facts(calibration),
     )
 
 
-def _batches(calibration, batch_size: int):
+def _batches(calibration, batch_size: int | None) -> list[dict]:
+    """Calibration as model-input dicts; batch_size None = everything in one batch."""
     if hasattr(calibration, "batches"):
-        return list(calibration.batches(batch_size))
-    return list(calibration)
+        return list(calibration.batches(batch_size or max(len(calibration), 1)))
+    batches = list(calibration)
+    if batch_size is None and len(batches) > 1:
+        keys = batches[0].keys()
+        if any(batch.keys() != keys for batch in batches):
+            raise ConfigError("calibration batches must all hold the same inputs to be joined into one batch.")
+        batches = [{key: torch.cat([batch[key] for batch in batches]) for key in keys}]
+    return batches
 
 
 def _calibration_facts(calibration) -> dict[str, Any]:

@@ -165,7 +165,47 @@ def collect_block_stats(
     return stats
 
 
-BlockPruner = Callable[[int, dict[str, LayerStats] | None], None]
+LayerPruner = Callable[[str, "LayerStats | None"], None]
+SEQUENTIAL_MODES = ("layer", "block")
+
+
+@torch.no_grad()
+def prune_block_in_forward(
+    block: nn.Module, layers: dict, call: BlockCall, wanted: frozenset[str], prune_layer: LayerPruner
+) -> torch.Tensor:
+    """One forward of the block over *all* calibration tokens, pruning each layer just before it runs.
+
+    A pre-forward hook gathers the layer's input statistics and prunes it, so every later layer
+    of the block is calibrated on inputs that already pass through the pruned earlier layers
+    (the "true sequential" order of the SparseGPT/GPTQ code) and the block's output is the pruned
+    block's output: one pass per block instead of two.
+    """
+    stats_by_input: dict[tuple, LayerStats] = {}
+
+    def make_hook(name: str, in_features: int):
+        def hook(_module, args):
+            x = args[0]
+            key = (x.data_ptr(), tuple(x.shape), x.dtype)
+            stats = stats_by_input.get(key)
+            if stats is None and wanted:
+                if not torch.isfinite(x).all():
+                    raise NumericalError(f"non-finite activations at the input of {name}: check the model weights.")
+                stats = LayerStats(in_features, wanted)
+                stats.update(x)
+                stats_by_input[key] = stats
+            prune_layer(name, stats)
+
+        return hook
+
+    handles = [
+        layer.module.register_forward_pre_hook(make_hook(name, layer.in_features)) for name, layer in layers.items()
+    ]
+    try:
+        output = _block_output(block(*call.args, **call.kwargs))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return output
 
 
 @torch.no_grad()
@@ -173,35 +213,48 @@ def sequential_calibration(
     model: nn.Module,
     blocks: list[tuple[str, nn.Module]],
     block_layers: Callable[[int], dict],
-    batches: Iterable[dict],
-    prune_block: BlockPruner,
+    batches: list[dict],
+    prune_layer: LayerPruner,
     *,
     wanted: frozenset[str],
     device: torch.device,
+    mode: str = "layer",
     progress: Callable[[int, str], None] | None = None,
 ) -> None:
-    """Drive ``prune_block(index, stats)`` over every block in order, propagating pruned outputs.
+    """Call ``prune_layer(name, stats)`` for every layer, block by block, propagating pruned outputs.
 
+    mode "layer": all calibration samples go through each block in one batch (``batches`` must
+    hold exactly one batch); layers are pruned in execution order inside that single pass.
+    mode "block": the classic two passes per block over any number of batches: statistics of the
+    dense block first, then every layer is pruned, then the pruned block's outputs are computed.
     ``block_layers(index)`` returns {name: PrunableLayer}; ``stats`` is None when ``wanted`` is empty.
     """
+    if mode not in SEQUENTIAL_MODES:
+        raise ValueError(f"mode must be one of {SEQUENTIAL_MODES}, got {mode!r}")
+    if mode == "layer" and len(batches) != 1:
+        raise ValueError("mode 'layer' runs all calibration samples as one batch; pass exactly one batch")
     calls = capture_block_inputs(model, blocks[0][1], batches, device)
     for index, (name, block) in enumerate(blocks):
         home = _module_device(block)
         block.to(device)
         layers = block_layers(index)
-        stats = None
-        if wanted and layers:
-            stats = collect_block_stats(
-                block,
-                {layer_name: layer.module for layer_name, layer in layers.items()},
-                {layer_name: layer.in_features for layer_name, layer in layers.items()},
-                calls,
-                wanted,
-            )
-        prune_block(index, stats)
-        del stats
+        if mode == "layer":
+            outputs = [prune_block_in_forward(block, layers, calls[0], wanted, prune_layer)]
+        else:
+            stats = None
+            if wanted and layers:
+                stats = collect_block_stats(
+                    block,
+                    {layer_name: layer.module for layer_name, layer in layers.items()},
+                    {layer_name: layer.in_features for layer_name, layer in layers.items()},
+                    calls,
+                    wanted,
+                )
+            for layer_name in layers:
+                prune_layer(layer_name, stats[layer_name] if stats else None)
+            del stats
+            outputs = run_block(block, calls) if index + 1 < len(blocks) else []
         if index + 1 < len(blocks):
-            outputs = run_block(block, calls)
             calls = [call.with_hidden_states(out) for call, out in zip(calls, outputs, strict=True)]
         block.to(home)
         if progress is not None:

@@ -142,7 +142,10 @@ def _record_weights(model: nn.Module, records: dict[str, LayerRecord]) -> dict[s
         try:
             module = model.get_submodule(name)
         except AttributeError:
-            warnings.warn(f"record {name!r} names no module of the model; it is saved but its tensor is stored dense.")
+            warnings.warn(
+                f"record {name!r} names no module of the model; it is saved but its tensor is stored dense.",
+                stacklevel=3,
+            )
             continue
         if isinstance(getattr(module, "weight", None), torch.Tensor):
             out[f"{name}.weight"] = (record, _is_conv1d(module))
@@ -185,7 +188,8 @@ def _encode(
             except PatternError:
                 warnings.warn(
                     f"{name}: record says {n}:{m} but some groups hold more than {n} nonzeros; "
-                    "stored with the bitmask format instead."
+                    "stored with the bitmask format instead.",
+                    stacklevel=4,
                 )
             else:
                 entry.update(storage="nm", n=n, m=m, transposed=transposed)
@@ -319,7 +323,9 @@ def _atomic_directory(target: Path, overwrite: bool) -> Iterator[Path]:
             try:
                 _remove(aside)
             except OSError as exc:
-                warnings.warn(f"saved {target}, but could not delete the previous version at {aside}: {exc}")
+                warnings.warn(
+                    f"saved {target}, but could not delete the previous version at {aside}: {exc}", stacklevel=3
+                )
         else:
             os.replace(staging, target)
             _fsync_path(target.parent)
@@ -515,8 +521,22 @@ def _verify_weights(directory: Path, manifest: dict[str, Any]) -> Path:
     return weights_path
 
 
-def _build_model(manifest: dict[str, Any]) -> nn.Module:
-    """An uninitialised module of the saved class, from its HF config (weights come next)."""
+def _main_float_dtype(manifest: dict[str, Any]) -> torch.dtype | None:
+    """The floating dtype holding most saved elements (the dtype the model was used in)."""
+    counts: dict[torch.dtype, int] = {}
+    for entry in manifest["tensors"].values():
+        dtype = _dtype_from_name(entry["dtype"])
+        if dtype.is_floating_point:
+            counts[dtype] = counts.get(dtype, 0) + math.prod(entry["shape"])
+    return max(counts, key=counts.get) if counts else None
+
+
+def _build_model(manifest: dict[str, Any], dtype: torch.dtype | None) -> nn.Module:
+    """An uninitialised module of the saved class, from its HF config (weights come next).
+
+    Built in ``dtype`` so that unsaved buffers (e.g. rotary tables) get the dtype
+    ``from_pretrained(..., dtype=dtype)`` would give them.
+    """
     class_name = manifest.get("model_class", "?")
     config_dict = manifest.get("config")
     if not config_dict:
@@ -525,8 +545,12 @@ def _build_model(manifest: dict[str, Any]) -> nn.Module:
             f"HF config: build one yourself and pass it as load(path, model={class_name}(...))."
         )
     import transformers
-    from transformers.initialization import no_init_weights
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x keeps it in modeling_utils
+        from transformers.modeling_utils import no_init_weights
 
     model_type = config_dict.get("model_type")
     if model_type not in CONFIG_MAPPING:
@@ -535,6 +559,8 @@ def _build_model(manifest: dict[str, Any]) -> nn.Module:
             f"transformers, or build the model yourself and pass it as load(path, model=...)."
         )
     config = CONFIG_MAPPING[model_type].from_dict(dict(config_dict))
+    if dtype is not None:
+        config.dtype = dtype
     builders = []
     model_class = getattr(transformers, class_name, None)
     if isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel):
@@ -609,7 +635,7 @@ def load(
         state[alias] = state[canonical]
 
     if model is None:
-        model = _build_model(manifest)
+        model = _build_model(manifest, dtype or _main_float_dtype(manifest))
         where = f"the rebuilt {type(model).__name__}"
     else:
         where = f"the model passed as model= ({type(model).__name__})"
@@ -634,9 +660,10 @@ def load(
             model.generation_config = GenerationConfig.from_dict(generation_config)
     model.eval()
     model.to(device=target_device)
+    # Masks come from the saved values, before a dtype cast could flush tiny weights to zero.
+    _restore_records(model, manifest["records"])
     if dtype is not None:
         model.to(dtype=dtype)
-    _restore_records(model, manifest["records"])
     return model
 
 

@@ -21,9 +21,9 @@ import torch
 
 from ..errors import CheckpointError, ConfigError, PatternError
 
-# Bits handled per vectorized step of the bit packer: bounds its temporary one-int64-per-bit
-# tensor to 64 MiB whatever the tensor size.
-_STREAM_BITS = 1 << 23
+# Values handled per vectorized step of the bit packer (a multiple of 8): bounds its int64
+# temporaries to a few hundred MiB whatever the tensor size.
+_CHUNK_VALUES = 1 << 24
 
 
 def index_bits(m: int) -> int:
@@ -38,9 +38,24 @@ def _check_bits(bits: int) -> None:
         raise ConfigError(f"bit packer handles 1..32 bits per value, got bits={bits}.")
 
 
-def _chunk_values(bits: int) -> int:
-    # A multiple of 8 values, so every chunk starts on a byte boundary of the stream.
-    return max(8, _STREAM_BITS // bits // 8 * 8)
+def _frame_overlaps(bits: int) -> list[tuple[int, int, int]]:
+    """(value j, byte k, shift) for every value/byte pair that share bits in a frame.
+
+    Eight values of ``bits`` bits fill exactly ``bits`` bytes (a frame). Value j covers frame
+    bits [j*bits, (j+1)*bits); its bit b is bit ``b + shift`` of byte k, ``shift = j*bits - 8k``.
+    """
+    overlaps = []
+    for value in range(8):
+        low, high = value * bits, (value + 1) * bits
+        for byte in range(low // 8, (high - 1) // 8 + 1):
+            overlaps.append((value, byte, low - 8 * byte))
+    return overlaps
+
+
+def _work_dtype(bits: int) -> torch.dtype:
+    # Up to 8 bits a value and its byte parts fit a uint8, whose shifts wrap mod 256: the
+    # cheapest layout. Wider values need int64 (their parts are shifted left by up to 7 bits).
+    return torch.uint8 if bits <= 8 else torch.int64
 
 
 def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -48,32 +63,34 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
 
     Value ``i`` occupies stream bits ``[i*bits, (i+1)*bits)``; bit ``j`` of the stream is bit
     ``j % 8`` of byte ``j // 8``. Output length is ``ceil(numel * bits / 8)``; the tail is zero.
+    Vectorized over frames of 8 values; the only Python loops run over the <= 40 bit overlaps.
     """
     _check_bits(bits)
     flat = values.reshape(-1)
     if flat.is_floating_point() or flat.is_complex():
         raise ConfigError(f"pack_bits packs integers, got dtype {values.dtype}.")
-    flat = flat.to(torch.int64)
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 1 << bits):
+    count = flat.numel()
+    if count and flat.dtype != torch.bool and (int(flat.min()) < 0 or int(flat.max()) >= 1 << bits):
         raise ConfigError(f"pack_bits: values must lie in [0, {1 << bits}) to fit in {bits} bits.")
-    out = torch.zeros(math.ceil(flat.numel() * bits / 8), dtype=torch.uint8, device=flat.device)
-    value_shifts = torch.arange(bits, device=flat.device)
-    byte_shifts = torch.arange(8, device=flat.device)
-    step = _chunk_values(bits)
-    for start in range(0, flat.numel(), step):
-        chunk = flat[start : start + step]
-        stream = ((chunk[:, None] >> value_shifts) & 1).reshape(-1)
-        pad = (-stream.numel()) % 8
-        if pad:
-            stream = torch.cat([stream, stream.new_zeros(pad)])
-        packed = (stream.reshape(-1, 8) << byte_shifts).sum(dim=1).to(torch.uint8)
-        byte_start = start * bits // 8  # exact: start is a multiple of 8
-        out[byte_start : byte_start + packed.numel()] = packed
-    return out
+    work = _work_dtype(bits)
+    out = torch.empty(math.ceil(count / 8), bits, dtype=torch.uint8, device=flat.device)
+    overlaps = _frame_overlaps(bits)
+    for start in range(0, count, _CHUNK_VALUES):
+        chunk = flat[start : start + _CHUNK_VALUES].to(work)
+        if chunk.numel() % 8:
+            chunk = torch.cat([chunk, chunk.new_zeros(8 - chunk.numel() % 8)])
+        frames = chunk.view(-1, 8).t()  # row j: value j of every frame
+        packed = torch.zeros(bits, frames.shape[1], dtype=work, device=flat.device)
+        for value, byte, shift in overlaps:
+            part = frames[value] << shift if shift >= 0 else frames[value] >> -shift
+            packed[byte] |= part if work == torch.uint8 else part & 0xFF
+        first = start // 8
+        out[first : first + frames.shape[1]] = packed.t().to(torch.uint8)
+    return out.reshape(-1)[: math.ceil(count * bits / 8)]
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: the first ``count`` values, as an int64 vector."""
+    """Inverse of :func:`pack_bits`: the first ``count`` values (uint8 up to 8 bits, else int64)."""
     _check_bits(bits)
     if packed.dtype != torch.uint8:
         raise CheckpointError(f"packed bits must be uint8, got {packed.dtype}: the checkpoint is corrupt; re-save it.")
@@ -83,17 +100,21 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
             f"packed bits hold {packed.numel() * 8} bits, {count} values of {bits} bits need {count * bits}: "
             "the checkpoint is corrupt or truncated; re-save it."
         )
-    out = torch.empty(count, dtype=torch.int64, device=packed.device)
-    value_shifts = torch.arange(bits, device=packed.device)
-    byte_shifts = torch.arange(8, device=packed.device)
-    step = _chunk_values(bits)
-    for start in range(0, count, step):
-        n_values = min(step, count - start)
-        byte_start = start * bits // 8
-        chunk = packed[byte_start : byte_start + math.ceil(n_values * bits / 8)].to(torch.int64)
-        stream = ((chunk[:, None] >> byte_shifts) & 1).reshape(-1)[: n_values * bits]
-        out[start : start + n_values] = (stream.reshape(n_values, bits) << value_shifts).sum(dim=1)
-    return out
+    n_frames = math.ceil(count / 8)
+    stream = packed[: n_frames * bits]
+    if stream.numel() < n_frames * bits:
+        stream = torch.cat([stream, stream.new_zeros(n_frames * bits - stream.numel())])
+    work = _work_dtype(bits)
+    out = torch.empty(n_frames, 8, dtype=work, device=packed.device)
+    overlaps = _frame_overlaps(bits)
+    frames_per_chunk = _CHUNK_VALUES // 8
+    for first in range(0, n_frames, frames_per_chunk):
+        frames = stream[first * bits : (first + frames_per_chunk) * bits].view(-1, bits).t().to(work)
+        values = torch.zeros(8, frames.shape[1], dtype=work, device=packed.device)
+        for value, byte, shift in overlaps:
+            values[value] |= frames[byte] >> shift if shift >= 0 else frames[byte] << -shift
+        out[first : first + frames.shape[1]] = (values & ((1 << bits) - 1)).t()
+    return out.reshape(-1)[:count]
 
 
 def pack_bitmask(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
@@ -137,24 +158,41 @@ def pack_nm(weight_2d: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torc
     rows, cols = weight_2d.shape
     if cols % m:
         raise PatternError(f"N:M with M={m} needs the last dimension ({cols}) divisible by {m}.")
-    groups = weight_2d.reshape(rows, cols // m, m)
-    nonzero = groups != 0
-    per_group = nonzero.sum(dim=-1)
+    # Position-major layout [m, groups]: the loops below run over the m positions, each step
+    # vectorized over all groups (reductions over a tiny last dim are slow).
+    by_position = weight_2d.reshape(-1, m).t().contiguous()
+    nonzero = by_position != 0
+    per_group = torch.zeros(nonzero.shape[1], dtype=torch.int32, device=weight_2d.device)
+    for position in range(m):
+        per_group += nonzero[position]
     if bool((per_group > n).any()):
-        row, group = (per_group > n).nonzero()[0].tolist()
+        flat_group = int((per_group > n).nonzero()[0])
+        row, group = divmod(flat_group, cols // m)
         raise PatternError(
             f"tensor is not {n}:{m} sparse: row {row}, group {group} (columns {group * m}..{group * m + m - 1}) "
-            f"holds {int(per_group[row, group])} nonzeros, more than {n}. Check the pattern the layer was "
+            f"holds {int(per_group[flat_group])} nonzeros, more than {n}. Check the pattern the layer was "
             "pruned with (its LayerRecord) or store it with the bitmask format."
         )
-    # Rank nonzeros first, then zeros, each by position; keep n and restore position order.
-    position = torch.arange(m, device=weight_2d.device)
-    rank_key = (~nonzero).to(torch.int64) * m + position
-    chosen = torch.sort(torch.sort(rank_key, dim=-1).indices[..., :n], dim=-1).values
-    values = torch.gather(groups, -1, chosen)
-    # Padding slots read a zero that may be -0.0: store a plain zero (zero is zero).
-    values = torch.where(values != 0, values, torch.zeros_like(values))
-    return values.reshape(rows, cols // m * n), pack_bits(chosen, index_bits(m))
+    # Keep every nonzero plus the first (n - count) zeros of each group, in position order;
+    # a dropped entry is written to the spare slot n, which is cut off at the end.
+    pad_needed = n - per_group
+    zeros_before = torch.zeros_like(per_group)
+    kept_before = torch.zeros_like(per_group)
+    position_dtype = torch.uint8 if m <= 256 else torch.int64
+    chosen = torch.zeros(n + 1, per_group.numel(), dtype=position_dtype, device=weight_2d.device)
+    values = torch.zeros(n + 1, per_group.numel(), dtype=weight_2d.dtype, device=weight_2d.device)
+    for position in range(m):
+        is_nonzero = nonzero[position]
+        keep = is_nonzero | (zeros_before < pad_needed)
+        slot = torch.where(keep, kept_before, n).unsqueeze(0)
+        chosen.scatter_(0, slot, torch.full_like(slot, position, dtype=position_dtype))
+        # Padding slots hold a plain zero even where the weight had -0.0 (zero is zero).
+        entry = torch.where(is_nonzero, by_position[position], torch.zeros_like(by_position[position]))
+        values.scatter_(0, slot, entry.unsqueeze(0))
+        kept_before += keep
+        zeros_before += ~is_nonzero
+    packed_values = values[:n].t().reshape(rows, cols // m * n)
+    return packed_values, pack_bits(chosen[:n].t(), index_bits(m))
 
 
 def unpack_nm(
@@ -177,7 +215,7 @@ def unpack_nm(
     if n_groups and int(positions.max()) >= m:
         raise CheckpointError(f"N:M positions exceed the group size {m}: the checkpoint is corrupt; re-save it.")
     dense = torch.zeros(rows, cols // m, m, dtype=dtype, device=values.device)
-    dense.scatter_(-1, positions, values.reshape(rows, cols // m, n).to(dtype))
+    dense.scatter_(-1, positions.long(), values.reshape(rows, cols // m, n).to(dtype))
     return dense.reshape(rows, cols)
 
 

@@ -32,14 +32,14 @@ def refuse_global(task: LayerTask, method: str) -> None:
 def require_stats(task: LayerTask, method: str, attribute: str, stat: str) -> LayerStats:
     """The task's statistics, checked to hold ``attribute`` accumulated over at least one token."""
     stats = task.stats
+    if stats is not None and stats.tokens == 0:
+        raise DataError(
+            f"{task.name}: no calibration token reached this layer, so {method} has nothing to go on; "
+            "check that the calibration set is non-empty."
+        )
     if stats is None or getattr(stats, attribute) is None:
         raise ConfigError(
             f"{task.name}: {method} needs the {stat!r} calibration statistic; prune through sw.prune(...) "
             "with calibration=... so it is collected."
-        )
-    if stats.tokens == 0:
-        raise DataError(
-            f"{task.name}: no calibration token reached this layer, so {method} has nothing to go on; "
-            "check that the calibration set is non-empty."
         )
     return stats

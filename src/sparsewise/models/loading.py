@@ -143,6 +143,10 @@ def _convert_gguf_to_cache(gguf_path: Path, folder: Path, fingerprint: dict[str,
             tokenizer.save_pretrained(tmp)
         # The marker is written last: a folder without it is never trusted.
         (tmp / CACHE_MARKER).write_text(json.dumps(fingerprint))
+        # mkdtemp creates the folder 0700; give the cache the permissions a plain mkdir would have.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
         if folder.exists():
             shutil.rmtree(folder)
         try:
@@ -237,15 +241,14 @@ def drop_quantization_marker(model: nn.Module) -> None:
 def _load_gguf(path: Path, *, dtype: torch.dtype, task: str, trust_remote_code: bool) -> nn.Module:
     import transformers
 
-    auto = transformers.AutoModel if task == "base" else transformers.AutoModelForCausalLM
     if task not in TASKS:
         raise ConfigError(f"task must be one of {', '.join(TASKS)}; got {task!r}.")
+    # GGUF files hold decoder LMs; "base" asks for the bare transformer without the head.
+    auto = transformers.AutoModel if task == "base" else transformers.AutoModelForCausalLM
     try:
         model = auto.from_pretrained(
             path.parent, gguf_file=path.name, trust_remote_code=trust_remote_code, **_dtype_kwarg(dtype)
         )
-    except ImportError:
-        raise
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise CheckpointError(f"cannot read GGUF file {path}: {exc}") from exc
     drop_quantization_marker(model)

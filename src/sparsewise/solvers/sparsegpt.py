@@ -157,8 +157,8 @@ def sparsegpt_prune(
         if end < cols:
             weight_t[end:].addmm_(upper[start:end, end:].T, errors, alpha=-1.0)
 
-    W = weight_t.T
-    keep = keep_t.T
+    W = weight_t.T.contiguous()
+    keep = keep_t.T.contiguous()
     delta = original - W
     info["recon_error"] = float(((delta @ hessian_in) * delta).sum())
     info["dead_inputs"] = int(dead.sum())
