@@ -8,7 +8,7 @@ from conftest import ALL_FAMILIES, VOCAB, build_tiny
 
 import sparsewise as sw
 from sparsewise.calibration.stats import STAT_NORMS
-from sparsewise.methods import LayerResult, get_method, register
+from sparsewise.methods import get_method, register
 from sparsewise.methods.base import _REGISTRY
 from sparsewise.models import ModelAdapter
 from sparsewise.patterns import check_mask
@@ -218,5 +218,56 @@ def test_sparsegpt_reconstructs_best_on_output_error():
     for method in ("magnitude", "wanda", "sparsegpt"):
         model = build_tiny("llama", seed=1)
         sw.prune(model, method=method, pattern="2:4", sparsity=None, calibration=calib, progress=False)
-        errors[method] = sum(((forward(model, b) - r) ** 2).mean().item() for b, r in zip(calib, reference))
+        errors[method] = sum(((forward(model, b) - r) ** 2).mean().item() for b, r in zip(calib, reference, strict=True))
     assert errors["sparsegpt"] < min(errors["wanda"], errors["magnitude"]), errors
+
+
+@pytest.mark.parametrize("sequential", ["layer", "block"])
+def test_interrupted_run_resumes_to_the_same_result(tmp_path, sequential):
+    class Flaky:
+        name = "test-flaky"
+        needs = frozenset({STAT_NORMS})
+        fail_at: str | None = "model.layers.1.mlp.up_proj"
+        pruned: list = []
+
+        def prune_layer(self, task):
+            if task.name == Flaky.fail_at:
+                raise KeyboardInterrupt  # as if the user pressed Ctrl-C in block 1
+            Flaky.pruned.append(task.name)
+            return get_method("wanda").prune_layer(task)
+
+    register(Flaky)
+    try:
+        calib = calibration_for("llama")
+        reference = build_tiny("llama")
+        Flaky.fail_at = None
+        sw.prune(reference, method="test-flaky", sparsity=0.5, calibration=calib, sequential=sequential, progress=False)
+
+        model = build_tiny("llama")
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        Flaky.fail_at, Flaky.pruned = "model.layers.1.mlp.up_proj", []
+        with pytest.raises(KeyboardInterrupt):
+            sw.prune(model, method="test-flaky", sparsity=0.5, calibration=calib, sequential=sequential,
+                     resume_dir=tmp_path / "run", progress=False)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # rolled back
+        assert (tmp_path / "run" / "progress.json").exists()
+
+        Flaky.fail_at, Flaky.pruned = None, []
+        result = sw.prune(model, method="test-flaky", sparsity=0.5, calibration=calib, sequential=sequential,
+                          resume_dir=tmp_path / "run", progress=False)
+        assert all(name.startswith("model.layers.1.") for name in Flaky.pruned)  # block 0 was not redone
+        assert len(result.records) == 14
+        for key, value in reference.state_dict().items():
+            torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0)
+        assert not (tmp_path / "run").exists()
+
+        # other settings must not silently reuse a foreign resume state
+        Flaky.fail_at = "model.layers.1.mlp.up_proj"
+        with pytest.raises(KeyboardInterrupt):
+            sw.prune(build_tiny("llama"), method="test-flaky", sparsity=0.5, calibration=calib,
+                     sequential=sequential, resume_dir=tmp_path / "run2", progress=False)
+        with pytest.raises(sw.CheckpointError, match="other settings"):
+            sw.prune(build_tiny("llama"), method="test-flaky", sparsity=0.6, calibration=calib,
+                     sequential=sequential, resume_dir=tmp_path / "run2", progress=False)
+    finally:
+        _REGISTRY.pop("test-flaky")

@@ -10,12 +10,14 @@ import resource
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from .calibration.engine import SEQUENTIAL_MODES, sequential_calibration
+from .calibration.progress import RunProgress, fingerprint
 from .errors import ConfigError
 from .methods import LayerTask, get_method
 from .models import ModelAdapter, PrunableLayer
@@ -100,6 +102,7 @@ def prune(
     sequential: str = "layer",
     batch_size: int = 8,
     method_options: dict[str, Any] | None = None,
+    resume_dir: str | Path | None = None,
     progress: bool = True,
 ) -> PruneResult:
     """Prune ``model`` in place and return a :class:`PruneResult`.
@@ -116,6 +119,10 @@ def prune(
     Wanda/SparseGPT code and llm-compressor: statistics of the whole dense block over batches of
     ``batch_size`` samples, then prune, then a second pass for the pruned outputs; it bounds
     activation memory by ``batch_size`` for calibration sets too large for one batch.
+
+    ``resume_dir``: after every block the finished weights and the next block's inputs are
+    written there; calling ``prune`` again with the same settings continues after the last
+    finished block (the directory is removed on success).
     """
     pattern = Pattern.parse(pattern)
     sparsity = pattern.resolve_sparsity(sparsity)
@@ -185,12 +192,39 @@ def prune(
                 bar.update(len(adapter.blocks))
             else:
                 batches = _batches(calibration, None if sequential == "layer" else batch_size)
+                start_block, hidden_states, run_progress = 0, None, None
+                if resume_dir is not None:
+                    settings = {"method": pruner.name, "pattern": str(pattern), "sparsity": sparsity, "seed": seed,
+                                "sequential": sequential, "batch_size": batch_size, "options": options}
+                    shapes = {name: (layer.out_features, layer.in_features) for name, layer in layers.items()}
+                    run_progress = RunProgress(resume_dir, fingerprint(settings, batches, shapes))
+                    state = run_progress.load()
+                    if state is not None:
+                        start_block, weights, hidden_states, done_records = state
+                        for data in done_records:
+                            name = data["name"]
+                            layer = layers[name]
+                            backup[name] = layer.get_weight().detach().to("cpu", copy=True)
+                            layer.set_weight(weights[name].to(layer.get_weight()))
+                            records[name] = LayerRecord.from_json(data)
+                            records[name].mask = (layer.get_weight() != 0).cpu()
+                        bar.update(start_block)
+
+                def after_block(index: int, _name: str, outputs: list[torch.Tensor]) -> None:
+                    bar.update(1)
+                    if run_progress is not None:
+                        done = adapter.block_layers(index)
+                        run_progress.save(index, {name: layer.get_weight() for name, layer in done.items()},
+                                          outputs, [record.to_json() for record in records.values()])
+
                 sequential_calibration(
                     model, adapter.blocks, adapter.block_layers, batches,
                     lambda name, stats: apply(name, layers[name], stats),
                     wanted=pruner.needs, device=compute_device, mode=sequential,
-                    progress=lambda index, name: bar.update(1),
+                    start_block=start_block, hidden_states=hidden_states, after_block=after_block,
                 )
+                if run_progress is not None:
+                    run_progress.clear()
     except BaseException:
         for name, original in backup.items():
             layers[name].set_weight(original.to(layers[name].get_weight().device))

@@ -219,7 +219,9 @@ def sequential_calibration(
     wanted: frozenset[str],
     device: torch.device,
     mode: str = "layer",
-    progress: Callable[[int, str], None] | None = None,
+    start_block: int = 0,
+    hidden_states: list[torch.Tensor] | None = None,
+    after_block: Callable[[int, str, list[torch.Tensor]], None] | None = None,
 ) -> None:
     """Call ``prune_layer(name, stats)`` for every layer, block by block, propagating pruned outputs.
 
@@ -228,13 +230,23 @@ def sequential_calibration(
     mode "block": the classic two passes per block over any number of batches: statistics of the
     dense block first, then every layer is pruned, then the pruned block's outputs are computed.
     ``block_layers(index)`` returns {name: PrunableLayer}; ``stats`` is None when ``wanted`` is empty.
+
+    Resuming: ``start_block`` skips blocks already done, whose outputs are given as
+    ``hidden_states`` (one tensor per batch); ``after_block(index, name, outputs)`` sees every
+    finished block's outputs so a caller can checkpoint them.
     """
     if mode not in SEQUENTIAL_MODES:
         raise ValueError(f"mode must be one of {SEQUENTIAL_MODES}, got {mode!r}")
     if mode == "layer" and len(batches) != 1:
         raise ValueError("mode 'layer' runs all calibration samples as one batch; pass exactly one batch")
     calls = capture_block_inputs(model, blocks[0][1], batches, device)
+    if hidden_states is not None:
+        if len(hidden_states) != len(calls):
+            raise ValueError(f"resume state holds {len(hidden_states)} batches, calibration gives {len(calls)}")
+        calls = [call.with_hidden_states(hidden.to(device)) for call, hidden in zip(calls, hidden_states, strict=True)]
     for index, (name, block) in enumerate(blocks):
+        if index < start_block:
+            continue
         home = _module_device(block)
         block.to(device)
         layers = block_layers(index)
@@ -253,9 +265,8 @@ def sequential_calibration(
             for layer_name in layers:
                 prune_layer(layer_name, stats[layer_name] if stats else None)
             del stats
-            outputs = run_block(block, calls) if index + 1 < len(blocks) else []
-        if index + 1 < len(blocks):
-            calls = [call.with_hidden_states(out) for call, out in zip(calls, outputs, strict=True)]
+            outputs = run_block(block, calls)
+        calls = [call.with_hidden_states(out) for call, out in zip(calls, outputs, strict=True)]
         block.to(home)
-        if progress is not None:
-            progress(index, name)
+        if after_block is not None:
+            after_block(index, name, outputs)
