@@ -27,7 +27,7 @@ METHODS = ["magnitude", "wanda", "sparsegpt"]
 PATTERNS = [("unstructured", 0.5), ("2:4", None), ("4:8", None)]
 
 
-def run_one(method: str, pattern: str, sparsity: float | None, args) -> dict:
+def run_one(method: str, pattern: str, sparsity: float | None, sequential: str, args) -> dict:
     import torch
 
     import sparsewise as sw
@@ -36,11 +36,11 @@ def run_one(method: str, pattern: str, sparsity: float | None, args) -> dict:
     torch.manual_seed(0)
     model, tok = sw.load_model("smollm2-135m")
     rss_loaded = peak_rss_mb()
-    row = {"method": method, "pattern": pattern}
+    row = {"method": method, "pattern": pattern, "sequential": sequential}
     if method != "dense":
         calib = sw.data.calibration(C4, tok, n=args.calib_n, seqlen=args.calib_seqlen, seed=0)
         result = sw.prune(model, method=method, sparsity=sparsity, pattern=pattern, calibration=calib,
-                          batch_size=args.batch_size, progress=False)
+                          sequential=sequential, batch_size=args.batch_size, progress=False)
         row.update(prune_wall_s=result.wall_s, peak_rss_mb=result.peak_rss_mb, rss_after_load_mb=rss_loaded,
                    achieved=result.achieved_sparsity, warnings=result.warnings)
     clock = time.perf_counter()
@@ -52,7 +52,7 @@ def run_one(method: str, pattern: str, sparsity: float | None, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--only", help="method:pattern, e.g. wanda:2:4 or dense:-")
+    parser.add_argument("--only", help="method:pattern[@sequential], e.g. wanda:2:4, sparsegpt:unstructured@block, dense:-")
     parser.add_argument("--calib-n", type=int, default=64)
     parser.add_argument("--calib-seqlen", type=int, default=512)
     parser.add_argument("--seqlen", type=int, default=512)
@@ -62,9 +62,10 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.only:
-        method, _, pattern = args.only.partition(":")
+        spec, _, sequential = args.only.partition("@")
+        method, _, pattern = spec.partition(":")
         sparsity = 0.5 if pattern == "unstructured" else None
-        print(json.dumps(run_one(method, pattern, sparsity, args)), flush=True)
+        print(json.dumps(run_one(method, pattern, sparsity, sequential or "layer", args)), flush=True)
         return
 
     import torch
@@ -80,11 +81,13 @@ def main() -> None:
                     f"eval WikiText-2 test seqlen {args.seqlen}, {args.windows} evenly spaced windows",
     }
     rows = []
-    jobs = [("dense", "-", None)] + [(m, p, s) for m in METHODS for p, s in PATTERNS]
+    jobs = [("dense", "-", "layer")] + [(m, p, "layer") for m in METHODS for p, _ in PATTERNS]
+    # the classic two-pass scheme (what llm-compressor runs), for the calibration-aware methods
+    jobs += [(m, p, "block") for m in ("wanda", "sparsegpt") for p in ("unstructured", "2:4")]
     passthrough = [f"--calib-n={args.calib_n}", f"--calib-seqlen={args.calib_seqlen}", f"--seqlen={args.seqlen}",
                    f"--windows={args.windows}", f"--batch-size={args.batch_size}"]
-    for method, pattern, _ in jobs:
-        out = subprocess.run([sys.executable, __file__, "--only", f"{method}:{pattern}", *passthrough],
+    for method, pattern, sequential in jobs:
+        out = subprocess.run([sys.executable, __file__, "--only", f"{method}:{pattern}@{sequential}", *passthrough],
                              capture_output=True, text=True, check=False)
         if out.returncode:
             print(out.stderr[-3000:], file=sys.stderr)
@@ -96,13 +99,14 @@ def main() -> None:
     args.json_out.write_text(json.dumps({"header": header, "rows": rows}, indent=2))
 
     print(f"date: {header['date']}\nmachine: {header['machine']}\nversions: {header['versions']}\nsettings: {header['settings']}\n")
-    print("| method | pattern | ppl | prune wall s | peak RSS MB | achieved sparsity |")
-    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    print("| method | pattern | sequential | ppl | prune wall s | peak RSS MB | achieved sparsity |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
     for row in rows:
         if row["method"] == "dense":
-            print(f"| dense | - | {row['ppl']:.2f} | - | - | 0 |")
+            print(f"| dense | - | - | {row['ppl']:.2f} | - | - | 0 |")
             continue
-        print(f"| {row['method']} | {row['pattern']} | {row['ppl']:.2f} | {row['prune_wall_s']:.1f} | "
+        mode = row["sequential"] if row["method"] in ("wanda", "sparsegpt") else "-"
+        print(f"| {row['method']} | {row['pattern']} | {mode} | {row['ppl']:.2f} | {row['prune_wall_s']:.1f} | "
               f"{row['peak_rss_mb']:.0f} | {row['achieved']:.4f} |")
 
 

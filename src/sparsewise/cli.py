@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .config import PruneConfig
-from .errors import SparsewiseError
+from .errors import ConfigError, SparsewiseError
 
 
 def _prune_parser(sub) -> None:
@@ -30,6 +30,13 @@ def _prune_parser(sub) -> None:
     add("--eval", help="perplexity text: path or dataset name (optional)")
     add("--eval-seqlen", "--seqlen", dest="eval_seqlen", type=int, help="perplexity window (default 512)")
     add("--max-windows", type=int, help="evenly spaced subset of eval windows (default 32; 0 = all)")
+    add("--fidelity-n", type=int, help="held-out self-generated sequences for KL/top-1 (default 8)")
+    add("--fidelity-seqlen", type=int, help="tokens per held-out sequence (default 256)")
+    add("--sequential", choices=["layer", "block"],
+        help="layer: one pass per block, layers pruned in order (default); block: classic two-pass scheme")
+    add("--resume-dir", help="checkpoint progress after every block here; rerun the same command to resume")
+    add("--option", action="append", metavar="KEY=VALUE",
+        help="method option, e.g. --option damp_ratio=0.1 --option block_size=64 (recipe: method_options)")
     add("--include", nargs="+", help="regexes of module names to prune (default: every linear in the blocks)")
     add("--exclude", nargs="+", help="regexes of module names to skip")
     add("--device", help="auto | cpu | cuda (default auto)")
@@ -76,12 +83,27 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     config = PruneConfig.from_yaml(args.recipe) if args.recipe else PruneConfig()
     overrides = {name: getattr(args, name, None) for name in PruneConfig.field_names()}
+    overrides.pop("method_options")
     config = config.merged(overrides)
+    if args.option:
+        config.method_options = {**config.method_options, **_parse_options(args.option)}
     if config.max_windows == 0:
         config.max_windows = None
     report = prune_job(config, progress=not args.no_progress)
     print(report.summary())
     return 0
+
+
+def _parse_options(items: list[str]) -> dict:
+    import yaml
+
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--option expects KEY=VALUE, got {item!r} (e.g. --option damp_ratio=0.1).")
+        options[key.strip()] = yaml.safe_load(value)
+    return options
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

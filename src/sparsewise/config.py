@@ -36,7 +36,9 @@ class PruneConfig:
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
     device: str = "auto"
+    sequential: str = "layer"
     batch_size: int = 8
+    resume_dir: str | None = None
     method_options: dict[str, Any] = field(default_factory=dict)
     out: str | None = None
     save_format: str = "sparsewise"
@@ -66,6 +68,23 @@ class PruneConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"recipe {path} must be a mapping of field: value, got {type(data).__name__}.")
         return cls.from_dict(data)
+
+    def validate(self) -> PruneConfig:
+        """Fail fast (before any model is loaded) on settings that cannot work."""
+        from .methods import get_method
+        from .patterns import Pattern
+
+        Pattern.parse(self.pattern).resolve_sparsity(self.sparsity)
+        get_method(self.method)
+        if self.sequential not in ("layer", "block"):
+            raise ConfigError(f"sequential must be 'layer' or 'block', got {self.sequential!r}.")
+        if self.save_format not in ("sparsewise", "hf-dense"):
+            raise ConfigError(f"save_format must be 'sparsewise' or 'hf-dense', got {self.save_format!r}.")
+        for name in ("calib_n", "calib_seqlen", "self_n", "self_seqlen", "eval_seqlen", "fidelity_n",
+                     "fidelity_seqlen", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
+        return self
 
     def merged(self, overrides: dict[str, Any]) -> PruneConfig:
         """A copy with every non-None override applied (flags given on the command line win)."""

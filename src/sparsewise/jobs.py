@@ -70,6 +70,7 @@ def prune_job(config: PruneConfig, *, progress: bool = True, log=print) -> JobRe
     from .models import load_model
     from .oneshot import prune
 
+    config.validate()
     report = JobReport(config)
     clock = time.perf_counter()
     model, tokenizer = load_model(config.model)
@@ -104,7 +105,8 @@ def prune_job(config: PruneConfig, *, progress: bool = True, log=print) -> JobRe
     result = prune(
         model, method=config.method, sparsity=config.sparsity, pattern=config.pattern, calibration=calib,
         include=config.include or None, exclude=config.exclude or None, device=config.device,
-        seed=config.seed, batch_size=config.batch_size, method_options=config.method_options, progress=progress,
+        seed=config.seed, sequential=config.sequential, batch_size=config.batch_size,
+        method_options=config.method_options, resume_dir=config.resume_dir, progress=progress,
     )
     report.prune = result
 

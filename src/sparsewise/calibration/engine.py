@@ -153,9 +153,9 @@ def collect_block_stats(
                 leaders[key] = name
                 if name not in stats:
                     stats[name] = LayerStats(in_features[name], wanted)
-                if not torch.isfinite(tensor).all():
-                    raise NumericalError(f"non-finite activations at the input of {name}: check the model weights.")
                 stats[name].update(tensor)
+                if not stats[name].is_finite():
+                    raise NumericalError(f"non-finite activations at the input of {name}: check the model weights.")
     finally:
         for handle in handles:
             handle.remove()
@@ -188,10 +188,10 @@ def prune_block_in_forward(
             key = (x.data_ptr(), tuple(x.shape), x.dtype)
             stats = stats_by_input.get(key)
             if stats is None and wanted:
-                if not torch.isfinite(x).all():
-                    raise NumericalError(f"non-finite activations at the input of {name}: check the model weights.")
                 stats = LayerStats(in_features, wanted)
                 stats.update(x)
+                if not stats.is_finite():
+                    raise NumericalError(f"non-finite activations at the input of {name}: check the model weights.")
                 stats_by_input[key] = stats
             prune_layer(name, stats)
 

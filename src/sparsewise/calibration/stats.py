@@ -16,6 +16,25 @@ STAT_MOMENTS = "moments"  # sum_t x_tj, sum_t x_tj^2 (means and variances, DSnoT
 KNOWN_STATS = frozenset({STAT_NORMS, STAT_HESSIAN, STAT_MOMENTS})
 
 
+def add_gram_(acc: torch.Tensor, x: torch.Tensor, tile: int = 384) -> None:
+    """acc += x^T x, computing only the tiles on and above the diagonal (X^T X is symmetric).
+
+    Saves about a third of the FLOPs of a plain ``addmm_`` for wide inputs, which matters: on a
+    CPU the Hessian of a 1536-wide layer costs as much as half the block's forward pass.
+    """
+    width = x.shape[1]
+    if width <= tile:
+        acc.addmm_(x.T, x)
+        return
+    for row in range(0, width, tile):
+        left = x[:, row : row + tile]
+        for col in range(row, width, tile):
+            product = left.T @ x[:, col : col + tile]
+            acc[row : row + tile, col : col + tile] += product
+            if col != row:
+                acc[col : col + tile, row : row + tile] += product.T
+
+
 @dataclass
 class LayerStats:
     """Running sums of one layer's input. ``tokens`` counts rows of X seen so far."""
@@ -41,7 +60,11 @@ class LayerStats:
         if STAT_MOMENTS in self.wanted:
             self.col_sum += x.sum(0)
         if STAT_HESSIAN in self.wanted:
-            self.xtx.addmm_(x.T, x)
+            add_gram_(self.xtx, x)
+
+    def is_finite(self) -> bool:
+        """False if any input seen so far was NaN/Inf (they propagate into every sum)."""
+        return all(bool(torch.isfinite(value).all()) for value in self.tensors().values())
 
     def _init(self, device: torch.device) -> None:
         self._device = device

@@ -1,0 +1,46 @@
+"""Statistics accumulators and engine guards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import VOCAB, build_tiny
+
+import sparsewise as sw
+from sparsewise.calibration.stats import STAT_HESSIAN, STAT_MOMENTS, STAT_NORMS, LayerStats, add_gram_
+
+
+@pytest.mark.parametrize("width", [100, 384, 1000])
+def test_symmetric_gram_equals_plain_product(width):
+    x = torch.randn(300, width, dtype=torch.float64)
+    acc = torch.zeros(width, width, dtype=torch.float64)
+    add_gram_(acc, x, tile=128)
+    add_gram_(acc, x, tile=128)
+    torch.testing.assert_close(acc, 2 * x.T @ x)
+
+
+def test_stats_split_across_batches_equal_one_pass():
+    x = torch.randn(4, 50, 24)
+    wanted = frozenset({STAT_NORMS, STAT_HESSIAN, STAT_MOMENTS})
+    whole, parts = LayerStats(24, wanted), LayerStats(24, wanted)
+    whole.update(x)
+    for chunk in x.split(1):
+        parts.update(chunk)
+    flat = x.reshape(-1, 24)
+    assert whole.tokens == parts.tokens == 200
+    for name, value in whole.tensors().items():
+        torch.testing.assert_close(value, parts.tensors()[name], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(whole.channel_norms, flat.norm(dim=0))
+    torch.testing.assert_close(whole.mean, flat.mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(whole.var, flat.var(0, unbiased=False), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(whole.hessian, 2 * flat.T @ flat / 200, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("sequential", ["layer", "block"])
+def test_non_finite_activations_name_the_layer(sequential):
+    model = build_tiny("llama")
+    with torch.no_grad():
+        model.model.layers[1].input_layernorm.weight[3] = float("inf")
+    calib = [{"input_ids": torch.randint(0, VOCAB, (2, 16))}]
+    with pytest.raises(sw.NumericalError, match=r"layers\.1\.self_attn\.q_proj"):
+        sw.prune(model, method="wanda", sparsity=0.5, calibration=calib, sequential=sequential, progress=False)
