@@ -65,7 +65,7 @@ class _Recorder:
     seen: dict = {}
 
     def prune_layer(self, task):
-        _Recorder.seen[task.name] = task.stats.channel_norms.clone()
+        _Recorder.seen[task.name] = task.stats.channel_norms.cpu()
         return get_method("wanda").prune_layer(task)
 
 

@@ -208,6 +208,25 @@ def prune_block_in_forward(
     return output
 
 
+def _process_block(block, layers, calls, wanted, prune_layer, mode) -> list[torch.Tensor]:
+    """Prune one block's layers (already on the compute device); return its pruned outputs."""
+    if mode == "layer":
+        return [prune_block_in_forward(block, layers, calls[0], wanted, prune_layer)]
+    stats = None
+    if wanted and layers:
+        stats = collect_block_stats(
+            block,
+            {layer_name: layer.module for layer_name, layer in layers.items()},
+            {layer_name: layer.in_features for layer_name, layer in layers.items()},
+            calls,
+            wanted,
+        )
+    for layer_name in layers:
+        prune_layer(layer_name, stats[layer_name] if stats else None)
+    del stats
+    return run_block(block, calls)
+
+
 @torch.no_grad()
 def sequential_calibration(
     model: nn.Module,
@@ -249,24 +268,10 @@ def sequential_calibration(
             continue
         home = _module_device(block)
         block.to(device)
-        layers = block_layers(index)
-        if mode == "layer":
-            outputs = [prune_block_in_forward(block, layers, calls[0], wanted, prune_layer)]
-        else:
-            stats = None
-            if wanted and layers:
-                stats = collect_block_stats(
-                    block,
-                    {layer_name: layer.module for layer_name, layer in layers.items()},
-                    {layer_name: layer.in_features for layer_name, layer in layers.items()},
-                    calls,
-                    wanted,
-                )
-            for layer_name in layers:
-                prune_layer(layer_name, stats[layer_name] if stats else None)
-            del stats
-            outputs = run_block(block, calls)
+        try:
+            outputs = _process_block(block, block_layers(index), calls, wanted, prune_layer, mode)
+        finally:
+            block.to(home)  # also on failure: the caller's model must end where it started
         calls = [call.with_hidden_states(out) for call, out in zip(calls, outputs, strict=True)]
-        block.to(home)
         if after_block is not None:
             after_block(index, name, outputs)
