@@ -271,3 +271,19 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, sequential):
                      sequential=sequential, resume_dir=tmp_path / "run2", progress=False)
     finally:
         _REGISTRY.pop("test-flaky")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "bert"])
+def test_layer_mode_every_layer_saw_its_final_input(family, recorder):
+    """In layer mode each layer is calibrated on exactly what it reads in the final pruned model.
+
+    Guards the stats sharing between layers that read one tensor (q/k/v): a freed input's memory
+    is reused for later activations of the same shape, which must not alias their statistics.
+    """
+    model = build_tiny(family)
+    calib = calibration_for(family)
+    sw.prune(model, method=recorder.name, sparsity=0.5, calibration=calib, sequential="layer", progress=False)
+    names = list(ModelAdapter(model).prunable_layers())
+    final = _input_norms(model, calib, names)
+    for name in names:
+        torch.testing.assert_close(recorder.seen[name], final[name], rtol=1e-4, atol=1e-5, msg=name)

@@ -13,6 +13,7 @@ the model's own forward gave it (attention masks, rotary embeddings, position id
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -180,19 +181,22 @@ def prune_block_in_forward(
     (the "true sequential" order of the SparseGPT/GPTQ code) and the block's output is the pruned
     block's output: one pass per block instead of two.
     """
-    stats_by_input: dict[tuple, LayerStats] = {}
+    # Layers reading the very same tensor (q/k/v, gate/up) share one accumulator. The tensor is
+    # matched by identity through a weak reference: a freed input's address is soon reused by
+    # the allocator for a new tensor of the same shape, so an address alone would alias them.
+    stats_by_input: dict[int, tuple[weakref.ref, LayerStats]] = {}
 
     def make_hook(name: str, in_features: int):
         def hook(_module, args):
             x = args[0]
-            key = (x.data_ptr(), tuple(x.shape), x.dtype)
-            stats = stats_by_input.get(key)
+            entry = stats_by_input.get(x.data_ptr())
+            stats = entry[1] if entry is not None and entry[0]() is x else None
             if stats is None and wanted:
                 stats = LayerStats(in_features, wanted)
                 stats.update(x)
                 if not stats.is_finite():
                     raise NumericalError(f"non-finite activations at the input of {name}: check the model weights.")
-                stats_by_input[key] = stats
+                stats_by_input[x.data_ptr()] = (weakref.ref(x), stats)
             prune_layer(name, stats)
 
         return hook
