@@ -58,7 +58,7 @@ WEIGHTS_NAME = "model.safetensors"
 RECORDS_NAME = "sparsewise_records.json"
 FORMATS = ("sparsewise", "hf-dense")
 _SEP = "::"
-_TOKENIZER_FILES = (
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "tokenizer.model",
@@ -670,7 +670,7 @@ def load(
 def load_tokenizer(path: str | os.PathLike) -> Any:
     """The tokenizer saved beside a checkpoint, or None when there are no tokenizer files."""
     directory = Path(path).expanduser()
-    if not any((directory / name).is_file() for name in _TOKENIZER_FILES):
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
         return None
     from transformers import AutoTokenizer
 

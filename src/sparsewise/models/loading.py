@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError, NumericalError
+from ..formats.checkpoint import TOKENIZER_FILES
 
 __all__ = ["load_model", "resolve_bundled_path", "bundled_model_names", "cache_root", "drop_quantization_marker"]
 
@@ -41,14 +42,6 @@ TASKS = ("auto", "causal-lm", "base")
 CHECKPOINT_MARKER = "sparsewise.json"
 CACHE_MARKER = "sparsewise-cache.json"
 CACHE_FORMAT = 1
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "vocab.txt",
-    "vocab.json",
-    "spiece.model",
-)
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 ACCEPTED_SOURCES = (
