@@ -5,6 +5,6 @@ Layouts come straight from the on-disk formats of :mod:`sparsewise.formats` (no 
 values + 1 bit per element packed 32 per int32 word, plus per-tile value offsets.
 """
 
-from .layouts import Bitmask, NM24, pack_24, pack_bitmask_tiles, reference_linear, unpack
+from .layouts import NM24, Bitmask, pack_24, pack_bitmask_tiles, reference_linear, unpack
 
 __all__ = ["Bitmask", "NM24", "pack_24", "pack_bitmask_tiles", "reference_linear", "unpack"]

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .layouts import Bitmask, NM24
+from .layouts import NM24, Bitmask
 
 
 def _configs():
