@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import triton
 
 from sparsewise.kernels import pack_24, pack_bitmask_tiles
+from sparsewise.kernels.triton_gemv import gemv
 from sparsewise.kernels.triton_sparse import linear as triton_linear
 from sparsewise.patterns import nm_mask, unstructured_mask
 
@@ -28,6 +29,7 @@ SHAPES = {
     "llama3-8b": {"q_proj": (4096, 4096), "k_proj": (1024, 4096), "o_proj": (4096, 4096),
                   "gate_up": (14336, 4096), "down_proj": (4096, 14336)},
     "llama2-7b": {"q_proj": (4096, 4096), "gate_up": (11008, 4096), "down_proj": (4096, 11008)},
+}
 }
 L2_BYTES = 60 * 2**20
 
@@ -71,8 +73,9 @@ def main() -> None:
             for m in ms:
                 xs = [torch.randn(m, k, device="cuda", dtype=dtype, generator=gen) for _ in range(copies)]
                 t_dense = bench(lambda i: F.linear(xs[i], dense_w[i]), copies)
-                t_24 = bench(lambda i: triton_linear(xs[i], l24[i]), copies)
-                t_bm = bench(lambda i: triton_linear(xs[i], lbm[i]), copies)
+                kernel = gemv if m <= 8 else triton_linear
+                t_24 = bench(lambda i: kernel(xs[i], l24[i]), copies)
+                t_bm = bench(lambda i: kernel(xs[i], lbm[i]), copies)
                 row = {"model": model, "layer": name, "N": n, "K": k, "M": m, "dense_ms": t_dense,
                        "triton_24_ms": t_24, "triton_bitmask_ms": t_bm,
                        "speedup_24": t_dense / t_24, "speedup_bitmask": t_dense / t_bm,

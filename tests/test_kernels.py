@@ -90,3 +90,25 @@ def test_triton_kernel_matches_float64_reference(kind, dtype, n, k, m):
     assert torch.isfinite(out).all()
     error = _relative_error(out, ref)
     assert error < (1e-2 if dtype == torch.bfloat16 else 2e-3), error
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["24", "bitmask"])
+@pytest.mark.parametrize(("n", "k"), [(200, 576), (1024, 4096), (4096, 1536)])
+@pytest.mark.parametrize("m", [1, 2, 3, 8])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_triton_gemv_matches_float64_reference(kind, dtype, n, k, m, with_bias):
+    from sparsewise.kernels.triton_gemv import gemv
+
+    weight = (sparse_24 if kind == "24" else sparse_unstructured)(n, k, dtype=dtype, device="cuda", seed=m)
+    layout = pack_24(weight) if kind == "24" else pack_bitmask_tiles(weight)
+    x = torch.randn(1, m, k, device="cuda", dtype=dtype)
+    bias = torch.randn(n, device="cuda", dtype=dtype) if with_bias else None
+    out = gemv(x, layout, bias)
+    ref = torch.nn.functional.linear(x.double(), weight.double(), None if bias is None else bias.double())
+    assert out.dtype == dtype and out.shape == (1, m, n)
+    assert torch.isfinite(out).all()
+    error = _relative_error(out, ref)
+    assert error < (1e-2 if dtype == torch.bfloat16 else 2e-3), error
