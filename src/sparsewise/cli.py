@@ -61,7 +61,7 @@ def _eval_parser(sub) -> None:
 
 def _report_parser(sub) -> None:
     cmd = sub.add_parser("report", help="per-layer sparsity table, N:M pattern check, size on disk")
-    cmd.add_argument("path", help="a sparsewise checkpoint directory")
+    cmd.add_argument("path", help="a sparsewise checkpoint directory (or an --save-format hf-dense folder)")
     cmd.add_argument("--max-rows", type=int, default=None, help="show at most this many layer rows")
     cmd.add_argument("--json", action="store_true")
 
@@ -130,11 +130,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .formats import checkpoint_size, load
+    from .formats import checkpoint_size
     from .metrics import sparsity_report
+    from .models import load_model
     from .records import get_records
 
-    model = load(args.path)
+    model, _ = load_model(args.path)  # a sparsewise checkpoint or a plain (hf-dense) HF folder
     report = sparsity_report(model, records=get_records(model) or None)
     size = checkpoint_size(args.path)
     if args.json:
