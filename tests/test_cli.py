@@ -76,3 +76,11 @@ def test_every_config_field_has_a_flag():
     dests = {action.dest for action in prune._actions}
     missing = set(PruneConfig.field_names()) - dests - {"method_options"}
     assert not missing
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["prune", "--help"], ["eval", "--help"], ["report", "--help"]])
+def test_help_pages_render(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 0
+    assert "usage: sparsewise" in capsys.readouterr().out

@@ -12,7 +12,7 @@ from .errors import ConfigError, SparsewiseError
 
 
 def _prune_parser(sub) -> None:
-    cmd = sub.add_parser("prune", help="prune a model (defaults: bundled SmolLM2-135M, Wanda, 50%)",
+    cmd = sub.add_parser("prune", help="prune a model (defaults: bundled SmolLM2-135M, Wanda, 50%%)",
                          description="Prune a model and print a before/after summary. Every flag is also a "
                                      "field of a YAML recipe (--recipe); flags given here win.")
     add = cmd.add_argument

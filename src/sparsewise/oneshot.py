@@ -150,87 +150,37 @@ def prune(
         raise ConfigError("global ranking compares raw scores across layers: use it with magnitude or random.")
 
     compute_device = _pick_device(device, model)
-    options = dict(method_options or {})
-    generator = torch.Generator().manual_seed(seed)
-    backup: dict[str, torch.Tensor] = {}
-    records: dict[str, LayerRecord] = {}
     if compute_device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(compute_device)
+    run = _LayerPruner(pruner, pattern, sparsity, compute_device, torch.Generator().manual_seed(seed),
+                       dict(method_options or {}))
     start = time.perf_counter()
-
-    def apply(name: str, layer: PrunableLayer, stats=None, keep: torch.Tensor | None = None) -> None:
-        weight = layer.get_weight()
-        backup[name] = weight.detach().to("cpu", copy=True)
-        work = weight.detach().to(compute_device, torch.float32)
-        if keep is not None:  # mask decided globally beforehand
-            new_weight, mask, info = work * keep, keep, {}
-        else:
-            task = LayerTask(name, work, sparsity, pattern, stats, generator, options)
-            result = pruner.prune_layer(task)
-            new_weight, mask, info = result.weight, result.mask, result.info
-        layer.set_weight(new_weight.to(weight.dtype))
-        zeros = (layer.get_weight() == 0).sum().item()
-        records[name] = LayerRecord(
-            name=name, pattern=str(pattern), sparsity=sparsity, achieved=zeros / weight.numel(),
-            method=pruner.name, shape=(layer.out_features, layer.in_features), info=info, mask=mask.cpu(),
-        )
-
     bar = _progress_bar(len(adapter.blocks), f"{pruner.name} {pattern}", progress)
     try:
         with torch.no_grad():
             if pattern.scope == "global":
                 scores = {
-                    name: random_scores(layer.get_weight(), generator) if pruner.name == "random"
+                    name: random_scores(layer.get_weight(), run.generator) if pruner.name == "random"
                     else magnitude_scores(layer.get_weight().float())
                     for name, layer in layers.items()
                 }
                 for name, keep in global_masks(scores, sparsity).items():
-                    apply(name, layers[name], keep=keep.to(compute_device))
+                    run.apply(name, layers[name], keep=keep.to(compute_device))
             elif not pruner.needs:
                 for name, layer in layers.items():
-                    apply(name, layer)
+                    run.apply(name, layer)
                 bar.update(len(adapter.blocks))
             else:
-                batches = _batches(calibration, None if sequential == "layer" else batch_size)
-                start_block, hidden_states, run_progress = 0, None, None
-                if resume_dir is not None:
-                    settings = {"method": pruner.name, "pattern": str(pattern), "sparsity": sparsity, "seed": seed,
-                                "sequential": sequential, "batch_size": batch_size, "options": options}
-                    shapes = {name: (layer.out_features, layer.in_features) for name, layer in layers.items()}
-                    run_progress = RunProgress(resume_dir, fingerprint(settings, batches, shapes))
-                    state = run_progress.load()
-                    if state is not None:
-                        start_block, weights, hidden_states, done_records = state
-                        for data in done_records:
-                            name = data["name"]
-                            layer = layers[name]
-                            backup[name] = layer.get_weight().detach().to("cpu", copy=True)
-                            layer.set_weight(weights[name].to(layer.get_weight()))
-                            records[name] = LayerRecord.from_json(data)
-                            records[name].mask = (layer.get_weight() != 0).cpu()
-                        bar.update(start_block)
-
-                def after_block(index: int, _name: str, outputs: list[torch.Tensor]) -> None:
-                    bar.update(1)
-                    if run_progress is not None:
-                        done = adapter.block_layers(index)
-                        run_progress.save(index, {name: layer.get_weight() for name, layer in done.items()},
-                                          outputs, [record.to_json() for record in records.values()])
-
-                sequential_calibration(
-                    model, adapter.blocks, adapter.block_layers, batches,
-                    lambda name, stats: apply(name, layers[name], stats),
-                    wanted=pruner.needs, device=compute_device, mode=sequential,
-                    start_block=start_block, hidden_states=hidden_states, after_block=after_block,
-                )
-                if run_progress is not None:
-                    run_progress.clear()
+                settings = {"method": pruner.name, "pattern": str(pattern), "sparsity": sparsity, "seed": seed,
+                            "sequential": sequential, "batch_size": batch_size, "options": run.options}
+                _prune_calibrated(model, adapter, layers, run, calibration, sequential, batch_size, resume_dir,
+                                  settings, bar)
     except BaseException:
-        for name, original in backup.items():
-            layers[name].set_weight(original.to(layers[name].get_weight().device))
+        run.restore(layers)
         raise
     finally:
         bar.close()
+    records = run.records
 
     set_records(model, {**get_records(model), **records})
     return PruneResult(
@@ -245,6 +195,80 @@ def prune(
         sequential=sequential,
         calibration=_calibration_facts(calibration),
     )
+
+
+class _LayerPruner:
+    """Prunes one layer at a time, keeping its original weights until the whole run succeeds."""
+
+    def __init__(self, pruner, pattern: Pattern, sparsity: float, device: torch.device,
+                 generator: torch.Generator, options: dict[str, Any]):
+        self.pruner, self.pattern, self.sparsity, self.device = pruner, pattern, sparsity, device
+        self.generator, self.options = generator, options
+        self.backup: dict[str, torch.Tensor] = {}
+        self.records: dict[str, LayerRecord] = {}
+
+    def apply(self, name: str, layer: PrunableLayer, stats=None, keep: torch.Tensor | None = None) -> None:
+        weight = layer.get_weight()
+        self.backup[name] = weight.detach().to("cpu", copy=True)
+        work = weight.detach().to(self.device, torch.float32)
+        if keep is not None:  # mask decided globally beforehand
+            new_weight, mask, info = work * keep, keep, {}
+        else:
+            task = LayerTask(name, work, self.sparsity, self.pattern, stats, self.generator, self.options)
+            result = self.pruner.prune_layer(task)
+            new_weight, mask, info = result.weight, result.mask, result.info
+        layer.set_weight(new_weight.to(weight.dtype))
+        self.record(name, layer, info, mask)
+
+    def adopt(self, name: str, layer: PrunableLayer, weight: torch.Tensor, record: dict[str, Any]) -> None:
+        """Take a layer finished by an earlier, interrupted run (resume)."""
+        self.backup[name] = layer.get_weight().detach().to("cpu", copy=True)
+        layer.set_weight(weight.to(layer.get_weight()))
+        self.record(name, layer, record.get("info", {}), layer.get_weight() != 0)
+
+    def record(self, name: str, layer: PrunableLayer, info: dict[str, Any], mask: torch.Tensor) -> None:
+        zeros = (layer.get_weight() == 0).sum().item()
+        self.records[name] = LayerRecord(
+            name=name, pattern=str(self.pattern), sparsity=self.sparsity,
+            achieved=zeros / (layer.out_features * layer.in_features), method=self.pruner.name,
+            shape=(layer.out_features, layer.in_features), info=info, mask=mask.cpu(),
+        )
+
+    def restore(self, layers: dict[str, PrunableLayer]) -> None:
+        for name, original in self.backup.items():
+            layers[name].set_weight(original.to(layers[name].get_weight().device))
+
+
+def _prune_calibrated(model, adapter, layers, run: _LayerPruner, calibration, sequential: str, batch_size: int,
+                      resume_dir, settings: dict[str, Any], bar) -> None:
+    """Block-by-block calibration and pruning, optionally resuming from ``resume_dir``."""
+    batches = _batches(calibration, None if sequential == "layer" else batch_size)
+    start_block, hidden_states, run_progress = 0, None, None
+    if resume_dir is not None:
+        shapes = {name: (layer.out_features, layer.in_features) for name, layer in layers.items()}
+        run_progress = RunProgress(resume_dir, fingerprint(settings, batches, shapes))
+        state = run_progress.load()
+        if state is not None:
+            start_block, weights, hidden_states, done_records = state
+            for data in done_records:
+                run.adopt(data["name"], layers[data["name"]], weights[data["name"]], data)
+            bar.update(start_block)
+
+    def after_block(index: int, _name: str, outputs: list[torch.Tensor]) -> None:
+        bar.update(1)
+        if run_progress is not None:
+            done = adapter.block_layers(index)
+            run_progress.save(index, {name: layer.get_weight() for name, layer in done.items()}, outputs,
+                              [record.to_json() for record in run.records.values()])
+
+    sequential_calibration(
+        model, adapter.blocks, adapter.block_layers, batches,
+        lambda name, stats: run.apply(name, layers[name], stats),
+        wanted=run.pruner.needs, device=run.device, mode=sequential,
+        start_block=start_block, hidden_states=hidden_states, after_block=after_block,
+    )
+    if run_progress is not None:
+        run_progress.clear()
 
 
 def _batches(calibration, batch_size: int | None) -> list[dict]:
