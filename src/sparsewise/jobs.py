@@ -80,8 +80,9 @@ def prune_job(config: PruneConfig, *, progress: bool = True, log=print) -> JobRe
 
     clock = time.perf_counter()
     if config.calib == "self":
+        # one batch for all sequences: generation is per-token launch-bound, so fewer, wider steps win
         calib = data.calibration("self", tokenizer, n=config.self_n, seqlen=config.self_seqlen, seed=config.seed,
-                                 model=model, progress=progress)
+                                 model=model, batch_size=config.self_n, progress=progress)
         report.calibration_note = f"self-generated, {config.self_n} x {config.self_seqlen} tokens, seed {config.seed}"
     else:
         calib = data.calibration(config.calib, tokenizer, n=config.calib_n, seqlen=config.calib_seqlen,
@@ -92,7 +93,8 @@ def prune_job(config: PruneConfig, *, progress: bool = True, log=print) -> JobRe
     # Held-out fidelity text: sampled from the dense model with a different seed than calibration.
     clock = time.perf_counter()
     held_out = data.calibration("self", tokenizer, n=config.fidelity_n, seqlen=config.fidelity_seqlen,
-                                seed=config.seed + 1_000_003, model=model, progress=progress)
+                                seed=config.seed + 1_000_003, model=model, batch_size=config.fidelity_n,
+                                progress=progress)
     probe = metrics.FidelityProbe.capture(model, held_out.input_ids)
     report.before.update(kl=0.0, top1=1.0)
     if config.eval:
