@@ -136,14 +136,27 @@ def prune_count(total: int, sparsity: float) -> int:
     return math.floor(value)
 
 
+def lowest_mask(flat_scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Bool mask of exactly the ``count`` lowest entries of a 1-D tensor; ties go to earlier positions.
+
+    Same result as the first ``count`` indices of a stable ascending sort, found in linear time
+    with one k-th value selection (a full sort dominated SparseGPT's per-block mask choice).
+    """
+    total = flat_scores.numel()
+    if count <= 0:
+        return torch.zeros_like(flat_scores, dtype=torch.bool)
+    if count >= total:
+        return torch.ones_like(flat_scores, dtype=torch.bool)
+    threshold = torch.kthvalue(flat_scores, count).values
+    below = flat_scores < threshold
+    at_threshold = flat_scores == threshold
+    still_needed = count - below.sum()
+    return below | (at_threshold & (torch.cumsum(at_threshold, 0) <= still_needed))
+
+
 def _keep_lowest_pruned(flat_scores: torch.Tensor, n_prune: int) -> torch.Tensor:
     """Bool keep-mask over a 1-D score vector that prunes exactly ``n_prune`` lowest entries."""
-    keep = torch.ones_like(flat_scores, dtype=torch.bool)
-    if n_prune > 0:
-        # stable sort: among equal scores the earlier position is pruned first, deterministically
-        order = torch.sort(flat_scores, stable=True).indices
-        keep[order[:n_prune]] = False
-    return keep
+    return ~lowest_mask(flat_scores, n_prune)
 
 
 def unstructured_mask(scores: torch.Tensor, sparsity: float, scope: Scope = "row") -> torch.Tensor:

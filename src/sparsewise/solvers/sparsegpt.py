@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, NumericalError
-from ..patterns import Pattern, check_ratio, nm_mask, prune_count
+from ..patterns import Pattern, check_ratio, lowest_mask, nm_mask, prune_count
 
 
 def _damped_inverse_factor(
@@ -141,8 +141,7 @@ def sparsegpt_prune(
             n_prune = prune_count(rows * end, sparsity) - prune_count(rows * start, sparsity)
             if n_prune > 0:
                 saliency = block.square() / inv_diag_sq
-                order = torch.sort(saliency.reshape(-1), stable=True).indices
-                block_keep.view(-1)[order[:n_prune]] = False
+                block_keep.view(-1).masked_fill_(lowest_mask(saliency.reshape(-1), n_prune), False)
 
         for col in range(end - start):
             if pattern.kind == "nm" and col % pattern.m == 0:
