@@ -107,16 +107,15 @@ def _parse_options(items: list[str]) -> dict:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
 
     from .metrics import perplexity
     from .models import load_model
+    from .oneshot import pick_device
 
     model, tokenizer = load_model(args.model)
     if tokenizer is None:
         raise SparsewiseError(f"{args.model} has no tokenizer saved beside it; perplexity needs one.")
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
-    model.to(device)
+    model.to(pick_device(args.device, model))
     result = perplexity(model, tokenizer, args.eval, seqlen=args.seqlen, max_windows=args.max_windows or None,
                         batch_size=args.batch_size, progress=not args.no_progress)
     if args.json:

@@ -7,8 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .config import PruneConfig
 
 
@@ -68,15 +66,14 @@ def prune_job(config: PruneConfig, *, progress: bool = True, log=print) -> JobRe
     """Run a whole pruning job as configured and return its report (the CLI prints the summary)."""
     from . import data, formats, metrics
     from .models import load_model
-    from .oneshot import prune
+    from .oneshot import pick_device, prune
 
     config.validate()
     report = JobReport(config)
     clock = time.perf_counter()
     model, tokenizer = load_model(config.model)
     report.timings["load"] = time.perf_counter() - clock
-    device = _device(config.device)
-    model.to(device)
+    model.to(pick_device(config.device, model))
 
     clock = time.perf_counter()
     if config.calib == "self":
@@ -134,12 +131,6 @@ def prune_job(config: PruneConfig, *, progress: bool = True, log=print) -> JobRe
             report.saved = {"path": str(path), "weights_bytes": size["weights_bytes"],
                             "ratio": size["weights_bytes"] / max(size["dense_bytes"], 1)}
     return report
-
-
-def _device(name: str) -> torch.device:
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _config_json(config: PruneConfig) -> dict[str, Any]:

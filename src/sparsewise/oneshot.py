@@ -76,7 +76,8 @@ def peak_rss_mb() -> float:
     return usage / (1024 * 1024) if sys.platform == "darwin" else usage / 1024
 
 
-def _pick_device(device: str | torch.device | None, model: nn.Module) -> torch.device:
+def pick_device(device: str | torch.device | None, model: nn.Module) -> torch.device:
+    """'auto'/None: CUDA when present, else where the model is; otherwise the named device (checked)."""
     if device is None or device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -149,7 +150,7 @@ def prune(
     if pattern.scope == "global" and pruner.name not in ("magnitude", "random"):
         raise ConfigError("global ranking compares raw scores across layers: use it with magnitude or random.")
 
-    compute_device = _pick_device(device, model)
+    compute_device = pick_device(device, model)
     if compute_device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(compute_device)
     run = _LayerPruner(pruner, pattern, sparsity, compute_device, torch.Generator().manual_seed(seed),
