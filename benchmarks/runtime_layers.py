@@ -1,12 +1,16 @@
 """Per-layer time of sparse linears vs dense cuBLAS on GPU, as ratios to dense (medians).
 
 Shapes: LLaMA-3-8B (q/o 4096x4096, k/v 1024x4096, gate/up 14336x4096, down 4096x14336) and
-LLaMA-2-7B (4096x4096, gate/up 11008x4096, down 4096x11008). Backends: dense F.linear; stock
-torch.sparse.to_sparse_semi_structured (cuSPARSELt); sparsewise Triton 2:4 and 50% bitmask.
-Random fp16 weights made 2:4 / 50% unstructured, random activations (never zeros); weights are
-rotated over enough copies to exceed the L2 cache, so every call reads from HBM.
+LLaMA-2-7B (q/k/v/o 4096x4096, gate/up 11008x4096, down 4096x11008). Backends, same run:
+dense F.linear; stock torch.sparse.to_sparse_semi_structured (cuSPARSELt, plan per call);
+sparsewise cuSPARSELt with cached plans (kernels/cusparselt.py, default and searched algorithm);
+sparsewise Triton planes kernels, 2:4 and 50% unstructured bitmask, over a small sweep of
+launch configs (the best one is what the runtime's measured dispatch would pick).
+Random weights made 2:4 / 50% unstructured, random activations (never zeros); weights and
+inputs rotate over enough copies to exceed the L2 cache, so every call reads from HBM.
+Times from triton.testing.do_bench (device events, median).
 
-    python benchmarks/runtime_layers.py [--ms 1,2,4,8,16,64] [--dtype float16]
+    python benchmarks/runtime_layers.py [--ms 1,2,4,8,16,64,256,2048,8192] [--dtype float16]
 """
 
 from __future__ import annotations
@@ -20,17 +24,19 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from sparsewise.kernels import pack_24, pack_bitmask_tiles
-from sparsewise.kernels.triton_gemv import gemv
-from sparsewise.kernels.triton_sparse import linear as triton_linear
+from sparsewise.kernels import pack_24, pack_unstructured
+from sparsewise.kernels import triton_planes as planes
+from sparsewise.kernels.cusparselt import CsltLinear
 from sparsewise.patterns import nm_mask, unstructured_mask
 
 SHAPES = {
-    "llama3-8b": {"q_proj": (4096, 4096), "k_proj": (1024, 4096), "o_proj": (4096, 4096),
-                  "gate_up": (14336, 4096), "down_proj": (4096, 14336)},
-    "llama2-7b": {"q_proj": (4096, 4096), "gate_up": (11008, 4096), "down_proj": (4096, 11008)},
+    "llama3-8b": {"q_proj": (4096, 4096), "k_proj": (1024, 4096), "gate_up": (14336, 4096),
+                  "down_proj": (4096, 14336)},
+    "llama2-7b": {"qkvo_proj": (4096, 4096), "gate_up": (11008, 4096), "down_proj": (4096, 11008)},
 }
 L2_BYTES = 60 * 2**20
+FMA_CONFIGS = [(16, 4, 2), (32, 4, 2), (64, 8, 2)]
+DOT_CONFIGS = [(32, 4, 2), (64, 4, 3)]
 
 
 def bench(fn, copies: int) -> float:
@@ -40,52 +46,101 @@ def bench(fn, copies: int) -> float:
         fn(state["i"] % copies)
         state["i"] += 1
 
-    return triton.testing.do_bench(step, warmup=50, rep=200, return_mode="median")
+    return triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
+
+
+def planes_variants(m: int, n: int, k: int, width: int):
+    """(label, kwargs) launch variants worth timing for this shape."""
+    splits = [1]
+    if n <= 4096:
+        splits.append(4 if k <= 4096 else 2)
+    variants = []
+    for split in splits:
+        if m <= 4:
+            variants += [(f"fma s{split} {c}", {"use_dot": False, "split_k": split, "config": c}) for c in FMA_CONFIGS]
+        if m >= 4 and width >= 16:
+            variants += [(f"dot s{split} {c}", {"use_dot": True, "split_k": split, "config": c}) for c in DOT_CONFIGS]
+    return variants
+
+
+def check(out: torch.Tensor, ref: torch.Tensor) -> float:
+    error = ((out.double() - ref).norm() / ref.norm()).item()
+    if not error < 1e-2:
+        raise AssertionError(f"wrong result: relative error {error}")
+    return error
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--ms", default="1,2,4,8,16,64")
+    parser.add_argument("--ms", default="1,2,4,8,16,64,256,2048,8192")
     parser.add_argument("--dtype", default="float16")
     parser.add_argument("--models", default="llama3-8b,llama2-7b")
+    parser.add_argument("--max-planes-m", type=int, default=64)
     parser.add_argument("--json-out", default=os.environ.get("OUT", ".") + "/runtime_layers.json")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     ms = [int(v) for v in args.ms.split(",")]
-    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | {args.dtype}")
+    header = (f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
+              f"{args.dtype} | {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(header, flush=True)
     rows = []
     for model in args.models.split(","):
         for name, (n, k) in SHAPES[model].items():
             dense_bytes = n * k * 2
             copies = max(2, -(-4 * L2_BYTES // dense_bytes))
             gen = torch.Generator(device="cuda").manual_seed(0)
-            dense_w, w24, wbm, l24, lbm = [], [], [], [], []
+            dense_w, w24, wbm, l24, lbm, stock, cslt = [], [], [], [], [], [], []
             for _ in range(copies):
                 w = torch.randn(n, k, device="cuda", dtype=dtype, generator=gen)
                 a = w * nm_mask(w.abs().float(), 2, 4)
                 b = w * unstructured_mask(w.abs().float(), 0.5)
                 dense_w.append(w)
                 w24.append(a)
-                l24.append(pack_24(a))
-                lbm.append(pack_bitmask_tiles(b))
                 wbm.append(b)
+                l24.append(pack_24(a))
+                lbm.append(pack_unstructured(b))
+                stock.append(torch.sparse.to_sparse_semi_structured(a))
+                cslt.append(CsltLinear(a))
+            width = l24[0].width
             for m in ms:
                 xs = [torch.randn(m, k, device="cuda", dtype=dtype, generator=gen) for _ in range(copies)]
-                t_dense = bench(lambda i: F.linear(xs[i], dense_w[i]), copies)
-                kernel = gemv if m <= 8 else triton_linear
-                t_24 = bench(lambda i: kernel(xs[i], l24[i]), copies)
-                t_bm = bench(lambda i: kernel(xs[i], lbm[i]), copies)
-                row = {"model": model, "layer": name, "N": n, "K": k, "M": m, "dense_ms": t_dense,
-                       "triton_24_ms": t_24, "triton_bitmask_ms": t_bm,
-                       "speedup_24": t_dense / t_24, "speedup_bitmask": t_dense / t_bm,
-                       "bytes_24": l24[0].nbytes, "bytes_bitmask": lbm[0].nbytes, "bytes_dense": dense_bytes}
+                ref24 = F.linear(xs[0].double(), w24[0].double())
+                refbm = F.linear(xs[0].double(), wbm[0].double())
+                row = {"model": model, "layer": name, "N": n, "K": k, "M": m,
+                       "bytes_dense": dense_bytes, "bytes_24": l24[0].nbytes, "bytes_bitmask": lbm[0].nbytes,
+                       "bytes_cslt": cslt[0].nbytes}
+                row["dense_ms"] = t_dense = bench(lambda i: F.linear(xs[i], dense_w[i]), copies)
+                check(F.linear(xs[0], stock[0]), ref24)
+                row["stock_ms"] = bench(lambda i: F.linear(xs[i], stock[i]), copies)
+                check(cslt[0](xs[0]), ref24)
+                row["cslt_ms"] = bench(lambda i: cslt[i](xs[i]), copies)
+                if m >= 16:
+                    alg = cslt[0].search(m)
+                    for c in cslt[1:]:
+                        c.alg_ids.update(cslt[0].alg_ids)
+                    check(cslt[0](xs[0]), ref24)
+                    row["cslt_search_ms"] = bench(lambda i: cslt[i](xs[i]), copies)
+                    row["cslt_alg"] = alg
+                if m <= args.max_planes_m:
+                    for kind, layouts, ref in (("24", l24, ref24), ("bitmask", lbm, refbm)):
+                        best = None
+                        for label, kwargs in planes_variants(m, n, k, width):
+                            check(planes.linear(xs[0], layouts[0], **kwargs), ref)
+                            t = bench(lambda i: planes.linear(xs[i], layouts[i], **kwargs), copies)
+                            row[f"planes_{kind} {label}"] = t
+                            if best is None or t < best[1]:
+                                best = (label, t)
+                        row[f"planes_{kind}_ms"], row[f"planes_{kind}_best"] = best[1], best[0]
                 rows.append(row)
-                print(f"{model:9} {name:9} N={n:5} K={k:5} M={m:3} dense {t_dense * 1e3:7.1f} us | "
-                      f"2:4 {t_24 * 1e3:7.1f} us {row['speedup_24']:.2f}x | bitmask {t_bm * 1e3:7.1f} us "
-                      f"{row['speedup_bitmask']:.2f}x | dense BW {dense_bytes / t_dense / 1e9:.0f} GB/s", flush=True)
+                cells = [f"dense {t_dense * 1e3:7.1f}us"]
+                for key in ("stock", "cslt", "cslt_search", "planes_24", "planes_bitmask"):
+                    if f"{key}_ms" in row:
+                        cells.append(f"{key} {t_dense / row[key + '_ms']:.2f}x")
+                best_labels = " | ".join(row.get(f"planes_{kind}_best", "") for kind in ("24", "bitmask"))
+                print(f"{model:9} {name:9} N={n:5} K={k:5} M={m:4} " + " ".join(cells) + f"  [{best_labels}]",
+                      flush=True)
     with open(args.json_out, "w") as handle:
-        json.dump({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": torch.cuda.get_device_name(),
-                   "torch": torch.__version__, "triton": triton.__version__, "rows": rows}, handle, indent=1)
+        json.dump({"header": header, "rows": rows}, handle, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
-"""Sparse kernels. Every kernel has a plain PyTorch reference (used on CPU and in CI).
+"""Sparse GPU kernels. Every kernel has a plain PyTorch reference (used on CPU and in CI).
 
-Layouts come straight from the on-disk formats of :mod:`sparsewise.formats` (no conversion):
-2:4 = values [N, K/2] + 2-bit positions packed 16 per int32 word; bitmask = row-major nonzero
-values + 1 bit per element packed 32 per int32 word, plus per-tile value offsets.
+``layouts`` holds the compressed "planes" layouts and their references (pure PyTorch);
+``triton_planes`` the Triton decode/small-batch kernels over them; ``cusparselt`` the 2:4
+sparse tensor-core path for prefill-sized inputs. Dispatch between them lives in
+:mod:`sparsewise.runtime`, never here.
 """
 
-from .layouts import NM24, Bitmask, pack_24, pack_bitmask_tiles, reference_linear, unpack
+from .layouts import NM24, Bitmask, choose_width, pack_24, pack_unstructured, reference_linear, unpack
 
-__all__ = ["Bitmask", "NM24", "pack_24", "pack_bitmask_tiles", "reference_linear", "unpack"]
+__all__ = ["Bitmask", "NM24", "choose_width", "pack_24", "pack_unstructured", "reference_linear", "unpack"]

@@ -1,15 +1,21 @@
-"""Compressed weight layouts read by the GPU kernels, with their PyTorch references.
+"""Compressed weight layouts read by the GPU kernels ("planes" layouts), with PyTorch references.
 
-Both layouts reuse the bit streams of :mod:`sparsewise.formats.compressed` (LSB first), viewed
-as int32 words per output row, so a saved checkpoint loads into the runtime without repacking:
+Both layouts cut the K inputs of a [N, K] weight into groups of 4 and tiles of ``32 * width``
+inputs (``8 * width`` groups). Inside a tile, group ``j * width + w`` is described by nibble
+``j`` (bits 4j..4j+3) of int32 word ``w``: so a kernel that loads the ``width`` words of a tile
+once can walk the 8 nibble positions with constant shifts and, for each, rebuild four dense
+[rows, width] *planes* (input 0, 1, 2, 3 of each group) without any reshape or register gather.
 
-* :class:`NM24`: ``values`` [N, K/2] (the two kept entries of every group of four inputs, in
-  position order) and ``meta`` [N, K/32] int32, value j's position in its group at bits
-  ``2*(j % 16)`` of word ``j // 16``. Bytes per weight: 0.5 * itemsize + 1/8 (1.125 for fp16).
-* :class:`Bitmask`: ``values`` = all nonzeros row-major, ``bits`` [N, K/32] int32 (bit c of the
-  row = entry c kept), and ``tile_offsets`` [N, K/tile_k] int32, the index in ``values`` of the
-  first kept entry of each tile of ``tile_k`` inputs (so a kernel can start any tile without a
-  scan of the row). Bytes per weight at 50%: 0.5 * itemsize + 1/8 + 4/tile_k.
+* :class:`NM24` (2:4): nibble = pos0 | pos1 << 2 (the two kept positions, pos0 < pos1);
+  ``values`` [N, Kp/2], per (tile, j) first the ``width`` first-kept values, then the
+  ``width`` second-kept ones, so both loads are contiguous. 0.5 * itemsize + 1/8 bytes/weight.
+* :class:`Bitmask` (any sparsity): nibble = keep bits of the group's 4 inputs; ``values`` are the
+  kept entries of a row in (tile, word, nibble, input) order, so the values of one word are
+  contiguous and a kept entry's address is tile offset + kept entries of earlier words + kept
+  entries of earlier nibbles of its word + rank in its group (all popcounts, no scan over the
+  row). ``tile_offsets`` [N, T] int32. 0.5 * itemsize + 1/8 + 4/(32 * width) bytes/weight at 50%.
+
+K is padded with zero columns up to a multiple of ``32 * width`` (kernels never read x there).
 """
 
 from __future__ import annotations
@@ -20,92 +26,153 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import PatternError
-from ..formats.compressed import pack_bitmask, pack_nm
 
-WORD_BITS = 32
+NIBBLES = 8  # 4-bit fields per int32 word
+GROUP = 4
+
+
+def choose_width(cols: int, max_pad: float = 0.03) -> int:
+    """Words per tile: 16 (512-input tiles, what the tensor-core path needs) unless padding K to a
+    multiple of 512 would cost more than ``max_pad``; then the widest tile that divides K."""
+    padded = -(-cols // 512) * 512
+    if (padded - cols) / cols <= max_pad:
+        return 16
+    for width in (8, 4, 2, 1):
+        if cols % (32 * width) == 0:
+            return width
+    return 1
 
 
 @dataclass
 class NM24:
-    values: torch.Tensor  # [N, K/2]
-    meta: torch.Tensor  # [N, K/32] int32
+    values: torch.Tensor  # [N, Kp/2]
+    meta: torch.Tensor  # [N, Kp/32] int32
     shape: tuple[int, int]
+    width: int
+
+    @property
+    def padded_k(self) -> int:
+        return self.meta.shape[1] * 32
 
     @property
     def nbytes(self) -> int:
         return self.values.numel() * self.values.element_size() + self.meta.numel() * 4
 
     def to(self, device) -> NM24:
-        return NM24(self.values.to(device), self.meta.to(device), self.shape)
+        return NM24(self.values.to(device), self.meta.to(device), self.shape, self.width)
 
 
 @dataclass
 class Bitmask:
     values: torch.Tensor  # [nnz]
-    bits: torch.Tensor  # [N, K/32] int32
-    tile_offsets: torch.Tensor  # [N, K/tile_k] int32
+    meta: torch.Tensor  # [N, Kp/32] int32 keep bits
+    tile_offsets: torch.Tensor  # [N, T] int32: index in values of each (row, tile)'s first kept entry
     shape: tuple[int, int]
-    tile_k: int
+    width: int
+
+    @property
+    def padded_k(self) -> int:
+        return self.meta.shape[1] * 32
 
     @property
     def nbytes(self) -> int:
-        return (self.values.numel() * self.values.element_size() + self.bits.numel() * 4
+        return (self.values.numel() * self.values.element_size() + self.meta.numel() * 4
                 + self.tile_offsets.numel() * 4)
 
     def to(self, device) -> Bitmask:
-        return Bitmask(self.values.to(device), self.bits.to(device), self.tile_offsets.to(device), self.shape,
-                       self.tile_k)
+        return Bitmask(self.values.to(device), self.meta.to(device), self.tile_offsets.to(device), self.shape,
+                       self.width)
 
 
-def _as_words(packed_bytes: torch.Tensor, rows: int) -> torch.Tensor:
-    # The bit streams are little-endian bytes; four of them are one int32 word on every GPU/CPU we run on.
-    return packed_bytes.contiguous().view(torch.int32).view(rows, -1)
+def _padded(weight: torch.Tensor, width: int) -> torch.Tensor:
+    cols = weight.shape[1]
+    padded = -(-cols // (32 * width)) * (32 * width)
+    return F.pad(weight, (0, padded - cols)) if padded != cols else weight
 
 
-def pack_24(weight: torch.Tensor) -> NM24:
-    """2:4 layout of a [N, K] weight whose every group of 4 inputs holds at most 2 nonzeros."""
+def _words(nibbles: torch.Tensor) -> torch.Tensor:
+    """[N, T, 8, W] nibbles -> [N, T*W] int32 words, nibble j of word (t, w) = nibbles[:, t, j, w]."""
+    rows = nibbles.shape[0]
+    shifts = 4 * torch.arange(NIBBLES, device=nibbles.device, dtype=torch.int64).view(1, 1, NIBBLES, 1)
+    words = (nibbles.to(torch.int64) << shifts).sum(2)  # [N, T, W], < 2^32
+    words = torch.where(words >= 2**31, words - 2**32, words)  # same 32 bits, as int32
+    return words.to(torch.int32).reshape(rows, -1)
+
+
+def _nibbles(meta: torch.Tensor, width: int) -> torch.Tensor:
+    """Inverse of :func:`_words`: [N, T*W] int32 -> [N, T, 8, W] int64 nibbles."""
+    rows = meta.shape[0]
+    words = meta.to(torch.int64).reshape(rows, -1, 1, width)
+    shifts = 4 * torch.arange(NIBBLES, device=meta.device, dtype=torch.int64).view(1, 1, NIBBLES, 1)
+    return (words >> shifts) & 15
+
+
+def _check_2d(weight: torch.Tensor) -> None:
+    if weight.dim() != 2:
+        raise PatternError(f"kernel layouts take a 2-D [out, in] weight, got shape {tuple(weight.shape)}.")
+    if not torch.isfinite(weight).all():
+        raise PatternError("the weight holds NaN or Inf values; fix the model before compressing it.")
+
+
+def pack_24(weight: torch.Tensor, width: int | None = None) -> NM24:
+    """2:4 planes layout of a [N, K] weight whose every group of 4 inputs holds at most 2 nonzeros."""
+    _check_2d(weight)
     rows, cols = weight.shape
-    if cols % WORD_BITS:
-        raise PatternError(f"the 2:4 kernel layout needs K divisible by 32, got K={cols}; keep this layer dense.")
-    values, indices = pack_nm(weight, 2, 4)
-    return NM24(values.contiguous(), _as_words(indices, rows), (rows, cols))
+    if cols % GROUP:
+        raise PatternError(f"2:4 needs the input dimension divisible by 4, got K={cols}; keep this layer dense.")
+    width = width or choose_width(cols)
+    groups = _padded(weight, width).reshape(rows, -1, GROUP)
+    nonzero = groups != 0
+    if int(nonzero.sum(-1).max()) > 2:
+        raise PatternError("the weight is not 2:4 sparse (a group of 4 inputs holds more than 2 nonzeros); "
+                           "prune it with pattern '2:4' first, or use the bitmask layout.")
+    # Kept positions in increasing order; under-full groups take the first free positions, so pos0 < pos1.
+    rank = nonzero.to(torch.int32) * 4 + torch.arange(GROUP, 0, -1, device=weight.device, dtype=torch.int32)
+    positions = rank.topk(2, dim=-1).indices.sort(-1).values  # [N, G, 2]
+    values = groups.gather(-1, positions)  # [N, G, 2]
+    tiles = values.shape[1] // (NIBBLES * width)
+    planar = values.reshape(rows, tiles, NIBBLES, width, 2).permute(0, 1, 2, 4, 3).reshape(rows, -1)
+    nibbles = (positions[..., 0] | positions[..., 1] << 2).reshape(rows, tiles, NIBBLES, width)
+    return NM24(planar.contiguous(), _words(nibbles), (rows, cols), width)
 
 
-def pack_bitmask_tiles(weight: torch.Tensor, tile_k: int | None = None) -> Bitmask:
-    """Bitmask layout of any sparse [N, K] weight, with value offsets every ``tile_k`` inputs.
-
-    ``tile_k`` defaults to 128 when it divides K, else 64 (e.g. K = 576).
-    """
+def pack_unstructured(weight: torch.Tensor, width: int | None = None) -> Bitmask:
+    """Bitmask planes layout of any sparse [N, K] weight."""
+    _check_2d(weight)
     rows, cols = weight.shape
-    if tile_k is None:
-        tile_k = 128 if cols % 128 == 0 else 64
-    if cols % tile_k or tile_k % WORD_BITS:
-        raise PatternError(f"the bitmask kernel layout needs K divisible by tile_k={tile_k} (a multiple of 32), "
-                           f"got K={cols}; keep this layer dense.")
-    values, bitmask, _ = pack_bitmask(weight)
-    kept = (weight != 0).reshape(rows, cols // tile_k, tile_k).sum(-1).reshape(-1)
-    starts = torch.cumsum(kept, 0) - kept  # exclusive prefix over tiles in row-major order
-    if values.numel() >= 2**31:
-        raise PatternError("more than 2^31 nonzeros in one layer: the bitmask kernel layout indexes with int32.")
-    return Bitmask(values.contiguous(), _as_words(bitmask, rows), starts.to(torch.int32).view(rows, -1),
-                   (rows, cols), tile_k)
+    width = width or choose_width(cols)
+    padded = _padded(weight, width)
+    tiles = padded.shape[1] // (32 * width)
+    # (tile, j, w, input) -> (tile, w, j, input): the values of one word become contiguous
+    ordered = padded.reshape(rows, tiles, NIBBLES, width, GROUP).permute(0, 1, 3, 2, 4).contiguous()
+    keep = ordered != 0
+    if keep.sum() >= 2**31:
+        raise PatternError("more than 2^31 nonzeros in one layer: the bitmask layout indexes with int32.")
+    values = ordered[keep]
+    per_tile = keep.reshape(rows * tiles, -1).sum(-1)
+    offsets = (torch.cumsum(per_tile, 0) - per_tile).to(torch.int32).reshape(rows, tiles)
+    bit = 1 << torch.arange(GROUP, device=weight.device)
+    nibbles = (keep.long() * bit).sum(-1).permute(0, 1, 3, 2)  # [N, T, 8, W]
+    return Bitmask(values.contiguous(), _words(nibbles), offsets, (rows, cols), width)
 
 
 def unpack(layout: NM24 | Bitmask) -> torch.Tensor:
     """The dense [N, K] weight a layout holds (pure PyTorch, any device)."""
     rows, cols = layout.shape
+    width = layout.width
+    nibbles = _nibbles(layout.meta, width)  # [N, T, 8, W]
+    tiles = nibbles.shape[1]
     if isinstance(layout, NM24):
-        shifts = torch.arange(0, WORD_BITS, 2, device=layout.meta.device, dtype=torch.int32)
-        positions = ((layout.meta.unsqueeze(-1) >> shifts) & 3).reshape(rows, cols // 2).long()
-        columns = positions + 4 * (torch.arange(cols // 2, device=positions.device) // 2)
-        dense = torch.zeros(rows, cols, dtype=layout.values.dtype, device=layout.values.device)
-        # scatter_add, not scatter: a group padded with two zero values may name one position twice
-        return dense.scatter_add_(1, columns, layout.values)
-    shifts = torch.arange(WORD_BITS, device=layout.bits.device, dtype=torch.int32)
-    kept = ((layout.bits.unsqueeze(-1) >> shifts) & 1).reshape(rows, cols).bool()
-    dense = torch.zeros(rows, cols, dtype=layout.values.dtype, device=layout.values.device)
-    dense[kept] = layout.values
-    return dense
+        values = layout.values.reshape(rows, tiles, NIBBLES, 2, width).permute(0, 1, 2, 4, 3)  # [N,T,8,W,2]
+        positions = torch.stack([nibbles & 3, nibbles >> 2], dim=-1)
+        dense = torch.zeros(rows, tiles, NIBBLES, width, GROUP, dtype=values.dtype, device=values.device)
+        dense.scatter_(-1, positions, values)
+        return dense.reshape(rows, -1)[:, :cols]
+    bit = 1 << torch.arange(GROUP, device=nibbles.device)
+    keep = (nibbles.permute(0, 1, 3, 2).unsqueeze(-1) & bit) != 0  # [N, T, W, 8, 4]
+    ordered = torch.zeros(keep.shape, dtype=layout.values.dtype, device=layout.values.device)
+    ordered[keep] = layout.values
+    return ordered.permute(0, 1, 3, 2, 4).reshape(rows, -1)[:, :cols]
 
 
 def reference_linear(x: torch.Tensor, layout: NM24 | Bitmask, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,0 +1,251 @@
+"""2:4 sparse tensor-core GEMM through cuSPARSELt, with the plan built once per shape.
+
+PyTorch's ``torch._cslt_sparse_mm`` (what ``to_sparse_semi_structured`` calls) initialises the
+descriptors and the matmul plan inside every call: 0.5-1 ms of host work per call on an H200,
+which makes the 2:4 path slower than dense for every M below a few thousand (measured in
+benchmarks/probes/semistructured_overhead.py). Here the same library is called through ctypes
+with the descriptors, plan and workspace kept per (weight, M) so a call is one
+``cusparseLtMatmul`` launch. The compressed operand is PyTorch's own (``torch._cslt_compress``,
+same descriptor), so the two paths are interchangeable and testable against each other.
+
+y[M, N] = x[M, K] @ W[N, K]^T is computed as D = A @ op(B): A = W (structured, row-major),
+B = x (row-major [M, K], op = transpose), D = y^T described column-major [N, M] (= y row-major).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import glob
+import os
+from collections import OrderedDict
+
+import torch
+
+# ABI values from cusparseLt.h / library_types.h / cusparse.h (stable since cuSPARSELt 0.5).
+_CUDA_R_16F, _CUDA_R_16BF = 2, 14
+_ORDER_COL, _ORDER_ROW = 1, 2
+_OP_N, _OP_T = 0, 1
+_SPARSITY_50 = 0
+_COMPUTE_32F = 2
+_ALG_DEFAULT = 0
+_ALG_CONFIG_ID = 0
+_OPAQUE = 1024  # every cuSPARSELt handle/descriptor/plan is a 1024-byte opaque struct
+_PLANS_PER_WEIGHT = 32
+
+_lib = None
+
+
+class CusparseLtError(RuntimeError):
+    pass
+
+
+def _opaque():
+    return (ctypes.c_uint8 * _OPAQUE)()
+
+
+def _load_library():
+    global _lib
+    if _lib is not None:
+        return _lib
+    candidates = []
+    try:
+        import nvidia.cusparselt as pkg  # the wheel PyTorch's CUDA builds depend on
+
+        candidates += glob.glob(os.path.join(list(pkg.__path__)[0], "lib", "libcusparseLt.so*"))
+    except ImportError:
+        pass
+    candidates += glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libcusparseLt.so*"))
+    found = ctypes.util.find_library("cusparseLt")
+    if found:
+        candidates.append(found)
+    candidates.append("libcusparseLt.so.0")
+    errors = []
+    for path in candidates:
+        try:
+            _lib = ctypes.CDLL(path)
+            break
+        except OSError as exc:
+            errors.append(f"{path}: {exc}")
+    else:
+        raise CusparseLtError("cuSPARSELt library not found (tried: " + "; ".join(errors) + "); install "
+                              "PyTorch's CUDA build, which ships it, or use the dense/Triton backends.")
+    for name in ("cusparseLtInit", "cusparseLtStructuredDescriptorInit", "cusparseLtDenseDescriptorInit",
+                 "cusparseLtMatmulDescriptorInit", "cusparseLtMatmulAlgSelectionInit", "cusparseLtMatmulAlgSetAttribute",
+                 "cusparseLtMatmulAlgGetAttribute", "cusparseLtMatmulPlanInit", "cusparseLtMatmulGetWorkspace",
+                 "cusparseLtMatmul", "cusparseLtMatmulSearch", "cusparseLtMatmulPlanDestroy",
+                 "cusparseLtMatDescriptorDestroy", "cusparseLtMatmulAlgSelectionDestroy"):
+        getattr(_lib, name).restype = ctypes.c_int
+    _lib.cusparseLtStructuredDescriptorInit.argtypes = [
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint32,
+        ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    _lib.cusparseLtDenseDescriptorInit.argtypes = [
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint32,
+        ctypes.c_int, ctypes.c_int]
+    _lib.cusparseLtMatmulDescriptorInit.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                                    ctypes.c_void_p, ctypes.c_int]
+    _lib.cusparseLtMatmulAlgSelectionInit.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    _lib.cusparseLtMatmulAlgSetAttribute.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                                                     ctypes.c_size_t]
+    _lib.cusparseLtMatmulAlgGetAttribute.argtypes = _lib.cusparseLtMatmulAlgSetAttribute.argtypes
+    _lib.cusparseLtMatmulPlanInit.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    _lib.cusparseLtMatmulGetWorkspace.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t)]
+    matmul_args = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32]
+    _lib.cusparseLtMatmul.argtypes = matmul_args
+    _lib.cusparseLtMatmulSearch.argtypes = matmul_args
+    return _lib
+
+
+def _check(status: int, what: str) -> None:
+    if status != 0:
+        raise CusparseLtError(f"cuSPARSELt {what} failed with status {status}")
+
+
+_handle = None
+
+
+def _get_handle():
+    global _handle
+    if _handle is None:
+        lib = _load_library()
+        handle = _opaque()
+        _check(lib.cusparseLtInit(ctypes.byref(handle)), "init")
+        _handle = handle
+    return _handle
+
+
+def available() -> bool:
+    """cuSPARSELt usable here: a CUDA device of compute capability >= 8.0 and the library loads."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8:
+        return False
+    try:
+        _get_handle()
+    except (CusparseLtError, OSError, AttributeError):
+        return False
+    return True
+
+
+class _Plan:
+    """Descriptors + plan + workspace for one (weight, M); destroyed with the object."""
+
+    def __init__(self, owner: CsltLinear, m: int, alg_id: int):
+        lib, handle = _load_library(), _get_handle()
+        n, k = owner.shape
+        dtype = owner.cuda_dtype
+        self.lib, self.handle = lib, handle
+        self.sparse, self.dense, self.result = _opaque(), _opaque(), _opaque()
+        self.matmul, self.selection, self.plan = _opaque(), _opaque(), _opaque()
+        h = ctypes.byref(handle)
+        _check(lib.cusparseLtStructuredDescriptorInit(h, ctypes.byref(self.sparse), n, k, k, 16, dtype, _ORDER_ROW,
+                                                      _SPARSITY_50), "structured descriptor")
+        _check(lib.cusparseLtDenseDescriptorInit(h, ctypes.byref(self.dense), m, k, k, 16, dtype, _ORDER_ROW),
+               "dense descriptor")
+        _check(lib.cusparseLtDenseDescriptorInit(h, ctypes.byref(self.result), n, m, n, 16, dtype, _ORDER_COL),
+               "result descriptor")
+        _check(lib.cusparseLtMatmulDescriptorInit(h, ctypes.byref(self.matmul), _OP_N, _OP_T, ctypes.byref(self.sparse),
+                                                  ctypes.byref(self.dense), ctypes.byref(self.result),
+                                                  ctypes.byref(self.result), _COMPUTE_32F), "matmul descriptor")
+        _check(lib.cusparseLtMatmulAlgSelectionInit(h, ctypes.byref(self.selection), ctypes.byref(self.matmul),
+                                                    _ALG_DEFAULT), "algorithm selection")
+        alg = ctypes.c_int(alg_id)
+        _check(lib.cusparseLtMatmulAlgSetAttribute(h, ctypes.byref(self.selection), _ALG_CONFIG_ID, ctypes.byref(alg),
+                                                   ctypes.sizeof(alg)), "algorithm id")
+        _check(lib.cusparseLtMatmulPlanInit(h, ctypes.byref(self.plan), ctypes.byref(self.matmul),
+                                            ctypes.byref(self.selection)), "plan")
+        size = ctypes.c_size_t(0)
+        _check(lib.cusparseLtMatmulGetWorkspace(h, ctypes.byref(self.plan), ctypes.byref(size)), "workspace size")
+        self.workspace = torch.empty(max(int(size.value), 1), dtype=torch.uint8, device=owner.device)
+        self.alpha, self.beta = ctypes.c_float(1.0), ctypes.c_float(0.0)
+
+    def run(self, weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, search: bool = False) -> None:
+        stream = ctypes.c_void_p(torch.cuda.current_stream(x.device).cuda_stream)
+        call = self.lib.cusparseLtMatmulSearch if search else self.lib.cusparseLtMatmul
+        _check(call(ctypes.byref(self.handle), ctypes.byref(self.plan), ctypes.byref(self.alpha), weight.data_ptr(),
+                    x.data_ptr(), ctypes.byref(self.beta), out.data_ptr(), out.data_ptr(), self.workspace.data_ptr(),
+                    ctypes.byref(stream), 1), "matmul search" if search else "matmul")
+
+    def alg_id(self) -> int:
+        alg = ctypes.c_int(0)
+        _check(self.lib.cusparseLtMatmulAlgGetAttribute(ctypes.byref(self.handle), ctypes.byref(self.selection),
+                                                        _ALG_CONFIG_ID, ctypes.byref(alg), ctypes.sizeof(alg)),
+               "read algorithm id")
+        return alg.value
+
+    def __del__(self):
+        try:
+            h = ctypes.byref(self.handle)
+            self.lib.cusparseLtMatmulPlanDestroy(ctypes.byref(self.plan))
+            self.lib.cusparseLtMatmulAlgSelectionDestroy(ctypes.byref(self.selection))
+            for descriptor in (self.sparse, self.dense, self.result):
+                self.lib.cusparseLtMatDescriptorDestroy(ctypes.byref(descriptor))
+            del h
+        except Exception:  # noqa: BLE001 - interpreter shutdown: the library may be gone already
+            pass
+
+
+class CsltLinear:
+    """A 2:4 fp16/bf16 weight compressed for cuSPARSELt, callable as y = x W^T (+ bias).
+
+    Plans are cached per M (LRU, 32 per weight); ``alg_ids`` maps M to the algorithm id to use
+    (from :meth:`search`, or 0).
+    """
+
+    def __init__(self, weight: torch.Tensor):
+        if weight.dtype not in (torch.float16, torch.bfloat16) or weight.device.type != "cuda":
+            raise ValueError("cuSPARSELt 2:4 needs a float16/bfloat16 weight on a CUDA device.")
+        n, k = weight.shape
+        if n % 16 or k % 16:
+            raise ValueError(f"cuSPARSELt needs both weight dims divisible by 16, got {tuple(weight.shape)}.")
+        self.shape = (n, k)
+        self.dtype = weight.dtype
+        self.device = weight.device
+        self.cuda_dtype = _CUDA_R_16F if weight.dtype == torch.float16 else _CUDA_R_16BF
+        self.compressed = torch._cslt_compress(weight.contiguous())
+        self.alg_ids: dict[int, int] = {}
+        self._plans: OrderedDict[int, _Plan] = OrderedDict()
+
+    @property
+    def nbytes(self) -> int:
+        return self.compressed.numel() * self.compressed.element_size()
+
+    def _plan(self, m: int) -> _Plan:
+        plan = self._plans.get(m)
+        if plan is None:
+            plan = _Plan(self, m, self.alg_ids.get(m, 0))
+            self._plans[m] = plan
+            if len(self._plans) > _PLANS_PER_WEIGHT:
+                self._plans.popitem(last=False)
+        else:
+            self._plans.move_to_end(m)
+        return plan
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        n, k = self.shape
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, k)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        m = x2.shape[0]
+        padded = -(-m // 16) * 16  # the dense operand's rows in multiples of 16
+        if padded != m:
+            x2 = torch.nn.functional.pad(x2, (0, 0, 0, padded - m))
+        out = torch.empty(padded, n, dtype=self.dtype, device=self.device)
+        self._plan(padded).run(self.compressed, x2, out)
+        if padded != m:
+            out = out[:m]
+        if bias is not None:
+            out = out + bias
+        return out.reshape(*lead, n)
+
+    def search(self, m: int) -> int:
+        """Let cuSPARSELt time its algorithms for M rows; keep and return the fastest id."""
+        padded = -(-m // 16) * 16
+        x = torch.randn(padded, self.shape[1], dtype=self.dtype, device=self.device)
+        out = torch.empty(padded, self.shape[0], dtype=self.dtype, device=self.device)
+        plan = _Plan(self, padded, 0)
+        plan.run(self.compressed, x, out, search=True)
+        self.alg_ids[padded] = plan.alg_id()
+        self._plans.pop(padded, None)
+        return self.alg_ids[padded]

@@ -1,0 +1,193 @@
+"""Triton kernels over the planes layouts (decode and small-batch shapes, M <= 64).
+
+Per tile of ``32 * W`` inputs a program loads its rows' W meta words once; for each of the 8
+nibble positions it rebuilds four dense [BLOCK_N, W] weight planes (input 0..3 of W groups) in
+registers, then consumes them either with CUDA-core FMAs against the matching x columns
+(M <= ~4: out[m, n] += sum_c plane_c[n, w] * x[m, 4 g_w + c]) or with four tensor-core dots
+(plane_c @ x_c^T, for M from ~4 to 64). Only compressed bytes come from memory:
+2:4 planes = two contiguous value loads + a nibble select (i0 < i1 so at most 2 selects per
+plane); bitmask planes = four masked loads at popcount-derived addresses (no scan, no gather
+of x). When the rows alone are too few programs for the GPU, K is split over programs and the
+fp32 partial sums are added afterwards (deterministic, no atomics).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+from .layouts import NM24, Bitmask
+
+MAX_M = 64
+# Triton's CPU interpreter (tests without a GPU) has no libdevice: popcount by bit arithmetic there.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _popcount(words, PORTABLE: tl.constexpr):
+    if PORTABLE:
+        bits = words.to(tl.uint32, bitcast=True)
+        bits = bits - ((bits >> 1) & 0x55555555)
+        bits = (bits & 0x33333333) + ((bits >> 2) & 0x33333333)
+        bits = (bits + (bits >> 4)) & 0x0F0F0F0F
+        return ((bits * 0x01010101) >> 24).to(tl.int32)
+    else:
+        return libdevice.popc(words)
+
+
+def _configs():
+    # Few on purpose: every config compiles on the first call of each (shape, M bucket).
+    return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bn, w, s in ((16, 4, 2), (32, 4, 2), (32, 8, 2), (64, 8, 2), (32, 4, 3), (64, 4, 3))]
+
+
+@triton.jit
+def _planes_kernel(x_ptr, values_ptr, meta_ptr, offsets_ptr, bias_ptr, out_ptr,
+                   M, N, K, tiles, stride_xm, stride_os, stride_om, TILES_PER_SPLIT: tl.constexpr,
+                   BITMASK: tl.constexpr, W: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                   USE_DOT: tl.constexpr, SPLIT_K: tl.constexpr, PORTABLE_POPCOUNT: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    rows64 = rows.to(tl.int64)
+    ws = tl.arange(0, W)
+    ms = tl.arange(0, BLOCK_M)
+    m_ok = ms < M
+    meta_rows = meta_ptr + rows64[:, None] * (tiles * W)
+    values_rows = values_ptr + rows64[:, None] * (tiles * 16 * W)  # 2:4 only: K/2 values per row
+    if USE_DOT:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N, W), dtype=tl.float32)
+    t_start = pid_k * TILES_PER_SPLIT
+    for step in range(TILES_PER_SPLIT):
+        t = t_start + step
+        words = tl.load(meta_rows + t * W + ws[None, :], mask=row_ok[:, None], other=0)
+        if BITMASK:
+            counts = _popcount(words, PORTABLE_POPCOUNT)
+            tile_start = tl.load(offsets_ptr + rows64 * tiles + t, mask=row_ok, other=0)
+            word_start = tile_start[:, None] + tl.cumsum(counts, axis=1) - counts
+        for j in tl.static_range(8):
+            nib = (words >> (4 * j)) & 15
+            if BITMASK:
+                if j == 0:
+                    start = word_start
+                else:
+                    start = word_start + _popcount(words & ((1 << (4 * j)) - 1), PORTABLE_POPCOUNT)
+                b0 = nib & 1
+                b1 = (nib >> 1) & 1
+                b2 = (nib >> 2) & 1
+                b3 = nib >> 3
+                first = values_ptr + start
+                w0 = tl.load(first, mask=b0 != 0, other=0.0)
+                w1 = tl.load(first + b0, mask=b1 != 0, other=0.0)
+                w2 = tl.load(first + b0 + b1, mask=b2 != 0, other=0.0)
+                w3 = tl.load(first + b0 + b1 + b2, mask=b3 != 0, other=0.0)
+            else:
+                pair = values_rows + t * 16 * W + j * 2 * W + ws[None, :]
+                v0 = tl.load(pair, mask=row_ok[:, None], other=0.0)
+                v1 = tl.load(pair + W, mask=row_ok[:, None], other=0.0)
+                i0 = nib & 3
+                i1 = nib >> 2
+                zero = tl.zeros_like(v0)
+                w0 = tl.where(i0 == 0, v0, zero)
+                w1 = tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, zero))
+                w2 = tl.where(i0 == 2, v0, tl.where(i1 == 2, v1, zero))
+                w3 = tl.where(i1 == 3, v1, zero)
+            cols = 4 * (t * 8 * W + j * W + ws)
+            col_ok = cols < K
+            if USE_DOT:
+                xp = x_ptr + ms[None, :] * stride_xm + cols[:, None]
+                xm = m_ok[None, :] & col_ok[:, None]
+                acc = tl.dot(w0, tl.load(xp, mask=xm, other=0.0), acc)
+                acc = tl.dot(w1, tl.load(xp + 1, mask=xm, other=0.0), acc)
+                acc = tl.dot(w2, tl.load(xp + 2, mask=xm, other=0.0), acc)
+                acc = tl.dot(w3, tl.load(xp + 3, mask=xm, other=0.0), acc)
+            else:
+                xp = x_ptr + ms[:, None] * stride_xm + cols[None, :]
+                xm = m_ok[:, None] & col_ok[None, :]
+                x0 = tl.load(xp, mask=xm, other=0.0).to(tl.float32)
+                x1 = tl.load(xp + 1, mask=xm, other=0.0).to(tl.float32)
+                x2 = tl.load(xp + 2, mask=xm, other=0.0).to(tl.float32)
+                x3 = tl.load(xp + 3, mask=xm, other=0.0).to(tl.float32)
+                acc += (w0.to(tl.float32)[None, :, :] * x0[:, None, :] + w1.to(tl.float32)[None, :, :] * x1[:, None, :]
+                        + w2.to(tl.float32)[None, :, :] * x2[:, None, :]
+                        + w3.to(tl.float32)[None, :, :] * x3[:, None, :])
+    if USE_DOT:
+        result = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
+    else:
+        result = tl.sum(acc, axis=2)
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            result += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + pid_k * stride_os + ms[:, None] * stride_om + rows[None, :]
+    tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & row_ok[None, :])
+
+
+_planes_autotuned = triton.autotune(configs=_configs(), key=["N", "tiles", "BLOCK_M", "SPLIT_K", "USE_DOT", "BITMASK"])(
+    _planes_kernel)
+
+
+def default_use_dot(m: int, layout: NM24 | Bitmask) -> bool:
+    """Tensor-core planes from 5 rows up (a guess the runtime's measured dispatch overrides)."""
+    return m > 4 and layout.width >= 16
+
+
+def linear(x: torch.Tensor, layout: NM24 | Bitmask, bias: torch.Tensor | None = None, *, split_k: int = 1,
+           use_dot: bool | None = None, config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """y = x W^T + b for a planes-compressed W; x [..., K] with at most 64 rows.
+
+    ``config`` = (BLOCK_N, num_warps, num_stages) pins the launch (no autotuning, e.g. inside a
+    CUDA-graph capture or under TRITON_INTERPRET); by default the first call of each shape tunes.
+    """
+    n, k = layout.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if m > MAX_M:
+        raise ValueError(f"the planes kernel serves M <= {MAX_M} rows, got {m}; use the dense or cuSPARSELt path.")
+    if use_dot is None:
+        use_dot = default_use_dot(m, layout)
+    if use_dot and layout.width < 16:
+        raise ValueError(f"the tensor-core planes path needs width 16 (512-input tiles); this layout has "
+                         f"width {layout.width}.")
+    block_m = max(16 if use_dot else 1, triton.next_power_of_2(m))
+    width = layout.width
+    tiles = layout.meta.shape[1] // width
+    # splits of equal whole tiles: the largest divisor of the tile count not above the request
+    split_k = max(d for d in range(1, max(1, min(split_k, tiles)) + 1) if tiles % d == 0)
+    per_split = tiles // split_k
+    if split_k == 1:
+        out = torch.empty(1, m, n, device=x.device, dtype=x.dtype)
+    else:
+        out = torch.empty(split_k, m, n, device=x.device, dtype=torch.float32)
+    bitmask = isinstance(layout, Bitmask)
+    offsets = layout.tile_offsets if bitmask else layout.meta  # unused pointer for 2:4
+
+    def grid(meta):
+        return (triton.cdiv(n, meta["BLOCK_N"]), split_k)
+
+    if config is None:
+        kernel, launch = _planes_autotuned, {}
+    else:
+        kernel = _planes_kernel
+        launch = {"BLOCK_N": config[0], "num_warps": config[1], "num_stages": config[2]}
+    kernel[grid](x2, layout.values, layout.meta, offsets, bias if bias is not None else x2, out,
+                         m, n, k, tiles, x2.stride(0), out.stride(0), out.stride(1), TILES_PER_SPLIT=per_split,
+                         BITMASK=bitmask, W=width, HAS_BIAS=bias is not None and split_k == 1, BLOCK_M=block_m,
+                         USE_DOT=use_dot, SPLIT_K=split_k, PORTABLE_POPCOUNT=_INTERPRETED, **launch)
+    if split_k == 1:
+        result = out[0]
+    else:
+        result = out.sum(0)
+        if bias is not None:
+            result += bias
+        result = result.to(x.dtype)
+    return result.reshape(*lead, n)
