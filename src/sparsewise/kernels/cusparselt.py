@@ -72,8 +72,8 @@ def _load_library():
                               "PyTorch's CUDA build, which ships it, or use the dense/Triton backends.")
     for name in ("cusparseLtInit", "cusparseLtStructuredDescriptorInit", "cusparseLtDenseDescriptorInit",
                  "cusparseLtMatmulDescriptorInit", "cusparseLtMatmulAlgSelectionInit", "cusparseLtMatmulAlgSetAttribute",
-                 "cusparseLtMatmulAlgGetAttribute", "cusparseLtMatmulPlanInit", "cusparseLtMatmulGetWorkspace",
-                 "cusparseLtMatmul", "cusparseLtMatmulSearch", "cusparseLtMatmulPlanDestroy",
+"cusparseLtMatmulPlanInit", "cusparseLtMatmulGetWorkspace",
+                 "cusparseLtMatmul", "cusparseLtMatmulPlanDestroy",
                  "cusparseLtMatDescriptorDestroy", "cusparseLtMatmulAlgSelectionDestroy"):
         getattr(_lib, name).restype = ctypes.c_int
     _lib.cusparseLtStructuredDescriptorInit.argtypes = [
@@ -88,13 +88,11 @@ def _load_library():
     _lib.cusparseLtMatmulAlgSelectionInit.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     _lib.cusparseLtMatmulAlgSetAttribute.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
                                                      ctypes.c_size_t]
-    _lib.cusparseLtMatmulAlgGetAttribute.argtypes = _lib.cusparseLtMatmulAlgSetAttribute.argtypes
     _lib.cusparseLtMatmulPlanInit.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     _lib.cusparseLtMatmulGetWorkspace.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t)]
     matmul_args = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32]
     _lib.cusparseLtMatmul.argtypes = matmul_args
-    _lib.cusparseLtMatmulSearch.argtypes = matmul_args
     return _lib
 
 
@@ -159,19 +157,11 @@ class _Plan:
         self.workspace = torch.empty(max(int(size.value), 1), dtype=torch.uint8, device=owner.device)
         self.alpha, self.beta = ctypes.c_float(1.0), ctypes.c_float(0.0)
 
-    def run(self, weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, search: bool = False) -> None:
+    def run(self, weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> None:
         stream = ctypes.c_void_p(torch.cuda.current_stream(x.device).cuda_stream)
-        call = self.lib.cusparseLtMatmulSearch if search else self.lib.cusparseLtMatmul
-        _check(call(ctypes.byref(self.handle), ctypes.byref(self.plan), ctypes.byref(self.alpha), weight.data_ptr(),
+        _check(self.lib.cusparseLtMatmul(ctypes.byref(self.handle), ctypes.byref(self.plan), ctypes.byref(self.alpha), weight.data_ptr(),
                     x.data_ptr(), ctypes.byref(self.beta), out.data_ptr(), out.data_ptr(), self.workspace.data_ptr(),
-                    ctypes.byref(stream), 1), "matmul search" if search else "matmul")
-
-    def alg_id(self) -> int:
-        alg = ctypes.c_int(0)
-        _check(self.lib.cusparseLtMatmulAlgGetAttribute(ctypes.byref(self.handle), ctypes.byref(self.selection),
-                                                        _ALG_CONFIG_ID, ctypes.byref(alg), ctypes.sizeof(alg)),
-               "read algorithm id")
-        return alg.value
+                    ctypes.byref(stream), 1), "matmul")
 
     def __del__(self):
         try:
@@ -240,12 +230,11 @@ class CsltLinear:
         return out.reshape(*lead, n)
 
     def search(self, m: int) -> int:
-        """Let cuSPARSELt time its algorithms for M rows; keep and return the fastest id."""
+        """Let cuSPARSELt time its algorithms for M rows (through PyTorch's search, same descriptors);
+        keep and return the fastest algorithm id."""
         padded = -(-m // 16) * 16
         x = torch.randn(padded, self.shape[1], dtype=self.dtype, device=self.device)
-        out = torch.empty(padded, self.shape[0], dtype=self.dtype, device=self.device)
-        plan = _Plan(self, padded, 0)
-        plan.run(self.compressed, x, out, search=True)
-        self.alg_ids[padded] = plan.alg_id()
+        alg = int(torch._cslt_sparse_mm_search(self.compressed, x.t(), transpose_result=True))
+        self.alg_ids[padded] = alg
         self._plans.pop(padded, None)
-        return self.alg_ids[padded]
+        return alg

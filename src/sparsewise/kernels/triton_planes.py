@@ -63,7 +63,13 @@ def _planes_kernel(x_ptr, values_ptr, meta_ptr, offsets_ptr, bias_ptr, out_ptr,
     if USE_DOT:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N, W), dtype=tl.float32)
+        # one [BLOCK_N, 4W] accumulator per activation row (BLOCK_M <= 4): 2-D tensors only, so the
+        # weight tile and x share one layout and nothing is shuffled between layouts in the loop
+        acc0 = tl.zeros((BLOCK_N, 4 * W), dtype=tl.float32)
+        acc1 = tl.zeros((BLOCK_N, 4 * W), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_N, 4 * W), dtype=tl.float32)
+        acc3 = tl.zeros((BLOCK_N, 4 * W), dtype=tl.float32)
+    ks = tl.arange(0, 4 * W)
     t_start = pid_k * TILES_PER_SPLIT
     for step in range(TILES_PER_SPLIT):
         t = t_start + step
@@ -99,29 +105,34 @@ def _planes_kernel(x_ptr, values_ptr, meta_ptr, offsets_ptr, bias_ptr, out_ptr,
                 w1 = tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, zero))
                 w2 = tl.where(i0 == 2, v0, tl.where(i1 == 2, v1, zero))
                 w3 = tl.where(i1 == 3, v1, zero)
-            cols = 4 * (t * 8 * W + j * W + ws)
+            # planes -> the dense [BLOCK_N, 4W] tile in input order (4w + c), by register joins
+            tile = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK_N, 4 * W))
+            cols = 4 * (t * 8 * W + j * W) + ks
             col_ok = cols < K
             if USE_DOT:
-                xp = x_ptr + ms[None, :] * stride_xm + cols[:, None]
-                xm = m_ok[None, :] & col_ok[:, None]
-                acc = tl.dot(w0, tl.load(xp, mask=xm, other=0.0), acc)
-                acc = tl.dot(w1, tl.load(xp + 1, mask=xm, other=0.0), acc)
-                acc = tl.dot(w2, tl.load(xp + 2, mask=xm, other=0.0), acc)
-                acc = tl.dot(w3, tl.load(xp + 3, mask=xm, other=0.0), acc)
+                xt = tl.load(x_ptr + ms[None, :] * stride_xm + cols[:, None], mask=m_ok[None, :] & col_ok[:, None],
+                             other=0.0)
+                acc = tl.dot(tile, xt, acc)
             else:
-                xp = x_ptr + ms[:, None] * stride_xm + cols[None, :]
-                xm = m_ok[:, None] & col_ok[None, :]
-                x0 = tl.load(xp, mask=xm, other=0.0).to(tl.float32)
-                x1 = tl.load(xp + 1, mask=xm, other=0.0).to(tl.float32)
-                x2 = tl.load(xp + 2, mask=xm, other=0.0).to(tl.float32)
-                x3 = tl.load(xp + 3, mask=xm, other=0.0).to(tl.float32)
-                acc += (w0.to(tl.float32)[None, :, :] * x0[:, None, :] + w1.to(tl.float32)[None, :, :] * x1[:, None, :]
-                        + w2.to(tl.float32)[None, :, :] * x2[:, None, :]
-                        + w3.to(tl.float32)[None, :, :] * x3[:, None, :])
+                wf = tile.to(tl.float32)
+                acc0 += wf * tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+                if BLOCK_M > 1:
+                    acc1 += wf * tl.load(x_ptr + stride_xm + cols, mask=col_ok & (M > 1), other=0.0).to(tl.float32)[None, :]
+                if BLOCK_M > 2:
+                    acc2 += wf * tl.load(x_ptr + 2 * stride_xm + cols, mask=col_ok & (M > 2),
+                                         other=0.0).to(tl.float32)[None, :]
+                    acc3 += wf * tl.load(x_ptr + 3 * stride_xm + cols, mask=col_ok & (M > 3),
+                                         other=0.0).to(tl.float32)[None, :]
     if USE_DOT:
         result = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
     else:
-        result = tl.sum(acc, axis=2)
+        sums = tl.sum(acc0, axis=1)[None, :]
+        if BLOCK_M > 1:
+            sums = tl.where(ms[:, None] == 1, tl.sum(acc1, axis=1)[None, :], sums)
+        if BLOCK_M > 2:
+            sums = tl.where(ms[:, None] == 2, tl.sum(acc2, axis=1)[None, :], sums)
+            sums = tl.where(ms[:, None] == 3, tl.sum(acc3, axis=1)[None, :], sums)
+        result = sums
     if SPLIT_K == 1:
         if HAS_BIAS:
             result += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
@@ -158,6 +169,8 @@ def linear(x: torch.Tensor, layout: NM24 | Bitmask, bias: torch.Tensor | None = 
     if use_dot and layout.width < 16:
         raise ValueError(f"the tensor-core planes path needs width 16 (512-input tiles); this layout has "
                          f"width {layout.width}.")
+    if not use_dot and m > 4:
+        raise ValueError("the FMA planes path serves M <= 4 rows; use use_dot=True above that.")
     block_m = max(16 if use_dot else 1, triton.next_power_of_2(m))
     width = layout.width
     tiles = layout.meta.shape[1] // width
