@@ -35,8 +35,25 @@ SHAPES = {
     "llama2-7b": {"qkvo_proj": (4096, 4096), "gate_up": (11008, 4096), "down_proj": (4096, 11008)},
 }
 L2_BYTES = 60 * 2**20
-FMA_CONFIGS = [(16, 4, 2), (32, 4, 2), (32, 8, 2), (32, 4, 1), (64, 8, 2)]
-DOT_CONFIGS = [(32, 4, 2), (64, 4, 3), (64, 8, 3)]
+# (label, kwargs) launch variants timed per shape; the best is what the runtime's measured dispatch keeps
+TILE_FMA = [(16, 4, 2), (32, 4, 2), (16, 2, 2), (32, 8, 2)]
+SELECT_FMA = [(16, 1, 2), (16, 2, 2), (32, 2, 2), (16, 4, 2)]
+DOT = [(32, 4, 2), (64, 4, 3), (16, 4, 2)]
+
+
+def planes_variants(kind: str, m: int, n: int, k: int, width: int):
+    splits = [1] if n >= 4096 else [1, 4 if k <= 4096 else 2]
+    variants = []
+    for split in splits:
+        if m <= 4:
+            variants += [(f"tile s{split} {c}", {"use_dot": False, "xselect": False, "split_k": split, "config": c})
+                         for c in TILE_FMA]
+            if kind == "24":
+                variants += [(f"select s{split} {c}", {"use_dot": False, "xselect": True, "split_k": split,
+                                                       "config": c}) for c in SELECT_FMA]
+        if m >= 2 and width >= 16:
+            variants += [(f"dot s{split} {c}", {"use_dot": True, "split_k": split, "config": c}) for c in DOT]
+    return variants
 
 
 def bench(fn, copies: int) -> float:
@@ -51,20 +68,6 @@ def bench(fn, copies: int) -> float:
         state["i"] += 1
 
     return triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
-
-
-def planes_variants(m: int, n: int, k: int, width: int):
-    """(label, kwargs) launch variants worth timing for this shape."""
-    splits = [1]
-    if n <= 4096:
-        splits.append(4 if k <= 4096 else 2)
-    variants = []
-    for split in splits:
-        if m <= 4:
-            variants += [(f"fma s{split} {c}", {"use_dot": False, "split_k": split, "config": c}) for c in FMA_CONFIGS]
-        if m >= 2 and width >= 16:
-            variants += [(f"dot s{split} {c}", {"use_dot": True, "split_k": split, "config": c}) for c in DOT_CONFIGS]
-    return variants
 
 
 def check(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -124,16 +127,20 @@ def main() -> None:
                 check(cslt[0](xs[0]), ref24)
                 row["cslt_ms"] = bench(lambda i: cslt[i](xs[i]), copies)
                 if m >= 16:
-                    alg = cslt[0].search(m)
-                    for c in cslt[1:]:
-                        c.alg_ids.update(cslt[0].alg_ids)
-                    check(cslt[0](xs[0]), ref24)
-                    row["cslt_search_ms"] = bench(lambda i: cslt[i](xs[i]), copies)
-                    row["cslt_alg"] = alg
+                    try:
+                        alg = cslt[0].search(m)
+                    except RuntimeError as exc:  # seen on the H200: 'internal error' from the search at some M
+                        row["cslt_search_error"] = str(exc).splitlines()[0][:200]
+                    else:
+                        for c in cslt[1:]:
+                            c.alg_ids.update(cslt[0].alg_ids)
+                        check(cslt[0](xs[0]), ref24)
+                        row["cslt_search_ms"] = bench(lambda i: cslt[i](xs[i]), copies)
+                        row["cslt_alg"] = alg
                 if m <= args.max_planes_m:
                     for kind, layouts, ref in (("24", l24, ref24), ("bitmask", lbm, refbm)):
                         best = None
-                        for label, kwargs in planes_variants(m, n, k, width):
+                        for label, kwargs in planes_variants(kind, m, n, k, width):
                             check(planes.linear(xs[0], layouts[0], **kwargs), ref)
                             t = bench(lambda i: planes.linear(xs[i], layouts[i], **kwargs), copies)
                             row[f"planes_{kind} {label}"] = t
@@ -148,6 +155,8 @@ def main() -> None:
                 best_labels = " | ".join(row.get(f"planes_{kind}_best", "") for kind in ("24", "bitmask"))
                 print(f"{model:9} {name:9} N={n:5} K={k:5} M={m:4} " + " ".join(cells) + f"  [{best_labels}]",
                       flush=True)
+                with open(args.json_out, "w") as handle:  # after every row: a cut-off run keeps what it measured
+                    json.dump({"header": header, "rows": rows}, handle, indent=1)
     with open(args.json_out, "w") as handle:
         json.dump({"header": header, "rows": rows}, handle, indent=1)
 

@@ -46,10 +46,31 @@ def _configs():
 
 
 @triton.jit
+def _select_fma(acc, v0, v1, i0, i1, row_ptr, group_start, group_ok, W: tl.constexpr):
+    """acc += v0 * x[4g + i0] + v1 * x[4g + i1]: the two kept weights of each group meet their own
+    inputs, chosen among the group's 4 by selects (i0 in 0..2, i1 in 1..3). x comes in as one
+    contiguous [4W] vector load, split in registers into the 4 inputs of every group."""
+    quads = tl.reshape(tl.load(row_ptr + 4 * group_start + tl.arange(0, 4 * W),
+                               mask=tl.reshape(tl.broadcast_to(group_ok[:, None], (W, 4)), (4 * W,)), other=0.0),
+                       (W, 2, 2))
+    even, odd = tl.split(quads)  # [W, 2]: inputs (0, 2) and (1, 3) of each group
+    x0, x2 = tl.split(even)
+    x1, x3 = tl.split(odd)
+    x0 = x0.to(tl.float32)[None, :]
+    x1 = x1.to(tl.float32)[None, :]
+    x2 = x2.to(tl.float32)[None, :]
+    x3 = x3.to(tl.float32)[None, :]
+    first = tl.where(i0 == 0, x0, tl.where(i0 == 1, x1, x2))
+    second = tl.where(i1 == 3, x3, tl.where(i1 == 2, x2, x1))
+    return acc + v0 * first + v1 * second
+
+
+@triton.jit
 def _planes_kernel(x_ptr, values_ptr, meta_ptr, offsets_ptr, bias_ptr, out_ptr,
                    M, N, K, tiles, stride_xm, stride_os, stride_om, TILES_PER_SPLIT: tl.constexpr,
                    BITMASK: tl.constexpr, W: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                   USE_DOT: tl.constexpr, SPLIT_K: tl.constexpr, PORTABLE_POPCOUNT: tl.constexpr, BLOCK_N: tl.constexpr):
+                   USE_DOT: tl.constexpr, SPLIT_K: tl.constexpr, PORTABLE_POPCOUNT: tl.constexpr, XSELECT: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -65,10 +86,11 @@ def _planes_kernel(x_ptr, values_ptr, meta_ptr, offsets_ptr, bias_ptr, out_ptr,
     else:
         # one [BLOCK_N, 4W] accumulator per activation row (BLOCK_M <= 4): 2-D tensors only, so the
         # weight tile and x share one layout and nothing is shuffled between layouts in the loop
-        acc0 = tl.zeros((BLOCK_N, 4 * W), dtype=tl.float32)
-        acc1 = tl.zeros((BLOCK_N, 4 * W), dtype=tl.float32)
-        acc2 = tl.zeros((BLOCK_N, 4 * W), dtype=tl.float32)
-        acc3 = tl.zeros((BLOCK_N, 4 * W), dtype=tl.float32)
+        # (XSELECT: [BLOCK_N, W], one entry per group)
+        acc0 = tl.zeros((BLOCK_N, W if XSELECT else 4 * W), dtype=tl.float32)
+        acc1 = tl.zeros((BLOCK_N, W if XSELECT else 4 * W), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_N, W if XSELECT else 4 * W), dtype=tl.float32)
+        acc3 = tl.zeros((BLOCK_N, W if XSELECT else 4 * W), dtype=tl.float32)
     ks = tl.arange(0, 4 * W)
     t_start = pid_k * TILES_PER_SPLIT
     for step in range(TILES_PER_SPLIT):
@@ -100,29 +122,45 @@ def _planes_kernel(x_ptr, values_ptr, meta_ptr, offsets_ptr, bias_ptr, out_ptr,
                 v1 = tl.load(pair + W, mask=row_ok[:, None], other=0.0)
                 i0 = nib & 3
                 i1 = nib >> 2
-                zero = tl.zeros_like(v0)
-                w0 = tl.where(i0 == 0, v0, zero)
-                w1 = tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, zero))
-                w2 = tl.where(i0 == 2, v0, tl.where(i1 == 2, v1, zero))
-                w3 = tl.where(i1 == 3, v1, zero)
-            # planes -> the dense [BLOCK_N, 4W] tile in input order (4w + c), by register joins
-            tile = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK_N, 4 * W))
-            cols = 4 * (t * 8 * W + j * W) + ks
-            col_ok = cols < K
-            if USE_DOT:
-                xt = tl.load(x_ptr + ms[None, :] * stride_xm + cols[:, None], mask=m_ok[None, :] & col_ok[:, None],
-                             other=0.0)
-                acc = tl.dot(tile, xt, acc)
-            else:
-                wf = tile.to(tl.float32)
-                acc0 += wf * tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+                if not XSELECT:
+                    zero = tl.zeros_like(v0)
+                    w0 = tl.where(i0 == 0, v0, zero)
+                    w1 = tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, zero))
+                    w2 = tl.where(i0 == 2, v0, tl.where(i1 == 2, v1, zero))
+                    w3 = tl.where(i1 == 3, v1, zero)
+            if XSELECT:
+                group_start = t * 8 * W + j * W
+                group_ok = 4 * (group_start + ws) < K
+                v0f = v0.to(tl.float32)
+                v1f = v1.to(tl.float32)
+                acc0 = _select_fma(acc0, v0f, v1f, i0, i1, x_ptr, group_start, group_ok, W)
                 if BLOCK_M > 1:
-                    acc1 += wf * tl.load(x_ptr + stride_xm + cols, mask=col_ok & (M > 1), other=0.0).to(tl.float32)[None, :]
+                    acc1 = _select_fma(acc1, v0f, v1f, i0, i1, x_ptr + stride_xm, group_start, group_ok & (M > 1), W)
                 if BLOCK_M > 2:
-                    acc2 += wf * tl.load(x_ptr + 2 * stride_xm + cols, mask=col_ok & (M > 2),
-                                         other=0.0).to(tl.float32)[None, :]
-                    acc3 += wf * tl.load(x_ptr + 3 * stride_xm + cols, mask=col_ok & (M > 3),
-                                         other=0.0).to(tl.float32)[None, :]
+                    acc2 = _select_fma(acc2, v0f, v1f, i0, i1, x_ptr + 2 * stride_xm, group_start, group_ok & (M > 2),
+                                       W)
+                    acc3 = _select_fma(acc3, v0f, v1f, i0, i1, x_ptr + 3 * stride_xm, group_start, group_ok & (M > 3),
+                                       W)
+            else:
+                # planes -> the dense [BLOCK_N, 4W] tile in input order (4w + c), by register joins
+                tile = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK_N, 4 * W))
+                cols = 4 * (t * 8 * W + j * W) + ks
+                col_ok = cols < K
+                if USE_DOT:
+                    xt = tl.load(x_ptr + ms[None, :] * stride_xm + cols[:, None],
+                                 mask=m_ok[None, :] & col_ok[:, None], other=0.0)
+                    acc = tl.dot(tile, xt, acc)
+                else:
+                    wf = tile.to(tl.float32)
+                    acc0 += wf * tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+                    if BLOCK_M > 1:
+                        acc1 += wf * tl.load(x_ptr + stride_xm + cols, mask=col_ok & (M > 1),
+                                             other=0.0).to(tl.float32)[None, :]
+                    if BLOCK_M > 2:
+                        acc2 += wf * tl.load(x_ptr + 2 * stride_xm + cols, mask=col_ok & (M > 2),
+                                             other=0.0).to(tl.float32)[None, :]
+                        acc3 += wf * tl.load(x_ptr + 3 * stride_xm + cols, mask=col_ok & (M > 3),
+                                             other=0.0).to(tl.float32)[None, :]
     if USE_DOT:
         result = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
     else:
@@ -140,7 +178,7 @@ def _planes_kernel(x_ptr, values_ptr, meta_ptr, offsets_ptr, bias_ptr, out_ptr,
     tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & row_ok[None, :])
 
 
-_planes_autotuned = triton.autotune(configs=_configs(), key=["N", "tiles", "BLOCK_M", "SPLIT_K", "USE_DOT", "BITMASK"])(
+_planes_autotuned = triton.autotune(configs=_configs(), key=["N", "tiles", "BLOCK_M", "SPLIT_K", "USE_DOT", "BITMASK", "XSELECT"])(
     _planes_kernel)
 
 
@@ -150,7 +188,8 @@ def default_use_dot(m: int, layout: NM24 | Bitmask) -> bool:
 
 
 def linear(x: torch.Tensor, layout: NM24 | Bitmask, bias: torch.Tensor | None = None, *, split_k: int = 1,
-           use_dot: bool | None = None, config: tuple[int, int, int] | None = None) -> torch.Tensor:
+           use_dot: bool | None = None, config: tuple[int, int, int] | None = None,
+           xselect: bool | None = None) -> torch.Tensor:
     """y = x W^T + b for a planes-compressed W; x [..., K] with at most 64 rows.
 
     ``config`` = (BLOCK_N, num_warps, num_stages) pins the launch (no autotuning, e.g. inside a
@@ -182,6 +221,10 @@ def linear(x: torch.Tensor, layout: NM24 | Bitmask, bias: torch.Tensor | None = 
     else:
         out = torch.empty(split_k, m, n, device=x.device, dtype=torch.float32)
     bitmask = isinstance(layout, Bitmask)
+    if xselect is None:
+        xselect = not bitmask and not use_dot
+    if xselect and (bitmask or use_dot):
+        raise ValueError("xselect (x chosen per kept weight) serves the 2:4 FMA path only.")
     offsets = layout.tile_offsets if bitmask else layout.meta  # unused pointer for 2:4
 
     def grid(meta):
@@ -195,7 +238,7 @@ def linear(x: torch.Tensor, layout: NM24 | Bitmask, bias: torch.Tensor | None = 
     kernel[grid](x2, layout.values, layout.meta, offsets, bias if bias is not None else x2, out,
                          m, n, k, tiles, x2.stride(0), out.stride(0), out.stride(1), TILES_PER_SPLIT=per_split,
                          BITMASK=bitmask, W=width, HAS_BIAS=bias is not None and split_k == 1, BLOCK_M=block_m,
-                         USE_DOT=use_dot, SPLIT_K=split_k, PORTABLE_POPCOUNT=_INTERPRETED, **launch)
+                         USE_DOT=use_dot, SPLIT_K=split_k, PORTABLE_POPCOUNT=_INTERPRETED, XSELECT=xselect, **launch)
     if split_k == 1:
         result = out[0]
     else:
