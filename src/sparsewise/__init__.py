@@ -32,6 +32,7 @@ _LAZY = {
     "data": ("data", None),
     "evaluate": ("evaluate", None),
     "metrics": ("metrics", None),
+    "runtime": ("runtime", None),
     "PruneConfig": ("config", "PruneConfig"),
     "save": ("formats", "save"),
     "load": ("formats", "load"),

@@ -612,11 +612,14 @@ def load(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     model: nn.Module | None = None,
+    accelerate: bool = False,
 ) -> nn.Module:
     """Load a sparsewise checkpoint: verified, decompressed, ties and records restored, eval mode.
 
     The module is rebuilt from the saved HF config, or the weights go into ``model`` when given
     (needed for plain nn.Modules). ``dtype`` casts the floating-point tensors after loading.
+    ``accelerate=True`` swaps the pruned linears for the sparse runtime's SparseLinear (use
+    with ``device="cuda"``; see :func:`sparsewise.runtime.accelerate`).
     """
     directory = Path(path).expanduser()
     manifest = _read_manifest(directory)
@@ -664,6 +667,10 @@ def load(
     _restore_records(model, manifest["records"])
     if dtype is not None:
         model.to(dtype=dtype)
+    if accelerate:
+        from ..runtime import accelerate as accelerate_model  # runtime only when asked: loading stays light
+
+        accelerate_model(model)
     return model
 
 

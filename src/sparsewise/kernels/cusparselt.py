@@ -179,7 +179,8 @@ class CsltLinear:
     """A 2:4 fp16/bf16 weight compressed for cuSPARSELt, callable as y = x W^T (+ bias).
 
     Plans are cached per M (LRU, 32 per weight); ``alg_ids`` maps M to the algorithm id to use
-    (from :meth:`search`, or 0).
+    (default 0). No automatic search: PyTorch's ``_cslt_sparse_mm_search`` returned an internal
+    error on the H200 and left the CUDA context unusable (2026-11-29).
     """
 
     def __init__(self, weight: torch.Tensor):
@@ -228,13 +229,3 @@ class CsltLinear:
         if bias is not None:
             out = out + bias
         return out.reshape(*lead, n)
-
-    def search(self, m: int) -> int:
-        """Let cuSPARSELt time its algorithms for M rows (through PyTorch's search, same descriptors);
-        keep and return the fastest algorithm id."""
-        padded = -(-m // 16) * 16
-        x = torch.randn(padded, self.shape[1], dtype=self.dtype, device=self.device)
-        alg = int(torch._cslt_sparse_mm_search(self.compressed, x.t(), transpose_result=True))
-        self.alg_ids[padded] = alg
-        self._plans.pop(padded, None)
-        return alg

@@ -1,0 +1,96 @@
+"""Which backend serves a sparse linear call: a table measured on the device, cached on disk.
+
+Key: (device name, weight kind "24"/"bitmask", N, K, dtype) -> per M bucket (the next power of
+two of the row count, capped at 8192) the fastest measured choice, e.g. ``{"backend": "planes",
+"use_dot": false, "xselect": true, "split_k": 1, "config": [16, 4, 2]}``. :func:`tune` times
+every candidate once per (shape, bucket) with device events (median of repeats, random inputs)
+and writes ``$SPARSEWISE_CACHE/dispatch/<device>.json`` atomically. Without a measured entry a
+conservative rule is used: the planes kernel for M <= 4, cuSPARSELt for 2:4 above 64 rows,
+else the dense weight when one is kept, else the planes tensor-core path (M <= 64) or an
+on-the-fly decompression.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+def bucket(rows: int) -> int:
+    for size in BUCKETS:
+        if rows <= size:
+            return size
+    return BUCKETS[-1]
+
+
+def cache_path(device_name: str) -> Path:
+    root = Path(os.environ.get("SPARSEWISE_CACHE", Path.home() / ".cache" / "sparsewise")).expanduser()
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in device_name)
+    return root / "dispatch" / f"{safe}.json"
+
+
+def shape_key(kind: str, n: int, k: int, dtype: torch.dtype) -> str:
+    return f"{kind}|{n}|{k}|{str(dtype).removeprefix('torch.')}"
+
+
+class DispatchTable:
+    """Measured choices for one device; loaded lazily, saved atomically."""
+
+    def __init__(self, device_name: str, path: Path | None = None):
+        self.device_name = device_name
+        self.path = path or cache_path(device_name)
+        self.entries: dict[str, dict[str, dict]] = {}
+        if self.path.is_file():
+            try:
+                data = json.loads(self.path.read_text())
+                if data.get("device") == device_name:
+                    self.entries = data.get("entries", {})
+            except (OSError, ValueError):
+                self.entries = {}  # a damaged cache is re-measured, never trusted
+
+    def get(self, key: str, rows: int) -> dict | None:
+        return self.entries.get(key, {}).get(str(bucket(rows)))
+
+    def put(self, key: str, rows_bucket: int, choice: dict) -> None:
+        self.entries.setdefault(key, {})[str(rows_bucket)] = choice
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        payload = json.dumps({"device": self.device_name, "torch": torch.__version__, "entries": self.entries},
+                             indent=1, sort_keys=True)
+        with tempfile.NamedTemporaryFile("w", dir=self.path.parent, delete=False, suffix=".tmp") as handle:
+            handle.write(payload)
+        os.replace(handle.name, self.path)
+
+
+_tables: dict[str, DispatchTable] = {}
+
+
+def table_for(device: torch.device) -> DispatchTable:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    if name not in _tables:
+        _tables[name] = DispatchTable(name)
+    return _tables[name]
+
+
+def time_call(fn, repeats: int = 30, warmup: int = 5) -> float:
+    """Median milliseconds of ``fn()`` by CUDA events, after warm-up."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)

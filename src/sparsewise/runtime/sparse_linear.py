@@ -1,0 +1,156 @@
+"""SparseLinear: a pruned nn.Linear held compressed on the GPU, served by the fastest backend.
+
+Backends (chosen per call by the row count M, from the measured dispatch table):
+  * ``planes``: the Triton kernels over the planes layouts (2:4 or bitmask), M <= 64;
+  * ``cusparselt``: 2:4 sparse tensor cores with plans cached per M (kept only when
+    ``prefill=True``: it holds a second compressed copy, ~0.56x dense);
+  * ``dense``: cuBLAS on a kept dense weight (only with ``keep_dense=True``);
+  * ``decompress``: rebuild the dense weight for the call, then cuBLAS (always possible);
+  * on CPU (and in CI) the PyTorch reference: the same decompression, so results agree.
+Nothing in the hot path reads device memory back to the host, so a model of SparseLinears
+can be captured in a CUDA graph (call :func:`sparsewise.runtime.tune` or run once first: the
+first call of a shape compiles kernels and builds cuSPARSELt plans).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import PatternError
+from ..kernels.layouts import NM24, Bitmask, pack_24, pack_unstructured, unpack
+from . import dispatch
+
+PLANES_MAX_ROWS = 64
+
+
+def weight_kind(weight: torch.Tensor) -> str:
+    """"24" when every group of 4 inputs holds at most 2 nonzeros, else "bitmask"."""
+    if weight.shape[1] % 4 == 0 and int((weight.reshape(-1, 4) != 0).sum(-1).max()) <= 2:
+        return "24"
+    return "bitmask"
+
+
+def default_choice(kind: str, rows: int, *, has_cslt: bool, has_dense: bool, width: int, on_cuda: bool) -> dict:
+    if not on_cuda:
+        return {"backend": "decompress"}
+    if rows <= 4:
+        return {"backend": "planes", "use_dot": False, "xselect": False, "split_k": 1, "config": [32, 8, 2]}
+    if kind == "24" and has_cslt and rows >= 16:
+        return {"backend": "cusparselt"}
+    if has_dense:
+        return {"backend": "dense"}
+    if rows <= PLANES_MAX_ROWS and width >= 16:
+        return {"backend": "planes", "use_dot": True, "xselect": False, "split_k": 1, "config": [64, 4, 3]}
+    return {"backend": "decompress"}
+
+
+class SparseLinear(nn.Module):
+    """y = x W^T + b with W stored compressed (planes layout); see the module docstring."""
+
+    def __init__(self, layout: NM24 | Bitmask, bias: torch.Tensor | None, *, cslt=None,
+                 dense_weight: torch.Tensor | None = None, dtype: torch.dtype):
+        super().__init__()
+        self.out_features, self.in_features = layout.shape
+        self.layout = layout
+        self.kind = "24" if isinstance(layout, NM24) else "bitmask"
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.cslt = cslt
+        self.dense_weight = dense_weight
+        self.dtype = dtype
+        self._choices: dict[int, dict] = {}
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, keep_dense: bool = False, prefill: bool = True,
+                    device: torch.device | str | None = None) -> SparseLinear:
+        weight = linear.weight.detach()
+        if device is not None:
+            weight = weight.to(device)
+        if weight.dim() != 2:
+            raise PatternError(f"SparseLinear takes a 2-D weight, got {tuple(weight.shape)}.")
+        if not torch.isfinite(weight).all():
+            raise PatternError("the weight holds NaN or Inf values; fix the model before accelerating it.")
+        kind = weight_kind(weight)
+        layout = pack_24(weight) if kind == "24" else pack_unstructured(weight)
+        cslt = None
+        if kind == "24" and prefill and weight.is_cuda and weight.dtype in (torch.float16, torch.bfloat16):
+            from ..kernels import cusparselt
+
+            n, k = weight.shape
+            if cusparselt.available() and n % 16 == 0 and k % 16 == 0:
+                cslt = cusparselt.CsltLinear(weight)
+        bias = None if linear.bias is None else linear.bias.detach().to(weight.device)
+        return cls(layout, bias, cslt=cslt, dense_weight=weight.clone() if keep_dense else None, dtype=weight.dtype)
+
+    @property
+    def device(self) -> torch.device:
+        return self.layout.meta.device
+
+    @property
+    def weight_nbytes(self) -> int:
+        """Bytes this layer holds for its weight (all copies), to compare with the dense size."""
+        total = self.layout.nbytes
+        if self.cslt is not None:
+            total += self.cslt.nbytes
+        if self.dense_weight is not None:
+            total += self.dense_weight.numel() * self.dense_weight.element_size()
+        return total
+
+    @property
+    def dispatch_key(self) -> str:
+        return dispatch.shape_key(self.kind, self.out_features, self.in_features, self.dtype)
+
+    def choice(self, rows: int) -> dict:
+        size = dispatch.bucket(rows)
+        chosen = self._choices.get(size)
+        if chosen is None:
+            chosen = None
+            if self.device.type == "cuda":
+                chosen = dispatch.table_for(self.device).get(self.dispatch_key, rows)
+            if chosen is None or not self._can_run(chosen, size):
+                chosen = default_choice(self.kind, size, has_cslt=self.cslt is not None,
+                                        has_dense=self.dense_weight is not None, width=self.layout.width,
+                                        on_cuda=self.device.type == "cuda")
+            self._choices[size] = chosen
+        return chosen
+
+    def _can_run(self, choice: dict, rows: int) -> bool:
+        backend = choice.get("backend")
+        if backend == "cusparselt":
+            return self.cslt is not None
+        if backend == "dense":
+            return self.dense_weight is not None
+        if backend == "planes":
+            return rows <= PLANES_MAX_ROWS and (not choice.get("use_dot") or self.layout.width >= 16)
+        return backend == "decompress"
+
+    def run(self, x: torch.Tensor, choice: dict) -> torch.Tensor:
+        backend = choice["backend"]
+        if backend == "planes":
+            from ..kernels import triton_planes
+
+            config = choice.get("config")
+            return triton_planes.linear(x, self.layout, self.bias, split_k=choice.get("split_k", 1),
+                                        use_dot=choice.get("use_dot"), xselect=choice.get("xselect"),
+                                        config=None if config is None else tuple(config))
+        if backend == "cusparselt":
+            return self.cslt(x, self.bias)
+        if backend == "dense":
+            return F.linear(x, self.dense_weight, self.bias)
+        return F.linear(x, unpack(self.layout).to(x.dtype), self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"SparseLinear expects inputs with {self.in_features} features, got {x.shape[-1]}.")
+        rows = x.numel() // self.in_features
+        return self.run(x, self.choice(rows))
+
+    def extra_repr(self) -> str:
+        extra = [f"in_features={self.in_features}", f"out_features={self.out_features}", f"kind={self.kind}",
+                 f"bias={self.bias is not None}"]
+        if self.cslt is not None:
+            extra.append("cusparselt")
+        if self.dense_weight is not None:
+            extra.append("dense kept")
+        return ", ".join(extra)
