@@ -181,8 +181,6 @@ def weight_bytes(model: nn.Module) -> dict:
 
 
 def main() -> None:
-    from sparsewise.runtime import accelerate
-
     parser = argparse.ArgumentParser()
     parser.add_argument("--patterns", default="2:4,unstructured")
     parser.add_argument("--layers", type=int, default=32)
@@ -194,7 +192,6 @@ def main() -> None:
     parser.add_argument("--json-out", default=os.environ.get("OUT", ".") + "/runtime_e2e.json")
     args = parser.parse_args()
     cfg = dict(TINY if args.tiny else LLAMA3_8B, layers=args.layers if not args.tiny else TINY["layers"])
-    device, dtype = torch.device("cuda"), torch.float16
     import triton
 
     header = (f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | fp16 | "
@@ -202,6 +199,20 @@ def main() -> None:
     print(header, flush=True)
     results = {"header": header, "runs": []}
     for pattern in args.patterns.split(","):
+        try:
+            run_pattern(pattern, cfg, args, results)
+        except Exception:  # noqa: BLE001 - keep the other pattern's numbers
+            import traceback
+
+            traceback.print_exc()
+        torch.cuda.empty_cache()
+
+
+def run_pattern(pattern: str, cfg: dict, args, results: dict) -> None:
+    from sparsewise.runtime import accelerate
+
+    device, dtype = torch.device("cuda"), torch.float16
+    if True:
         torch.manual_seed(0)
         model = Decoder(cfg, device, dtype).eval()
         prune_blocks(model, pattern)
@@ -244,8 +255,6 @@ def main() -> None:
               f"{run['sparse']['decode_b1_logits_rel_err']:.1e} | {report.summary()}", flush=True)
         with open(args.json_out, "w") as handle:
             json.dump(results, handle, indent=1)
-        del model
-        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

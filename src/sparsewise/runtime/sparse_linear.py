@@ -42,7 +42,7 @@ def default_choice(kind: str, rows: int, *, has_cslt: bool, has_dense: bool, wid
     if has_dense:
         return {"backend": "dense"}
     if rows <= PLANES_MAX_ROWS and width >= 16:
-        return {"backend": "planes", "use_dot": True, "xselect": False, "split_k": 1, "config": [64, 4, 3]}
+        return {"backend": "planes", "use_dot": True, "xselect": False, "split_k": 1, "config": [16, 4, 2]}
     return {"backend": "decompress"}
 
 
