@@ -128,7 +128,7 @@ def available() -> bool:
 class _Plan:
     """Descriptors + plan + workspace for one (weight, M); destroyed with the object."""
 
-    def __init__(self, owner: CsltLinear, m: int, alg_id: int):
+    def __init__(self, owner: CsltLinear, m: int, alg_id: int, transposed_out: bool = True):
         lib, handle = _load_library(), _get_handle()
         n, k = owner.shape
         dtype = owner.cuda_dtype
@@ -140,7 +140,9 @@ class _Plan:
                                                       _SPARSITY_50), "structured descriptor")
         _check(lib.cusparseLtDenseDescriptorInit(h, ctypes.byref(self.dense), m, k, k, 16, dtype, _ORDER_ROW),
                "dense descriptor")
-        _check(lib.cusparseLtDenseDescriptorInit(h, ctypes.byref(self.result), n, m, n, 16, dtype, _ORDER_COL),
+        # transposed_out: D = y^T stored column-major (= y [M, N] row-major); else D = y^T row-major [N, M]
+        _check(lib.cusparseLtDenseDescriptorInit(h, ctypes.byref(self.result), n, m, n if transposed_out else m, 16,
+                                                 dtype, _ORDER_COL if transposed_out else _ORDER_ROW),
                "result descriptor")
         _check(lib.cusparseLtMatmulDescriptorInit(h, ctypes.byref(self.matmul), _OP_N, _OP_T, ctypes.byref(self.sparse),
                                                   ctypes.byref(self.dense), ctypes.byref(self.result),
