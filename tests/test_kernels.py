@@ -93,36 +93,46 @@ def _has_triton() -> bool:
     return True
 
 
+INTERPRETER_CASES = [  # (kind, n, k, m, use_dot, xselect, split_k)
+    ("24", 20, 576, 1, False, False, 1), ("24", 20, 576, 3, False, True, 3), ("24", 17, 1024, 2, False, False, 2),
+    ("24", 17, 1024, 5, True, False, 1), ("24", 17, 2000, 3, True, False, 2), ("24", 9, 1100, 1, False, True, 1),
+    ("bitmask", 20, 576, 1, False, False, 1), ("bitmask", 20, 576, 3, False, False, 3),
+    ("bitmask", 17, 1024, 5, True, False, 1), ("bitmask", 17, 2000, 3, True, False, 2),
+    ("bitmask", 9, 1100, 2, False, False, 1),
+]
+
+
 @pytest.mark.skipif(not _has_triton(), reason="needs triton (pip install triton)")
-@pytest.mark.parametrize("kind", ["24", "bitmask"])
-@pytest.mark.parametrize(("n", "k", "m", "use_dot", "split_k"),
-                         [(20, 576, 1, False, 1), (20, 576, 3, False, 3), (17, 1024, 2, False, 2),
-                          (17, 1024, 5, True, 1), (17, 2000, 3, True, 2), (9, 1100, 2, False, 1)])
-def test_triton_planes_kernel_in_interpreter(kind, n, k, m, use_dot, split_k, monkeypatch):
-    """The Triton kernel itself, run by Triton's CPU interpreter (fp32): same function as the reference."""
+def test_triton_planes_kernel_in_interpreter(monkeypatch):
+    """The Triton kernel itself, run by Triton's CPU interpreter (fp32): same function as the reference,
+    for both layouts, FMA (dense tile and x-select) and tensor-core paths, split-K, padded K."""
     import subprocess
     import sys
 
-    # The interpreter is chosen when triton is first imported: run in a fresh process.
+    # The interpreter is chosen when triton is first imported: one fresh process runs every case.
     code = f"""
 import torch
 from sparsewise.kernels import pack_24, pack_unstructured
 from sparsewise.kernels.triton_planes import linear
 from sparsewise.patterns import nm_mask, unstructured_mask
-g = torch.Generator().manual_seed({n * k + m})
-w = torch.randn({n}, {k}, generator=g)
-w = w * (nm_mask(w.abs(), 2, 4) if "{kind}" == "24" else unstructured_mask(w.abs(), 0.6))
-layout = (pack_24 if "{kind}" == "24" else pack_unstructured)(w)
-x = torch.randn({m}, {k}, generator=g)
-b = torch.randn({n}, generator=g)
-out = linear(x, layout, b, split_k={split_k}, use_dot={use_dot}, config=(16, 4, 1))
-ref = torch.nn.functional.linear(x.double(), w.double(), b.double())
-print(((out.double() - ref).norm() / ref.norm()).item())
+for kind, n, k, m, use_dot, xselect, split_k in {INTERPRETER_CASES!r}:
+    g = torch.Generator().manual_seed(n * k + m)
+    w = torch.randn(n, k, generator=g)
+    w = w * (nm_mask(w.abs(), 2, 4) if kind == "24" else unstructured_mask(w.abs(), 0.6))
+    layout = (pack_24 if kind == "24" else pack_unstructured)(w)
+    x = torch.randn(m, k, generator=g)
+    b = torch.randn(n, generator=g)
+    out = linear(x, layout, b, split_k=split_k, use_dot=use_dot, xselect=xselect, config=(16, 4, 1))
+    ref = torch.nn.functional.linear(x.double(), w.double(), b.double())
+    print(kind, n, k, m, use_dot, xselect, split_k, ((out.double() - ref).norm() / ref.norm()).item())
 """
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert float(result.stdout.strip().splitlines()[-1]) < 1e-5
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == len(INTERPRETER_CASES)
+    bad = [line for line in lines if not float(line.split()[-1]) < 1e-5]
+    assert not bad, bad
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
