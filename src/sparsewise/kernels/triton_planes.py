@@ -46,23 +46,27 @@ def _configs():
 
 
 @triton.jit
-def _select_fma(acc, v0, v1, i0, i1, row_ptr, group_start, group_ok, W: tl.constexpr):
+def _select_fma(acc, v0, v1, i0, i1, planes_ptr, groups, plane_stride):
     """acc += v0 * x[4g + i0] + v1 * x[4g + i1]: the two kept weights of each group meet their own
-    inputs, chosen among the group's 4 by selects (i0 in 0..2, i1 in 1..3). x comes in as one
-    contiguous [4W] vector load, split in registers into the 4 inputs of every group."""
-    quads = tl.reshape(tl.load(row_ptr + 4 * group_start + tl.arange(0, 4 * W),
-                               mask=tl.reshape(tl.broadcast_to(group_ok[:, None], (W, 4)), (4 * W,)), other=0.0),
-                       (W, 2, 2))
-    even, odd = tl.split(quads)  # [W, 2]: inputs (0, 2) and (1, 3) of each group
-    x0, x2 = tl.split(even)
-    x1, x3 = tl.split(odd)
-    x0 = x0.to(tl.float32)[None, :]
-    x1 = x1.to(tl.float32)[None, :]
-    x2 = x2.to(tl.float32)[None, :]
-    x3 = x3.to(tl.float32)[None, :]
+    inputs, picked among the group's 4 by selects (i0 in 0..2, i1 in 1..3). x comes as fp32
+    planes (plane c holds input c of every group, zero-padded), so each load is contiguous and
+    lands in the weights' own layout: no conversion of x per row, no shuffles."""
+    x0 = tl.load(planes_ptr + groups)[None, :]
+    x1 = tl.load(planes_ptr + plane_stride + groups)[None, :]
+    x2 = tl.load(planes_ptr + 2 * plane_stride + groups)[None, :]
+    x3 = tl.load(planes_ptr + 3 * plane_stride + groups)[None, :]
     first = tl.where(i0 == 0, x0, tl.where(i0 == 1, x1, x2))
     second = tl.where(i1 == 3, x3, tl.where(i1 == 2, x2, x1))
     return acc + v0 * first + v1 * second
+
+
+@triton.jit
+def _planes_fma(acc, w0, w1, w2, w3, planes_ptr, groups, plane_stride):
+    """acc += sum_c w_c * x_c: the four weight planes against the four fp32 x planes."""
+    acc += w0.to(tl.float32) * tl.load(planes_ptr + groups)[None, :]
+    acc += w1.to(tl.float32) * tl.load(planes_ptr + plane_stride + groups)[None, :]
+    acc += w2.to(tl.float32) * tl.load(planes_ptr + 2 * plane_stride + groups)[None, :]
+    return acc + w3.to(tl.float32) * tl.load(planes_ptr + 3 * plane_stride + groups)[None, :]
 
 
 @triton.jit
@@ -84,13 +88,12 @@ def _planes_kernel(x_ptr, values_ptr, meta_ptr, offsets_ptr, bias_ptr, out_ptr,
     if USE_DOT:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
-        # one [BLOCK_N, 4W] accumulator per activation row (BLOCK_M <= 4): 2-D tensors only, so the
-        # weight tile and x share one layout and nothing is shuffled between layouts in the loop
-        # (XSELECT: [BLOCK_N, W], one entry per group)
-        acc0 = tl.zeros((BLOCK_N, W if XSELECT else 4 * W), dtype=tl.float32)
-        acc1 = tl.zeros((BLOCK_N, W if XSELECT else 4 * W), dtype=tl.float32)
-        acc2 = tl.zeros((BLOCK_N, W if XSELECT else 4 * W), dtype=tl.float32)
-        acc3 = tl.zeros((BLOCK_N, W if XSELECT else 4 * W), dtype=tl.float32)
+        # CUDA cores: one [BLOCK_N, W] accumulator per activation row (BLOCK_M <= 4), x read from
+        # fp32 planes prepared by linear() (plane c = input c of every group, zero-padded)
+        acc0 = tl.zeros((BLOCK_N, W), dtype=tl.float32)
+        acc1 = tl.zeros((BLOCK_N, W), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_N, W), dtype=tl.float32)
+        acc3 = tl.zeros((BLOCK_N, W), dtype=tl.float32)
     ks = tl.arange(0, 4 * W)
     t_start = pid_k * TILES_PER_SPLIT
     for step in range(TILES_PER_SPLIT):
@@ -128,39 +131,32 @@ def _planes_kernel(x_ptr, values_ptr, meta_ptr, offsets_ptr, bias_ptr, out_ptr,
                     w1 = tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, zero))
                     w2 = tl.where(i0 == 2, v0, tl.where(i1 == 2, v1, zero))
                     w3 = tl.where(i1 == 3, v1, zero)
-            if XSELECT:
-                group_start = t * 8 * W + j * W
-                group_ok = 4 * (group_start + ws) < K
-                v0f = v0.to(tl.float32)
-                v1f = v1.to(tl.float32)
-                acc0 = _select_fma(acc0, v0f, v1f, i0, i1, x_ptr, group_start, group_ok, W)
-                if BLOCK_M > 1:
-                    acc1 = _select_fma(acc1, v0f, v1f, i0, i1, x_ptr + stride_xm, group_start, group_ok & (M > 1), W)
-                if BLOCK_M > 2:
-                    acc2 = _select_fma(acc2, v0f, v1f, i0, i1, x_ptr + 2 * stride_xm, group_start, group_ok & (M > 2),
-                                       W)
-                    acc3 = _select_fma(acc3, v0f, v1f, i0, i1, x_ptr + 3 * stride_xm, group_start, group_ok & (M > 3),
-                                       W)
-            else:
+            if USE_DOT:
                 # planes -> the dense [BLOCK_N, 4W] tile in input order (4w + c), by register joins
                 tile = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK_N, 4 * W))
                 cols = 4 * (t * 8 * W + j * W) + ks
-                col_ok = cols < K
-                if USE_DOT:
-                    xt = tl.load(x_ptr + ms[None, :] * stride_xm + cols[:, None],
-                                 mask=m_ok[None, :] & col_ok[:, None], other=0.0)
-                    acc = tl.dot(tile, xt, acc)
-                else:
-                    wf = tile.to(tl.float32)
-                    acc0 += wf * tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+                xt = tl.load(x_ptr + ms[None, :] * stride_xm + cols[:, None],
+                             mask=m_ok[None, :] & (cols < K)[:, None], other=0.0)
+                acc = tl.dot(tile, xt, acc)
+            else:
+                groups = t * 8 * W + j * W + ws
+                plane_stride = tiles * 8 * W
+                if XSELECT:
+                    v0f = v0.to(tl.float32)
+                    v1f = v1.to(tl.float32)
+                    acc0 = _select_fma(acc0, v0f, v1f, i0, i1, x_ptr, groups, plane_stride)
                     if BLOCK_M > 1:
-                        acc1 += wf * tl.load(x_ptr + stride_xm + cols, mask=col_ok & (M > 1),
-                                             other=0.0).to(tl.float32)[None, :]
+                        acc1 = _select_fma(acc1, v0f, v1f, i0, i1, x_ptr + 4 * plane_stride, groups, plane_stride)
                     if BLOCK_M > 2:
-                        acc2 += wf * tl.load(x_ptr + 2 * stride_xm + cols, mask=col_ok & (M > 2),
-                                             other=0.0).to(tl.float32)[None, :]
-                        acc3 += wf * tl.load(x_ptr + 3 * stride_xm + cols, mask=col_ok & (M > 3),
-                                             other=0.0).to(tl.float32)[None, :]
+                        acc2 = _select_fma(acc2, v0f, v1f, i0, i1, x_ptr + 8 * plane_stride, groups, plane_stride)
+                        acc3 = _select_fma(acc3, v0f, v1f, i0, i1, x_ptr + 12 * plane_stride, groups, plane_stride)
+                else:
+                    acc0 = _planes_fma(acc0, w0, w1, w2, w3, x_ptr, groups, plane_stride)
+                    if BLOCK_M > 1:
+                        acc1 = _planes_fma(acc1, w0, w1, w2, w3, x_ptr + 4 * plane_stride, groups, plane_stride)
+                    if BLOCK_M > 2:
+                        acc2 = _planes_fma(acc2, w0, w1, w2, w3, x_ptr + 8 * plane_stride, groups, plane_stride)
+                        acc3 = _planes_fma(acc3, w0, w1, w2, w3, x_ptr + 12 * plane_stride, groups, plane_stride)
     if USE_DOT:
         result = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
     else:
@@ -235,7 +231,14 @@ def linear(x: torch.Tensor, layout: NM24 | Bitmask, bias: torch.Tensor | None = 
     else:
         kernel = _planes_kernel
         launch = {"BLOCK_N": config[0], "num_warps": config[1], "num_stages": config[2]}
-    kernel[grid](x2, layout.values, layout.meta, offsets, bias if bias is not None else x2, out,
+    x_arg = x2
+    if not use_dot:
+        # fp32 planes of x: plane c = input c of every group, zero-padded to the layout's K; the
+        # extra copy is one small kernel (M x K) that spares every row of the GEMV a conversion
+        groups = layout.padded_k // 4
+        x_arg = torch.zeros(block_m, 4, groups, device=x.device, dtype=torch.float32)
+        x_arg[:m, :, : k // 4].copy_(x2.view(m, k // 4, 4).transpose(1, 2))
+    kernel[grid](x_arg, layout.values, layout.meta, offsets, bias if bias is not None else x2, out,
                          m, n, k, tiles, x2.stride(0), out.stride(0), out.stride(1), TILES_PER_SPLIT=per_split,
                          BITMASK=bitmask, W=width, HAS_BIAS=bias is not None and split_k == 1, BLOCK_M=block_m,
                          USE_DOT=use_dot, SPLIT_K=split_k, PORTABLE_POPCOUNT=_INTERPRETED, XSELECT=xselect, **launch)
