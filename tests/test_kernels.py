@@ -179,13 +179,15 @@ def test_triton_planes_autotuned_launch(kind):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 16, 100, 2048])
-def test_cusparselt_cached_plans_match_reference_and_pytorch(dtype, m):
+@pytest.mark.parametrize("mode", ["sparse_a", "sparse_b", "auto"])
+def test_cusparselt_cached_plans_match_reference(dtype, m, mode):
     from sparsewise.kernels import cusparselt
 
     if not cusparselt.available():
         pytest.skip("cuSPARSELt not available")
     weight = sparse_24(512, 1024, dtype=dtype, device="cuda", seed=m)
-    linear = cusparselt.CsltLinear(weight)
+    linear = cusparselt.CsltLinear(weight, mode=mode)
+    assert linear.mode in ("sparse_a", "sparse_b")
     x = torch.randn(m, 1024, device="cuda", dtype=dtype)
     bias = torch.randn(512, device="cuda", dtype=dtype)
     ref = torch.nn.functional.linear(x.double(), weight.double(), bias.double())

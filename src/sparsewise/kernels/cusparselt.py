@@ -73,7 +73,7 @@ def _load_library():
     for name in ("cusparseLtInit", "cusparseLtStructuredDescriptorInit", "cusparseLtDenseDescriptorInit",
                  "cusparseLtMatmulDescriptorInit", "cusparseLtMatmulAlgSelectionInit", "cusparseLtMatmulAlgSetAttribute",
 "cusparseLtMatmulPlanInit", "cusparseLtMatmulGetWorkspace",
-                 "cusparseLtMatmul", "cusparseLtMatmulPlanDestroy",
+                 "cusparseLtMatmul", "cusparseLtSpMMACompressedSize2", "cusparseLtSpMMACompress2", "cusparseLtMatmulPlanDestroy",
                  "cusparseLtMatDescriptorDestroy", "cusparseLtMatmulAlgSelectionDestroy"):
         getattr(_lib, name).restype = ctypes.c_int
     _lib.cusparseLtStructuredDescriptorInit.argtypes = [
@@ -93,6 +93,10 @@ def _load_library():
     matmul_args = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32]
     _lib.cusparseLtMatmul.argtypes = matmul_args
+    _lib.cusparseLtSpMMACompressedSize2.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
+                                                    ctypes.POINTER(ctypes.c_size_t)]
+    _lib.cusparseLtSpMMACompress2.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                                              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     return _lib
 
 
@@ -126,27 +130,40 @@ def available() -> bool:
 
 
 class _Plan:
-    """Descriptors + plan + workspace for one (weight, M); destroyed with the object."""
+    """Descriptors + plan + workspace for one (weight, M); destroyed with the object.
 
-    def __init__(self, owner: CsltLinear, m: int, alg_id: int, transposed_out: bool = True):
+    Modes (see :class:`CsltLinear`): "sparse_b": D[M, N] = x[M, K] @ B[K, N] with B = W^T
+    structured (W's own row-major memory = B column-major) and y written row-major directly;
+    "sparse_a": D = W @ x^T with W structured, D described column-major so y comes row-major
+    (measured 0.5-0.67x dense on the H200: that output layout is slow); "sparse_a_t": the same
+    with D = y^T row-major (1.22-1.41x at M >= 2048, but y must then be transposed back).
+    """
+
+    def __init__(self, owner: CsltLinear, m: int, alg_id: int, mode: str):
         lib, handle = _load_library(), _get_handle()
         n, k = owner.shape
         dtype = owner.cuda_dtype
-        self.lib, self.handle = lib, handle
+        self.lib, self.handle, self.mode = lib, handle, mode
         self.sparse, self.dense, self.result = _opaque(), _opaque(), _opaque()
         self.matmul, self.selection, self.plan = _opaque(), _opaque(), _opaque()
         h = ctypes.byref(handle)
-        _check(lib.cusparseLtStructuredDescriptorInit(h, ctypes.byref(self.sparse), n, k, k, 16, dtype, _ORDER_ROW,
-                                                      _SPARSITY_50), "structured descriptor")
-        _check(lib.cusparseLtDenseDescriptorInit(h, ctypes.byref(self.dense), m, k, k, 16, dtype, _ORDER_ROW),
-               "dense descriptor")
-        # transposed_out: D = y^T stored column-major (= y [M, N] row-major); else D = y^T row-major [N, M]
-        _check(lib.cusparseLtDenseDescriptorInit(h, ctypes.byref(self.result), n, m, n if transposed_out else m, 16,
-                                                 dtype, _ORDER_COL if transposed_out else _ORDER_ROW),
-               "result descriptor")
-        _check(lib.cusparseLtMatmulDescriptorInit(h, ctypes.byref(self.matmul), _OP_N, _OP_T, ctypes.byref(self.sparse),
-                                                  ctypes.byref(self.dense), ctypes.byref(self.result),
-                                                  ctypes.byref(self.result), _COMPUTE_32F), "matmul descriptor")
+        sparse, dense, result = ctypes.byref(self.sparse), ctypes.byref(self.dense), ctypes.byref(self.result)
+        if mode == "sparse_b":
+            _check(lib.cusparseLtDenseDescriptorInit(h, dense, m, k, k, 16, dtype, _ORDER_ROW), "x descriptor")
+            _check(lib.cusparseLtStructuredDescriptorInit(h, sparse, k, n, k, 16, dtype, _ORDER_COL, _SPARSITY_50),
+                   "structured descriptor")
+            _check(lib.cusparseLtDenseDescriptorInit(h, result, m, n, n, 16, dtype, _ORDER_ROW), "y descriptor")
+            _check(lib.cusparseLtMatmulDescriptorInit(h, ctypes.byref(self.matmul), _OP_N, _OP_N, dense, sparse,
+                                                      result, result, _COMPUTE_32F), "matmul descriptor")
+        else:
+            _check(lib.cusparseLtStructuredDescriptorInit(h, sparse, n, k, k, 16, dtype, _ORDER_ROW, _SPARSITY_50),
+                   "structured descriptor")
+            _check(lib.cusparseLtDenseDescriptorInit(h, dense, m, k, k, 16, dtype, _ORDER_ROW), "x descriptor")
+            transposed = mode == "sparse_a_t"
+            _check(lib.cusparseLtDenseDescriptorInit(h, result, n, m, m if transposed else n, 16, dtype,
+                                                     _ORDER_ROW if transposed else _ORDER_COL), "y descriptor")
+            _check(lib.cusparseLtMatmulDescriptorInit(h, ctypes.byref(self.matmul), _OP_N, _OP_T, sparse, dense,
+                                                      result, result, _COMPUTE_32F), "matmul descriptor")
         _check(lib.cusparseLtMatmulAlgSelectionInit(h, ctypes.byref(self.selection), ctypes.byref(self.matmul),
                                                     _ALG_DEFAULT), "algorithm selection")
         alg = ctypes.c_int(alg_id)
@@ -159,45 +176,96 @@ class _Plan:
         self.workspace = torch.empty(max(int(size.value), 1), dtype=torch.uint8, device=owner.device)
         self.alpha, self.beta = ctypes.c_float(1.0), ctypes.c_float(0.0)
 
-    def run(self, weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> None:
+    def run(self, compressed: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> None:
         stream = ctypes.c_void_p(torch.cuda.current_stream(x.device).cuda_stream)
-        _check(self.lib.cusparseLtMatmul(ctypes.byref(self.handle), ctypes.byref(self.plan), ctypes.byref(self.alpha), weight.data_ptr(),
-                    x.data_ptr(), ctypes.byref(self.beta), out.data_ptr(), out.data_ptr(), self.workspace.data_ptr(),
-                    ctypes.byref(stream), 1), "matmul")
+        first, second = (x, compressed) if self.mode == "sparse_b" else (compressed, x)
+        _check(self.lib.cusparseLtMatmul(ctypes.byref(self.handle), ctypes.byref(self.plan), ctypes.byref(self.alpha),
+                                         first.data_ptr(), second.data_ptr(), ctypes.byref(self.beta), out.data_ptr(),
+                                         out.data_ptr(), self.workspace.data_ptr(), ctypes.byref(stream), 1), "matmul")
 
     def __del__(self):
         try:
-            h = ctypes.byref(self.handle)
             self.lib.cusparseLtMatmulPlanDestroy(ctypes.byref(self.plan))
             self.lib.cusparseLtMatmulAlgSelectionDestroy(ctypes.byref(self.selection))
             for descriptor in (self.sparse, self.dense, self.result):
                 self.lib.cusparseLtMatDescriptorDestroy(ctypes.byref(descriptor))
-            del h
         except Exception:  # noqa: BLE001 - interpreter shutdown: the library may be gone already
             pass
+
+
+def _compress_as_b(weight: torch.Tensor, cuda_dtype: int) -> torch.Tensor:
+    """Compress W [N, K] (row-major) as cuSPARSELt's structured B = W^T [K, N] column-major."""
+    lib, handle = _load_library(), _get_handle()
+    n, k = weight.shape
+    descriptor = _opaque()
+    h = ctypes.byref(handle)
+    _check(lib.cusparseLtStructuredDescriptorInit(h, ctypes.byref(descriptor), k, n, k, 16, cuda_dtype, _ORDER_COL,
+                                                  _SPARSITY_50), "structured descriptor")
+    try:
+        size, buffer_size = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        _check(lib.cusparseLtSpMMACompressedSize2(h, ctypes.byref(descriptor), ctypes.byref(size),
+                                                  ctypes.byref(buffer_size)), "compressed size")
+        compressed = torch.empty(int(size.value), dtype=torch.uint8, device=weight.device)
+        buffer = torch.empty(max(int(buffer_size.value), 1), dtype=torch.uint8, device=weight.device)
+        stream = ctypes.c_void_p(torch.cuda.current_stream(weight.device).cuda_stream)
+        _check(lib.cusparseLtSpMMACompress2(h, ctypes.byref(descriptor), 0, _OP_N, weight.data_ptr(),
+                                            compressed.data_ptr(), buffer.data_ptr(), stream), "compress")
+        torch.cuda.current_stream(weight.device).synchronize()  # the buffer is freed on return
+    finally:
+        lib.cusparseLtMatDescriptorDestroy(ctypes.byref(descriptor))
+    return compressed
 
 
 class CsltLinear:
     """A 2:4 fp16/bf16 weight compressed for cuSPARSELt, callable as y = x W^T (+ bias).
 
-    Plans are cached per M (LRU, 32 per weight); ``alg_ids`` maps M to the algorithm id to use
-    (default 0). No automatic search: PyTorch's ``_cslt_sparse_mm_search`` returned an internal
-    error on the H200 and left the CUDA context unusable (2026-11-29).
+    ``mode`` "sparse_b" (default) writes y row-major natively; "sparse_a" is PyTorch's own
+    formulation (see :class:`_Plan`). ``mode="auto"`` tries sparse_b, checks one product against
+    cuBLAS on the given weight, and falls back to sparse_a if the library refuses it or the
+    result differs. Plans are cached per M (LRU, 32 per weight); ``alg_ids`` maps M to the
+    algorithm id (default 0). No automatic search: PyTorch's ``_cslt_sparse_mm_search`` returned
+    an internal error on the H200 and left the CUDA context unusable (2026-11-29).
     """
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, mode: str = "auto"):
         if weight.dtype not in (torch.float16, torch.bfloat16) or weight.device.type != "cuda":
             raise ValueError("cuSPARSELt 2:4 needs a float16/bfloat16 weight on a CUDA device.")
         n, k = weight.shape
         if n % 16 or k % 16:
             raise ValueError(f"cuSPARSELt needs both weight dims divisible by 16, got {tuple(weight.shape)}.")
+        if mode not in ("auto", "sparse_a", "sparse_b"):
+            raise ValueError(f"unknown cuSPARSELt mode {mode!r}: use 'auto', 'sparse_a' or 'sparse_b'.")
         self.shape = (n, k)
         self.dtype = weight.dtype
         self.device = weight.device
         self.cuda_dtype = _CUDA_R_16F if weight.dtype == torch.float16 else _CUDA_R_16BF
-        self.compressed = torch._cslt_compress(weight.contiguous())
         self.alg_ids: dict[int, int] = {}
         self._plans: OrderedDict[int, _Plan] = OrderedDict()
+        weight = weight.contiguous()
+        if mode in ("auto", "sparse_b"):
+            try:
+                self._use("sparse_b", _compress_as_b(weight, self.cuda_dtype))
+                if mode == "auto" and not self._agrees_with(weight):
+                    raise CusparseLtError("sparse_b result differs from cuBLAS")
+            except CusparseLtError:
+                if mode == "sparse_b":
+                    raise
+                mode = "sparse_a"
+            else:
+                mode = "sparse_b"
+        if mode == "sparse_a":
+            self._use("sparse_a", torch._cslt_compress(weight))
+
+    def _use(self, mode: str, compressed: torch.Tensor) -> None:
+        self.mode, self.compressed = mode, compressed
+        self._plans.clear()
+
+    def _agrees_with(self, weight: torch.Tensor) -> bool:
+        x = torch.randn(16, self.shape[1], device=self.device, dtype=self.dtype,
+                        generator=torch.Generator(device=self.device).manual_seed(0))
+        ref = torch.nn.functional.linear(x.float(), weight.float())
+        error = ((self(x).float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+        return error < 1e-2
 
     @property
     def nbytes(self) -> int:
@@ -206,7 +274,7 @@ class CsltLinear:
     def _plan(self, m: int) -> _Plan:
         plan = self._plans.get(m)
         if plan is None:
-            plan = _Plan(self, m, self.alg_ids.get(m, 0))
+            plan = _Plan(self, m, self.alg_ids.get(m, 0), self.mode)
             self._plans[m] = plan
             if len(self._plans) > _PLANS_PER_WEIGHT:
                 self._plans.popitem(last=False)

@@ -174,8 +174,81 @@ def _planes_kernel(x_ptr, values_ptr, meta_ptr, offsets_ptr, bias_ptr, out_ptr,
     tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & row_ok[None, :])
 
 
-_planes_autotuned = triton.autotune(configs=_configs(), key=["N", "tiles", "BLOCK_M", "SPLIT_K", "USE_DOT", "BITMASK", "XSELECT"])(
-    _planes_kernel)
+@triton.jit
+def _bitmask_fma_kernel(x_ptr, values_ptr, meta_ptr, offsets_ptr, bias_ptr, out_ptr, M, N, tiles, stride_os, stride_om,
+                        TILES_PER_SPLIT: tl.constexpr, W: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                        SPLIT_K: tl.constexpr, PORTABLE_POPCOUNT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Bitmask planes on CUDA cores (M <= 4), with tensors oriented [W, BLOCK_N].
+
+    Same arithmetic as the planes kernel, transposed: Triton lays out the value gathers (no
+    provable contiguity) along dim 0, so with the words also contiguous along dim 0 every
+    tensor shares one layout and no gather result is shuffled through shared memory (65
+    conversions per tile in the [BLOCK_N, W] orientation). x comes as fp32 planes."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    rows64 = rows.to(tl.int64)
+    ws = tl.arange(0, W)
+    ms = tl.arange(0, BLOCK_M)
+    plane_stride = tiles * 8 * W
+    acc0 = tl.zeros((W, BLOCK_N), dtype=tl.float32)
+    acc1 = tl.zeros((W, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((W, BLOCK_N), dtype=tl.float32)
+    acc3 = tl.zeros((W, BLOCK_N), dtype=tl.float32)
+    t_start = pid_k * TILES_PER_SPLIT
+    for step in range(TILES_PER_SPLIT):
+        t = t_start + step
+        words = tl.load(meta_ptr + rows64[None, :] * (tiles * W) + t * W + ws[:, None], mask=row_ok[None, :], other=0)
+        counts = _popcount(words, PORTABLE_POPCOUNT)
+        tile_start = tl.load(offsets_ptr + rows64 * tiles + t, mask=row_ok, other=0)
+        word_start = tile_start[None, :] + tl.cumsum(counts, axis=0) - counts
+        for j in tl.static_range(8):
+            nib = (words >> (4 * j)) & 15
+            if j == 0:
+                start = word_start
+            else:
+                start = word_start + _popcount(words & ((1 << (4 * j)) - 1), PORTABLE_POPCOUNT)
+            b0 = nib & 1
+            b1 = (nib >> 1) & 1
+            b2 = (nib >> 2) & 1
+            b3 = nib >> 3
+            first = values_ptr + start
+            w0 = tl.load(first, mask=b0 != 0, other=0.0).to(tl.float32)
+            w1 = tl.load(first + b0, mask=b1 != 0, other=0.0).to(tl.float32)
+            w2 = tl.load(first + b0 + b1, mask=b2 != 0, other=0.0).to(tl.float32)
+            w3 = tl.load(first + b0 + b1 + b2, mask=b3 != 0, other=0.0).to(tl.float32)
+            groups = t * 8 * W + j * W + ws
+            acc0 = _bitmask_fma(acc0, w0, w1, w2, w3, x_ptr, groups, plane_stride)
+            if BLOCK_M > 1:
+                acc1 = _bitmask_fma(acc1, w0, w1, w2, w3, x_ptr + 4 * plane_stride, groups, plane_stride)
+            if BLOCK_M > 2:
+                acc2 = _bitmask_fma(acc2, w0, w1, w2, w3, x_ptr + 8 * plane_stride, groups, plane_stride)
+                acc3 = _bitmask_fma(acc3, w0, w1, w2, w3, x_ptr + 12 * plane_stride, groups, plane_stride)
+    result = tl.sum(acc0, axis=0)[None, :]
+    if BLOCK_M > 1:
+        result = tl.where(ms[:, None] == 1, tl.sum(acc1, axis=0)[None, :], result)
+    if BLOCK_M > 2:
+        result = tl.where(ms[:, None] == 2, tl.sum(acc2, axis=0)[None, :], result)
+        result = tl.where(ms[:, None] == 3, tl.sum(acc3, axis=0)[None, :], result)
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            result += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + pid_k * stride_os + ms[:, None] * stride_om + rows[None, :]
+    tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=(ms < M)[:, None] & row_ok[None, :])
+
+
+@triton.jit
+def _bitmask_fma(acc, w0, w1, w2, w3, planes_ptr, groups, plane_stride):
+    acc += w0 * tl.load(planes_ptr + groups)[:, None]
+    acc += w1 * tl.load(planes_ptr + plane_stride + groups)[:, None]
+    acc += w2 * tl.load(planes_ptr + 2 * plane_stride + groups)[:, None]
+    return acc + w3 * tl.load(planes_ptr + 3 * plane_stride + groups)[:, None]
+
+
+_planes_autotuned = triton.autotune(configs=_configs(), key=["N", "tiles", "BLOCK_M", "SPLIT_K", "USE_DOT", "BITMASK",
+                                                           "XSELECT"])(_planes_kernel)
+_bitmask_autotuned = triton.autotune(configs=_configs(), key=["N", "tiles", "BLOCK_M", "SPLIT_K"])(_bitmask_fma_kernel)
 
 
 def default_use_dot(m: int, layout: NM24 | Bitmask) -> bool:
@@ -227,9 +300,9 @@ def linear(x: torch.Tensor, layout: NM24 | Bitmask, bias: torch.Tensor | None = 
         return (triton.cdiv(n, meta["BLOCK_N"]), split_k)
 
     if config is None:
-        kernel, launch = _planes_autotuned, {}
+        kernel, launch = (_bitmask_autotuned if bitmask and not use_dot else _planes_autotuned), {}
     else:
-        kernel = _planes_kernel
+        kernel = _bitmask_fma_kernel if bitmask and not use_dot else _planes_kernel
         launch = {"BLOCK_N": config[0], "num_warps": config[1], "num_stages": config[2]}
     x_arg = x2
     if not use_dot:
@@ -238,10 +311,16 @@ def linear(x: torch.Tensor, layout: NM24 | Bitmask, bias: torch.Tensor | None = 
         groups = layout.padded_k // 4
         x_arg = torch.zeros(block_m, 4, groups, device=x.device, dtype=torch.float32)
         x_arg[:m, :, : k // 4].copy_(x2.view(m, k // 4, 4).transpose(1, 2))
-    kernel[grid](x_arg, layout.values, layout.meta, offsets, bias if bias is not None else x2, out,
-                         m, n, k, tiles, x2.stride(0), out.stride(0), out.stride(1), TILES_PER_SPLIT=per_split,
-                         BITMASK=bitmask, W=width, HAS_BIAS=bias is not None and split_k == 1, BLOCK_M=block_m,
-                         USE_DOT=use_dot, SPLIT_K=split_k, PORTABLE_POPCOUNT=_INTERPRETED, XSELECT=xselect, **launch)
+    if bitmask and not use_dot:
+        kernel[grid](x_arg, layout.values, layout.meta, layout.tile_offsets, bias if bias is not None else x2, out,
+                     m, n, tiles, out.stride(0), out.stride(1), TILES_PER_SPLIT=per_split, W=width,
+                     HAS_BIAS=bias is not None and split_k == 1, BLOCK_M=block_m, SPLIT_K=split_k,
+                     PORTABLE_POPCOUNT=_INTERPRETED, **launch)
+    else:
+        kernel[grid](x_arg, layout.values, layout.meta, offsets, bias if bias is not None else x2, out,
+                     m, n, k, tiles, x2.stride(0), out.stride(0), out.stride(1), TILES_PER_SPLIT=per_split,
+                     BITMASK=bitmask, W=width, HAS_BIAS=bias is not None and split_k == 1, BLOCK_M=block_m,
+                     USE_DOT=use_dot, SPLIT_K=split_k, PORTABLE_POPCOUNT=_INTERPRETED, XSELECT=xselect, **launch)
     if split_k == 1:
         result = out[0]
     else:
