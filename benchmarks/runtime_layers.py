@@ -38,8 +38,9 @@ SHAPES = {
 }
 L2_BYTES = 60 * 2**20
 # (label, kwargs) launch variants timed per shape; the best is what the runtime's measured dispatch keeps
-TILE_FMA = [(32, 8, 2), (32, 4, 2), (16, 4, 2)]
-SELECT_FMA = [(16, 4, 2)]
+PLANES_FMA = [(32, 4, 2)]  # 2:4 weight planes x fp32 x planes (the bitmask kernel's arithmetic)
+SELECT_FMA = [(32, 4, 2), (16, 4, 2), (64, 8, 2), (32, 2, 2)]  # 2:4: each kept weight meets its own x
+BITMASK_FMA = [(16, 4, 2), (32, 4, 2), (32, 8, 2), (64, 8, 2)]
 DOT = [(16, 4, 2), (32, 4, 2)]
 
 
@@ -48,11 +49,14 @@ def planes_variants(kind: str, m: int, n: int, k: int, width: int):
     variants = []
     for split in splits:
         if m <= 4:
-            variants += [(f"tile s{split} {c}", {"use_dot": False, "xselect": False, "split_k": split, "config": c})
-                         for c in TILE_FMA]
             if kind == "24":
                 variants += [(f"select s{split} {c}", {"use_dot": False, "xselect": True, "split_k": split,
                                                        "config": c}) for c in SELECT_FMA]
+                variants += [(f"planes s{split} {c}", {"use_dot": False, "xselect": False, "split_k": split,
+                                                       "config": c}) for c in PLANES_FMA]
+            else:
+                variants += [(f"fma s{split} {c}", {"use_dot": False, "split_k": split, "config": c})
+                             for c in BITMASK_FMA]
         if m >= 2 and width >= 16:
             variants += [(f"dot s{split} {c}", {"use_dot": True, "split_k": split, "config": c}) for c in DOT]
     return variants

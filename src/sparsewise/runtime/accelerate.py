@@ -84,11 +84,12 @@ def _candidates(layer: SparseLinear, rows: int) -> list[dict]:
         found.append({"backend": "cusparselt"})
     if rows <= PLANES_MAX_ROWS:
         if rows <= 4:
-            for config in ([32, 8, 2], [32, 4, 2], [16, 4, 2]):
-                found.append({"backend": "planes", "use_dot": False, "xselect": False, "split_k": 1, "config": config})
-            if layer.kind == "24":
-                found.append({"backend": "planes", "use_dot": False, "xselect": True, "split_k": 1,
-                              "config": [16, 4, 2]})
+            # CUDA-core paths: x-select for 2:4, weight planes for the bitmask (configs that compiled
+            # without spills for sm_90: BLOCK_N, warps, stages)
+            xselect = layer.kind == "24"
+            for config in ([32, 4, 2], [16, 4, 2], [64, 8, 2]):
+                found.append({"backend": "planes", "use_dot": False, "xselect": xselect, "split_k": 1,
+                              "config": config})
         if rows >= 2 and layer.layout.width >= 16:
             for config in ([16, 4, 2], [32, 4, 2]):
                 found.append({"backend": "planes", "use_dot": True, "xselect": False, "split_k": 1, "config": config})

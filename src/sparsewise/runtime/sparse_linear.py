@@ -36,7 +36,7 @@ def default_choice(kind: str, rows: int, *, has_cslt: bool, has_dense: bool, wid
     if not on_cuda:
         return {"backend": "decompress"}
     if rows <= 4:
-        return {"backend": "planes", "use_dot": False, "xselect": False, "split_k": 1, "config": [32, 8, 2]}
+        return {"backend": "planes", "use_dot": False, "xselect": kind == "24", "split_k": 1, "config": [32, 4, 2]}
     if kind == "24" and has_cslt and rows >= 16:
         return {"backend": "cusparselt"}
     if has_dense:
