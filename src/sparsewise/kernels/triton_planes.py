@@ -74,7 +74,7 @@ def _planes_kernel(x_ptr, values_ptr, meta_ptr, offsets_ptr, bias_ptr, out_ptr,
                    M, N, K, tiles, stride_xm, stride_os, stride_om, TILES_PER_SPLIT: tl.constexpr,
                    BITMASK: tl.constexpr, W: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                    USE_DOT: tl.constexpr, SPLIT_K: tl.constexpr, PORTABLE_POPCOUNT: tl.constexpr, XSELECT: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
+                   EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -86,7 +86,7 @@ def _planes_kernel(x_ptr, values_ptr, meta_ptr, offsets_ptr, bias_ptr, out_ptr,
     meta_rows = meta_ptr + rows64[:, None] * (tiles * W)
     values_rows = values_ptr + rows64[:, None] * (tiles * 16 * W)  # 2:4 only: K/2 values per row
     if USE_DOT:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
         # CUDA cores: one [BLOCK_N, W] accumulator per activation row (BLOCK_M <= 4), x read from
         # fp32 planes prepared by linear() (plane c = input c of every group, zero-padded)
@@ -135,9 +135,13 @@ def _planes_kernel(x_ptr, values_ptr, meta_ptr, offsets_ptr, bias_ptr, out_ptr,
                 # planes -> the dense [BLOCK_N, 4W] tile in input order (4w + c), by register joins
                 tile = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK_N, 4 * W))
                 cols = 4 * (t * 8 * W + j * W) + ks
-                xt = tl.load(x_ptr + ms[None, :] * stride_xm + cols[:, None],
-                             mask=m_ok[None, :] & (cols < K)[:, None], other=0.0)
-                acc = tl.dot(tile, xt, acc)
+                # x rows are contiguous along K: load [BLOCK_M, 4W] with vector loads, weights as B
+                if EVEN_K:  # no padded columns: a row mask only, so the loads stay 16 bytes wide
+                    xs = tl.load(x_ptr + ms[:, None] * stride_xm + cols[None, :], mask=m_ok[:, None], other=0.0)
+                else:
+                    xs = tl.load(x_ptr + ms[:, None] * stride_xm + cols[None, :],
+                                 mask=m_ok[:, None] & (cols < K)[None, :], other=0.0)
+                acc = tl.dot(xs, tl.trans(tile), acc)
             else:
                 groups = t * 8 * W + j * W + ws
                 plane_stride = tiles * 8 * W
@@ -158,7 +162,7 @@ def _planes_kernel(x_ptr, values_ptr, meta_ptr, offsets_ptr, bias_ptr, out_ptr,
                         acc2 = _planes_fma(acc2, w0, w1, w2, w3, x_ptr + 8 * plane_stride, groups, plane_stride)
                         acc3 = _planes_fma(acc3, w0, w1, w2, w3, x_ptr + 12 * plane_stride, groups, plane_stride)
     if USE_DOT:
-        result = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
+        result = acc
     else:
         sums = tl.sum(acc0, axis=1)[None, :]
         if BLOCK_M > 1:
@@ -320,7 +324,8 @@ def linear(x: torch.Tensor, layout: NM24 | Bitmask, bias: torch.Tensor | None = 
         kernel[grid](x_arg, layout.values, layout.meta, offsets, bias if bias is not None else x2, out,
                      m, n, k, tiles, x2.stride(0), out.stride(0), out.stride(1), TILES_PER_SPLIT=per_split,
                      BITMASK=bitmask, W=width, HAS_BIAS=bias is not None and split_k == 1, BLOCK_M=block_m,
-                     USE_DOT=use_dot, SPLIT_K=split_k, PORTABLE_POPCOUNT=_INTERPRETED, XSELECT=xselect, **launch)
+                     USE_DOT=use_dot, SPLIT_K=split_k, PORTABLE_POPCOUNT=_INTERPRETED, XSELECT=xselect,
+                     EVEN_K=k == layout.padded_k, **launch)
     if split_k == 1:
         result = out[0]
     else:
