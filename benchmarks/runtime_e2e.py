@@ -189,6 +189,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--tiny", action="store_true", help="small shapes (smoke test)")
     parser.add_argument("--no-prefill-copy", action="store_true", help="accelerate(prefill=False): no cuSPARSELt copy")
+    parser.add_argument("--keep-dense", action="store_true",
+                        help="accelerate(keep_dense=True): dense copy kept for the row counts no sparse path wins")
     parser.add_argument("--json-out", default=os.environ.get("OUT", ".") + "/runtime_e2e.json")
     args = parser.parse_args()
     cfg = dict(TINY if args.tiny else LLAMA3_8B, layers=args.layers if not args.tiny else TINY["layers"])
@@ -212,49 +214,48 @@ def run_pattern(pattern: str, cfg: dict, args, results: dict) -> None:
     from sparsewise.runtime import accelerate
 
     device, dtype = torch.device("cuda"), torch.float16
-    if True:
-        torch.manual_seed(0)
-        model = Decoder(cfg, device, dtype).eval()
-        prune_blocks(model, pattern)
-        run = {"pattern": pattern, "dense": {}, "sparse": {}}
-        refs = {}
-        for batch in (1, 8):
-            step, refs[batch] = decode_step_ms(model, batch, args.prompt, args.repeats)
-            run["dense"][f"decode_b{batch}_ms"] = step
-            run["dense"][f"decode_b{batch}_tok_s"] = batch * 1000 / step
-        run["dense"]["prefill_ms"] = prefill_ms(model, args.prefill, max(5, args.repeats // 10))
-        run["dense"].update(weight_bytes(model))
-        clock = time.perf_counter()
-        report = accelerate(model, prefill=not args.no_prefill_copy)
-        run["accelerate_s"] = time.perf_counter() - clock
-        torch.cuda.empty_cache()
-        clock = time.perf_counter()
-        from sparsewise.runtime import tune
+    torch.manual_seed(0)
+    model = Decoder(cfg, device, dtype).eval()
+    prune_blocks(model, pattern)
+    run = {"pattern": pattern, "dense": {}, "sparse": {}}
+    refs = {}
+    for batch in (1, 8):
+        step, refs[batch] = decode_step_ms(model, batch, args.prompt, args.repeats)
+        run["dense"][f"decode_b{batch}_ms"] = step
+        run["dense"][f"decode_b{batch}_tok_s"] = batch * 1000 / step
+    run["dense"]["prefill_ms"] = prefill_ms(model, args.prefill, max(5, args.repeats // 10))
+    run["dense"].update(weight_bytes(model))
+    clock = time.perf_counter()
+    report = accelerate(model, prefill=not args.no_prefill_copy, keep_dense=args.keep_dense)
+    run["accelerate_s"] = time.perf_counter() - clock
+    torch.cuda.empty_cache()
+    clock = time.perf_counter()
+    from sparsewise.runtime import tune
 
-        run["dispatch"] = {key: {str(b): c for b, c in table.items()}
-                           for key, table in tune(model, rows=(1, 8, args.prefill)).items()}
-        run["tune_s"] = time.perf_counter() - clock
-        for batch in (1, 8):
-            step, logits = decode_step_ms(model, batch, args.prompt, args.repeats)
-            run["sparse"][f"decode_b{batch}_ms"] = step
-            run["sparse"][f"decode_b{batch}_tok_s"] = batch * 1000 / step
-            run["sparse"][f"decode_b{batch}_logits_rel_err"] = ((logits - refs[batch]).norm()
-                                                                 / refs[batch].norm()).item()
-        run["sparse"]["prefill_ms"] = prefill_ms(model, args.prefill, max(5, args.repeats // 10))
-        run["sparse"].update(weight_bytes(model))
-        run["memory_ratio_block_linears"] = run["sparse"]["block_linear_bytes"] / run["dense"]["block_linear_bytes"]
-        run["report"] = report.summary()
-        for name in ("decode_b1", "decode_b8", "prefill"):
-            run[f"{name}_speedup"] = run["dense"][f"{name}_ms"] / run["sparse"][f"{name}_ms"]
-        results["runs"].append(run)
-        print(f"{pattern}: decode b1 {run['dense']['decode_b1_tok_s']:.1f} -> {run['sparse']['decode_b1_tok_s']:.1f} "
-              f"tok/s ({run['decode_b1_speedup']:.2f}x) | b8 {run['dense']['decode_b8_tok_s']:.1f} -> "
-              f"{run['sparse']['decode_b8_tok_s']:.1f} ({run['decode_b8_speedup']:.2f}x) | prefill {args.prefill} "
-              f"{run['dense']['prefill_ms']:.1f} -> {run['sparse']['prefill_ms']:.1f} ms ({run['prefill_speedup']:.2f}x) "
-              f"| block weights {run['memory_ratio_block_linears']:.3f}x | logits err "
-              f"{run['sparse']['decode_b1_logits_rel_err']:.1e} | {report.summary()}", flush=True)
-        with open(args.json_out, "w") as handle:
-            json.dump(results, handle, indent=1)
+    run["dispatch"] = {key: {str(b): c for b, c in table.items()}
+                       for key, table in tune(model, rows=(1, 8, args.prefill)).items()}
+    run["tune_s"] = time.perf_counter() - clock
+    for batch in (1, 8):
+        step, logits = decode_step_ms(model, batch, args.prompt, args.repeats)
+        run["sparse"][f"decode_b{batch}_ms"] = step
+        run["sparse"][f"decode_b{batch}_tok_s"] = batch * 1000 / step
+        run["sparse"][f"decode_b{batch}_logits_rel_err"] = ((logits - refs[batch]).norm()
+                                                             / refs[batch].norm()).item()
+    run["sparse"]["prefill_ms"] = prefill_ms(model, args.prefill, max(5, args.repeats // 10))
+    run["sparse"].update(weight_bytes(model))
+    run["memory_ratio_block_linears"] = run["sparse"]["block_linear_bytes"] / run["dense"]["block_linear_bytes"]
+    run["report"] = report.summary()
+    for name in ("decode_b1", "decode_b8", "prefill"):
+        run[f"{name}_speedup"] = run["dense"][f"{name}_ms"] / run["sparse"][f"{name}_ms"]
+    results["runs"].append(run)
+    print(f"{pattern}: decode b1 {run['dense']['decode_b1_tok_s']:.1f} -> {run['sparse']['decode_b1_tok_s']:.1f} "
+          f"tok/s ({run['decode_b1_speedup']:.2f}x) | b8 {run['dense']['decode_b8_tok_s']:.1f} -> "
+          f"{run['sparse']['decode_b8_tok_s']:.1f} ({run['decode_b8_speedup']:.2f}x) | prefill {args.prefill} "
+          f"{run['dense']['prefill_ms']:.1f} -> {run['sparse']['prefill_ms']:.1f} ms ({run['prefill_speedup']:.2f}x) "
+          f"| block weights {run['memory_ratio_block_linears']:.3f}x | logits err "
+          f"{run['sparse']['decode_b1_logits_rel_err']:.1e} | {report.summary()}", flush=True)
+    with open(args.json_out, "w") as handle:
+        json.dump(results, handle, indent=1)
 
 
 if __name__ == "__main__":

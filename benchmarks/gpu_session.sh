@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One device call = one or more stages, each with its own time limit, logs under $OUT.
+#   bash benchmarks/gpu_session.sh tests layers e2e probe      # in the repo root on the GPU machine
+#   bash benchmarks/gpu_session.sh stage-half                  # copy .carry1/* to /tmp/sw_stage (kept while warm)
+#   bash benchmarks/gpu_session.sh smollm2                     # needs /tmp/sw_stage/smol.part1 + .carry2/*
+# Ignored repo paths do not survive between device calls; /tmp does while the machine stays warm,
+# so a file over the 64 MiB carry limit travels as two halves in two back-to-back calls.
+set -uo pipefail
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+OUT="${OUT:-/tmp/sw_out}"; mkdir -p "$OUT"
+for stage in "$@"; do
+  echo "=== $stage $(date -u +%H:%M:%S)"
+  case "$stage" in
+    tests)  timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_runtime.py tests/test_kernels.py \
+              tests/test_gpu.py 2>&1 | tail -25 | tee "$OUT/tests.txt" ;;
+    layers) timeout 420 python3 benchmarks/runtime_layers.py 2>&1 | grep -v "Warn\|return cls" | tee "$OUT/layers.txt" ;;
+    e2e)    timeout 330 python3 benchmarks/runtime_e2e.py 2>&1 | grep -v "Warn\|return cls" | tee "$OUT/e2e.txt" ;;
+    probe)  timeout 90 python3 benchmarks/probes/cslt_layouts.py 2>&1 | grep -v Warn | tee "$OUT/cslt.txt" ;;
+    stage-half) mkdir -p /tmp/sw_stage && cp .carry1/* /tmp/sw_stage/ && ls -la /tmp/sw_stage ;;
+    smollm2)
+      cat /tmp/sw_stage/smol.part1 .carry2/smol.part2 > /tmp/smol.gguf || exit 1
+      python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry2/gguf-*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+      timeout 200 python3 benchmarks/runtime_smollm2.py --gguf /tmp/smol.gguf --wiki .carry2/wiki.test.raw \
+        --c4 .carry2/c4-train.00000-of-01024.first1000.jsonl 2>&1 | grep -v Warn | tail -8 | tee "$OUT/smol.txt" ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+done
