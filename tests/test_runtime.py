@@ -159,3 +159,29 @@ def test_accelerated_model_on_gpu_generates_like_the_masked_model_and_graph_capt
     x.copy_(torch.randn_like(x))
     graph.replay()
     torch.testing.assert_close(out, layer(x))
+
+
+def test_sparse_linear_buffers_move_cast_copy_and_state_dict():
+    import copy
+
+    linear = _pruned_linear(16, 64, "2:4")
+    sparse = SparseLinear.from_linear(linear)
+    assert {"values", "meta", "bias"} <= set(sparse.state_dict())
+    x = torch.randn(3, 64)
+    twin = copy.deepcopy(sparse)
+    with torch.no_grad():
+        twin.bias.add_(1.0)
+    torch.testing.assert_close(twin(x), sparse(x) + 1.0)  # the copy computes with its own tensors
+    half = copy.deepcopy(sparse).to(torch.float64)
+    assert half.values.dtype == torch.float64 and half.meta.dtype == torch.int32
+    torch.testing.assert_close(half(x.double()), linear(x).double(), rtol=1e-5, atol=1e-5)
+
+
+def test_accelerated_model_compiles_without_graph_breaks():
+    model = _prune_tiny()
+    accelerate(model)
+    prompt = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(4))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(prompt).logits, model(prompt).logits)

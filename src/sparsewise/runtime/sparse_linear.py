@@ -7,12 +7,17 @@ Backends (chosen per call by the row count M, from the measured dispatch table):
   * ``dense``: cuBLAS on a kept dense weight (only with ``keep_dense=True``);
   * ``decompress``: rebuild the dense weight for the call, then cuBLAS (always possible);
   * on CPU (and in CI) the PyTorch reference: the same decompression, so results agree.
-Nothing in the hot path reads device memory back to the host, so a model of SparseLinears
-can be captured in a CUDA graph (call :func:`sparsewise.runtime.tune` or run once first: the
-first call of a shape compiles kernels and builds cuSPARSELt plans).
+The compressed tensors are buffers (``state_dict``, ``.to()`` work; a move drops the
+cuSPARSELt copy, which is device-bound). The forward is one custom op
+(``sparsewise::sparse_linear``), so ``torch.compile`` traces a model of SparseLinears without
+graph breaks, and nothing in the hot path reads device memory back to the host, so CUDA graphs
+capture it (run each shape once first: the first call compiles kernels and builds plans).
 """
 
 from __future__ import annotations
+
+import itertools
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +28,8 @@ from ..kernels.layouts import NM24, Bitmask, pack_24, pack_unstructured, unpack
 from . import dispatch
 
 PLANES_MAX_ROWS = 64
+_LAYERS: weakref.WeakValueDictionary[int, SparseLinear] = weakref.WeakValueDictionary()
+_IDS = itertools.count()
 
 
 def weight_kind(weight: torch.Tensor) -> str:
@@ -46,6 +53,18 @@ def default_choice(kind: str, rows: int, *, has_cslt: bool, has_dense: bool, wid
     return {"backend": "decompress"}
 
 
+@torch.library.custom_op("sparsewise::sparse_linear", mutates_args=())
+def _sparse_linear_op(x: torch.Tensor, layer_id: int) -> torch.Tensor:
+    layer = _LAYERS[layer_id]
+    return layer.run(x, layer.choice(x.numel() // layer.in_features))
+
+
+@_sparse_linear_op.register_fake
+def _(x: torch.Tensor, layer_id: int) -> torch.Tensor:
+    layer = _LAYERS[layer_id]
+    return x.new_empty(*x.shape[:-1], layer.out_features)
+
+
 class SparseLinear(nn.Module):
     """y = x W^T + b with W stored compressed (planes layout); see the module docstring."""
 
@@ -53,13 +72,18 @@ class SparseLinear(nn.Module):
                  dense_weight: torch.Tensor | None = None, dtype: torch.dtype):
         super().__init__()
         self.out_features, self.in_features = layout.shape
-        self.layout = layout
         self.kind = "24" if isinstance(layout, NM24) else "bitmask"
-        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.width = layout.width
+        self.register_buffer("values", layout.values)
+        self.register_buffer("meta", layout.meta)
+        self.register_buffer("tile_offsets", layout.tile_offsets if isinstance(layout, Bitmask) else None)
+        self.register_buffer("bias", None if bias is None else bias.detach())
+        self.register_buffer("dense_weight", dense_weight)
         self.cslt = cslt
-        self.dense_weight = dense_weight
         self.dtype = dtype
         self._choices: dict[int, dict] = {}
+        self.layer_id = next(_IDS)
+        _LAYERS[self.layer_id] = self
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, keep_dense: bool = False, prefill: bool = True,
@@ -84,8 +108,15 @@ class SparseLinear(nn.Module):
         return cls(layout, bias, cslt=cslt, dense_weight=weight.clone() if keep_dense else None, dtype=weight.dtype)
 
     @property
+    def layout(self) -> NM24 | Bitmask:
+        shape = (self.out_features, self.in_features)
+        if self.kind == "24":
+            return NM24(self.values, self.meta, shape, self.width)
+        return Bitmask(self.values, self.meta, self.tile_offsets, shape, self.width)
+
+    @property
     def device(self) -> torch.device:
-        return self.layout.meta.device
+        return self.meta.device
 
     @property
     def weight_nbytes(self) -> int:
@@ -99,18 +130,26 @@ class SparseLinear(nn.Module):
 
     @property
     def dispatch_key(self) -> str:
-        return dispatch.shape_key(self.kind, self.out_features, self.in_features, self.dtype)
+        return dispatch.shape_key(self.kind, self.out_features, self.in_features, self.values.dtype)
+
+    def _apply(self, fn, recurse=True):
+        # a move or cast invalidates what is bound to the old device/dtype: cuSPARSELt's copy and plans
+        super()._apply(fn, recurse)
+        if self.cslt is not None and (self.cslt.device != self.device or self.cslt.dtype != self.values.dtype):
+            self.cslt = None
+        self.dtype = self.values.dtype
+        self._choices.clear()
+        return self
 
     def choice(self, rows: int) -> dict:
         size = dispatch.bucket(rows)
         chosen = self._choices.get(size)
         if chosen is None:
-            chosen = None
             if self.device.type == "cuda":
                 chosen = dispatch.table_for(self.device).get(self.dispatch_key, rows)
             if chosen is None or not self._can_run(chosen, size):
                 chosen = default_choice(self.kind, size, has_cslt=self.cslt is not None,
-                                        has_dense=self.dense_weight is not None, width=self.layout.width,
+                                        has_dense=self.dense_weight is not None, width=self.width,
                                         on_cuda=self.device.type == "cuda")
             self._choices[size] = chosen
         return chosen
@@ -122,7 +161,7 @@ class SparseLinear(nn.Module):
         if backend == "dense":
             return self.dense_weight is not None
         if backend == "planes":
-            return rows <= PLANES_MAX_ROWS and (not choice.get("use_dot") or self.layout.width >= 16)
+            return rows <= PLANES_MAX_ROWS and (not choice.get("use_dot") or self.width >= 16)
         return backend == "decompress"
 
     def run(self, x: torch.Tensor, choice: dict) -> torch.Tensor:
@@ -143,8 +182,13 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"SparseLinear expects inputs with {self.in_features} features, got {x.shape[-1]}.")
-        rows = x.numel() // self.in_features
-        return self.run(x, self.choice(rows))
+        return _sparse_linear_op(x, self.layer_id)
+
+    def __setstate__(self, state):
+        # deep copies and unpickled modules get their own id (the op finds its layer by id)
+        super().__setstate__(state)
+        self.layer_id = next(_IDS)
+        _LAYERS[self.layer_id] = self
 
     def extra_repr(self) -> str:
         extra = [f"in_features={self.in_features}", f"out_features={self.out_features}", f"kind={self.kind}",
