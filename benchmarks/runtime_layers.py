@@ -9,7 +9,9 @@ sparsewise Triton planes kernels, 2:4 and 50% unstructured bitmask, over a small
 launch configs (the best one is what the runtime's measured dispatch would pick).
 Random weights made 2:4 / 50% unstructured, random activations (never zeros); weights and
 inputs rotate over enough copies to exceed the L2 cache, so every call reads from HBM.
-Times from triton.testing.do_bench (device events, median).
+Dense and sparsewise are timed as CUDA-graph replays of many calls (device events, median per
+call: the GPU time a captured decode step pays; ``--eager`` for do_bench on eager calls); the
+stock path is timed eagerly, as its users call it (its cost is host-side plan set-up).
 
     python benchmarks/runtime_layers.py [--ms 1,2,4,8,16,64,256,2048,8192] [--dtype float16]
 """
@@ -76,6 +78,33 @@ def bench(fn, copies: int) -> float:
     return triton.testing.do_bench(step, warmup=10, rep=40, return_mode="median")
 
 
+def bench_graph(fn, copies: int, reps: int = 10) -> float:
+    """Per-call GPU time (ms) from a CUDA graph of calls cycling over the copies: what a captured
+    decode step pays, without Python launch gaps (METHOD.md: time graph replays of small launches)."""
+    calls = max(copies, 12)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for i in range(2 * copies):
+            fn(i % copies)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(i % copies)
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return sorted(times)[len(times) // 2]
+
+
 def check(out: torch.Tensor, ref: torch.Tensor) -> float:
     error = ((out.double() - ref).norm() / ref.norm()).item()
     if not error < 1e-2:
@@ -91,12 +120,15 @@ def main() -> None:
     parser.add_argument("--max-planes-m", type=int, default=64)
     parser.add_argument("--layers", default="", help="comma-separated layer names to keep (default: all)")
     parser.add_argument("--no-stock", action="store_true", help="skip the stock path (0.5-1 ms per call)")
+    parser.add_argument("--eager", dest="graph", action="store_false",
+                        help="time eager calls (do_bench) instead of CUDA-graph replays for dense and sparsewise")
     parser.add_argument("--json-out", default=os.environ.get("OUT", ".") + "/runtime_layers.json")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     ms = [int(v) for v in args.ms.split(",")]
     header = (f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
-              f"{args.dtype} | {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+              f"{args.dtype} | {'graph replay' if args.graph else 'eager do_bench'} | "
+              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(header, flush=True)
     # clocks up before the first timed call (the GPU idles at a few hundred MHz)
     burn = torch.randn(8192, 8192, device="cuda", dtype=dtype)
@@ -133,19 +165,21 @@ def main() -> None:
                 row = {"model": model, "layer": name, "N": n, "K": k, "M": m,
                        "bytes_dense": dense_bytes, "bytes_24": l24[0].nbytes, "bytes_bitmask": lbm[0].nbytes,
                        "bytes_cslt": cslt[0].nbytes}
-                row["dense_ms"] = t_dense = bench(lambda i: F.linear(xs[i], dense_w[i]), copies)
+                timer = bench_graph if args.graph else bench
+                row["dense_ms"] = t_dense = timer(lambda i: F.linear(xs[i], dense_w[i]), copies)
                 if not args.no_stock:
                     check(F.linear(xs[0], stock[0]), ref24)
-                    row["stock_ms"] = bench(lambda i: F.linear(xs[i], stock[i]), copies)
+                    row["stock_ms"] = bench(lambda i: F.linear(xs[i], stock[i]), copies)  # eager: as users call it
                 check(cslt[0](xs[0]), ref24)
-                row["cslt_ms"] = bench(lambda i: cslt[i](xs[i]), copies)
+                row["cslt_mode"] = cslt[0].mode
+                row["cslt_ms"] = timer(lambda i: cslt[i](xs[i]), copies)
                 if m <= args.max_planes_m:
                     for kind, layouts, ref in (("24", l24, ref24), ("bitmask", lbm, refbm)):
                         best = None
                         for label, kwargs in planes_variants(kind, m, n, k, width):
                             try:
                                 check(planes.linear(xs[0], layouts[0], **kwargs), ref)
-                                t = bench(lambda i: planes.linear(xs[i], layouts[i], **kwargs), copies)
+                                t = timer(lambda i: planes.linear(xs[i], layouts[i], **kwargs), copies)
                             except Exception as exc:  # noqa: BLE001 - e.g. a config over the shared-memory limit
                                 row[f"planes_{kind} {label}"] = f"failed: {str(exc)[:100]}"
                                 continue
