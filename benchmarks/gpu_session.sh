@@ -15,7 +15,8 @@ for stage in "$@"; do
               tests/test_gpu.py 2>&1 | tail -25 | tee "$OUT/tests.txt" ;;
     layers) timeout 420 python3 benchmarks/runtime_layers.py 2>&1 | grep -v "Warn\|return cls" | tee "$OUT/layers.txt" ;;
     e2e)    timeout 330 python3 benchmarks/runtime_e2e.py 2>&1 | grep -v "Warn\|return cls" | tee "$OUT/e2e.txt" ;;
-    probe)  timeout 90 python3 benchmarks/probes/cslt_layouts.py 2>&1 | grep -v Warn | tee "$OUT/cslt.txt" ;;
+    probe)  timeout 90 python3 benchmarks/probes/cslt_layouts.py 2>&1 | grep -v Warn | tee "$OUT/cslt.txt"
+            timeout 30 python3 benchmarks/probes/cslt_format.py 2>&1 | grep -v Warn | tee "$OUT/cslt_format.txt" ;;
     stage-half) mkdir -p /tmp/sw_stage && cp .carry1/* /tmp/sw_stage/ && ls -la /tmp/sw_stage ;;
     smollm2)
       cat /tmp/sw_stage/smol.part1 .carry2/smol.part2 > /tmp/smol.gguf || exit 1
