@@ -30,6 +30,13 @@ def test_prune_eval_report_round_trip(tmp_path, capsys, smollm2):
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["windows"] == 2 and evaluated["ppl"] > 1
 
+    # the same checkpoint through the sparse runtime (CPU: the reference path) gives the same perplexity
+    assert main(["eval", str(out), "--eval", str(WIKITEXT_TEST), "--seqlen", "128", "--max-windows", "2",
+                 "--json", "--no-progress", "--accelerate", "--device", "cpu"]) == 0
+    accelerated = json.loads(capsys.readouterr().out)
+    assert "accelerated 210 linears" in accelerated["runtime"]
+    assert accelerated["ppl"] == pytest.approx(evaluated["ppl"], rel=1e-4)
+
     assert main(["report", str(out), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert len(report["sparsity"]["layers"]) == 210

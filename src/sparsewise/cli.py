@@ -55,6 +55,8 @@ def _eval_parser(sub) -> None:
     cmd.add_argument("--max-windows", type=int, default=32, help="evenly spaced subset (0 = all windows)")
     cmd.add_argument("--batch-size", type=int, default=1)
     cmd.add_argument("--device", default="auto")
+    cmd.add_argument("--accelerate", action="store_true",
+                     help="run the pruned linears through the sparse runtime (sparsewise.runtime.accelerate)")
     cmd.add_argument("--json", action="store_true", help="print the result as JSON")
     cmd.add_argument("--no-progress", action="store_true")
 
@@ -116,12 +118,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if tokenizer is None:
         raise SparsewiseError(f"{args.model} has no tokenizer saved beside it; perplexity needs one.")
     model.to(pick_device(args.device, model))
+    runtime_note = None
+    if args.accelerate:
+        from .runtime import accelerate
+
+        runtime_note = accelerate(model).summary()
+        print(runtime_note, file=sys.stderr)
     result = perplexity(model, tokenizer, args.eval, seqlen=args.seqlen, max_windows=args.max_windows or None,
                         batch_size=args.batch_size, progress=not args.no_progress)
     if args.json:
         print(json.dumps({"ppl": result.ppl, "mean_nll": result.mean_nll, "seqlen": result.seqlen,
                           "windows": result.n_windows, "total_windows": result.total_windows,
-                          "tokens": result.tokens, "source": str(args.eval), "model": args.model}, indent=2))
+                          "tokens": result.tokens, "source": str(args.eval), "model": args.model,
+                          "runtime": runtime_note}, indent=2))
     else:
         print(f"{args.model}: ppl {result.ppl:.3f} on {args.eval} (seqlen {result.seqlen}, "
               f"{result.n_windows}/{result.total_windows} windows, {result.tokens:,} tokens)")

@@ -24,10 +24,13 @@ class AccelerateReport:
         """Weight bytes of the swapped layers, sparse runtime over dense."""
         return self.sparse_bytes / self.dense_bytes if self.dense_bytes else float("nan")
 
+    warnings: list[str] = field(default_factory=list)
+
     def summary(self) -> str:
-        return (f"accelerated {len(self.swapped)} linears ({len(self.skipped)} left dense); their weights take "
+        text = (f"accelerated {len(self.swapped)} linears ({len(self.skipped)} left dense); their weights take "
                 f"{self.sparse_bytes / 2**20:.1f} MiB vs {self.dense_bytes / 2**20:.1f} MiB dense "
                 f"({self.memory_ratio:.3f}x)")
+        return "\n".join([text, *(f"warning: {w}" for w in self.warnings)])
 
 
 def accelerate(model: nn.Module, *, device: torch.device | str | None = None, min_sparsity: float = 0.4,
@@ -69,6 +72,10 @@ def accelerate(model: nn.Module, *, device: torch.device | str | None = None, mi
         report.swapped.append(name)
         report.dense_bytes += module.weight.numel() * module.weight.element_size()
         report.sparse_bytes += sparse.weight_nbytes
+    if targets and not any(sparse.device.type == "cuda" for sparse in
+                           (model.get_submodule(name) for name in report.swapped)):
+        report.warnings.append("the model is on the CPU: SparseLinear computes through the PyTorch reference "
+                               "(decompressing the weight every call), slower than dense; pass device='cuda'.")
     if tune_rows:
         tune(model, rows=tune_rows)
     return report
