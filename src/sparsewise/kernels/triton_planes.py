@@ -1,14 +1,19 @@
 """Triton kernels over the planes layouts (decode and small-batch shapes, M <= 64).
 
-Per tile of ``32 * W`` inputs a program loads its rows' W meta words once; for each of the 8
-nibble positions it rebuilds four dense [BLOCK_N, W] weight planes (input 0..3 of W groups) in
-registers, then consumes them either with CUDA-core FMAs against the matching x columns
-(M <= ~4: out[m, n] += sum_c plane_c[n, w] * x[m, 4 g_w + c]) or with four tensor-core dots
-(plane_c @ x_c^T, for M from ~4 to 64). Only compressed bytes come from memory:
-2:4 planes = two contiguous value loads + a nibble select (i0 < i1 so at most 2 selects per
-plane); bitmask planes = four masked loads at popcount-derived addresses (no scan, no gather
-of x). When the rows alone are too few programs for the GPU, K is split over programs and the
-fp32 partial sums are added afterwards (deterministic, no atomics).
+Per tile of ``32 * W`` inputs a program loads its rows' W meta words once and walks the 8
+nibble positions with constant shifts (see kernels/layouts.py). Three ways to consume a step:
+  * 2:4, CUDA cores (M <= 4), "x-select": each kept weight meets its own input,
+    out[m, n] += v0 * x[m, 4g + i0] + v1 * x[m, 4g + i1], picked among the group's 4 inputs by
+    selects (i0 < i1, so 2 selects each); 2 FMAs per group instead of 4 on a rebuilt tile;
+  * bitmask, CUDA cores (M <= 4): four weight planes (input c of W groups) from masked loads at
+    popcount-derived addresses, FMA'd against the matching x planes; its own kernel, oriented
+    [W, BLOCK_N] so the gathers share the layout of everything else;
+  * tensor cores (M 2..64, both kinds): the planes joined in registers into the dense
+    [BLOCK_N, 4W] tile, then x[BLOCK_M, 4W] @ tile^T.
+CUDA-core paths read x as fp32 planes (plane c = input c of every group) made once per call by
+:func:`linear`, so no thread converts or strides through x per row. Only compressed weight bytes
+come from memory. When the rows alone are too few programs for the GPU, K is split over programs
+and the fp32 partial sums are added afterwards (deterministic, no atomics).
 """
 
 from __future__ import annotations
