@@ -142,9 +142,9 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["24", "bitmask"])
-@pytest.mark.parametrize(("n", "k"), [(200, 576), (1024, 4096), (4096, 1536), (96, 11008)])
+@pytest.mark.parametrize(("n", "k"), [(200, 576), (1024, 4096), (96, 11008)])
 @pytest.mark.parametrize(("m", "use_dot", "split_k"),
-                         [(1, False, 1), (1, False, 4), (3, False, 1), (8, True, 1), (33, True, 2), (64, True, 1)])
+                         [(1, False, 1), (1, False, 4), (3, False, 1), (8, True, 1), (64, True, 2)])
 def test_triton_planes_match_float64_reference(kind, dtype, n, k, m, use_dot, split_k):
     from sparsewise.kernels.triton_planes import linear
 
