@@ -51,27 +51,66 @@ def _configs():
 
 
 @triton.jit
+def _x_plane(planes_ptr, groups, GROUP_AXIS: tl.constexpr):
+    """One fp32 x plane, broadcast along the rows of a [rows, W] (GROUP_AXIS 1) or [W, rows] tile."""
+    plane = tl.load(planes_ptr + groups)
+    if GROUP_AXIS == 1:
+        return plane[None, :]
+    else:
+        return plane[:, None]
+
+
+@triton.jit
 def _select_fma(acc, v0, v1, i0, i1, planes_ptr, groups, plane_stride):
     """acc += v0 * x[4g + i0] + v1 * x[4g + i1]: the two kept weights of each group meet their own
     inputs, picked among the group's 4 by selects (i0 in 0..2, i1 in 1..3). x comes as fp32
     planes (plane c holds input c of every group, zero-padded), so each load is contiguous and
     lands in the weights' own layout: no conversion of x per row, no shuffles."""
-    x0 = tl.load(planes_ptr + groups)[None, :]
-    x1 = tl.load(planes_ptr + plane_stride + groups)[None, :]
-    x2 = tl.load(planes_ptr + 2 * plane_stride + groups)[None, :]
-    x3 = tl.load(planes_ptr + 3 * plane_stride + groups)[None, :]
+    x0 = _x_plane(planes_ptr, groups, 1)
+    x1 = _x_plane(planes_ptr + plane_stride, groups, 1)
+    x2 = _x_plane(planes_ptr + 2 * plane_stride, groups, 1)
+    x3 = _x_plane(planes_ptr + 3 * plane_stride, groups, 1)
     first = tl.where(i0 == 0, x0, tl.where(i0 == 1, x1, x2))
     second = tl.where(i1 == 3, x3, tl.where(i1 == 2, x2, x1))
     return acc + v0 * first + v1 * second
 
 
 @triton.jit
-def _planes_fma(acc, w0, w1, w2, w3, planes_ptr, groups, plane_stride):
+def _planes_fma(acc, w0, w1, w2, w3, planes_ptr, groups, plane_stride, GROUP_AXIS: tl.constexpr):
     """acc += sum_c w_c * x_c: the four weight planes against the four fp32 x planes."""
-    acc += w0.to(tl.float32) * tl.load(planes_ptr + groups)[None, :]
-    acc += w1.to(tl.float32) * tl.load(planes_ptr + plane_stride + groups)[None, :]
-    acc += w2.to(tl.float32) * tl.load(planes_ptr + 2 * plane_stride + groups)[None, :]
-    return acc + w3.to(tl.float32) * tl.load(planes_ptr + 3 * plane_stride + groups)[None, :]
+    acc += w0.to(tl.float32) * _x_plane(planes_ptr, groups, GROUP_AXIS)
+    acc += w1.to(tl.float32) * _x_plane(planes_ptr + plane_stride, groups, GROUP_AXIS)
+    acc += w2.to(tl.float32) * _x_plane(planes_ptr + 2 * plane_stride, groups, GROUP_AXIS)
+    return acc + w3.to(tl.float32) * _x_plane(planes_ptr + 3 * plane_stride, groups, GROUP_AXIS)
+
+
+@triton.jit
+def _word_starts(words, tile_start, GROUP_AXIS: tl.constexpr, PORTABLE_POPCOUNT: tl.constexpr):
+    """Index in the values of each word's first kept entry: the tile's offset (already broadcast)
+    plus the kept entries of the earlier words of the tile (an exclusive prefix of popcounts)."""
+    counts = _popcount(words, PORTABLE_POPCOUNT)
+    return tile_start + tl.cumsum(counts, axis=GROUP_AXIS) - counts
+
+
+@triton.jit
+def _bitmask_planes(words, word_start, values_ptr, J: tl.constexpr, PORTABLE_POPCOUNT: tl.constexpr):
+    """The four weight planes of nibble position J: masked loads at popcount-derived addresses
+    (word start + kept entries of earlier nibbles of the word + rank inside the group)."""
+    nib = (words >> (4 * J)) & 15
+    if J == 0:
+        start = word_start
+    else:
+        start = word_start + _popcount(words & ((1 << (4 * J)) - 1), PORTABLE_POPCOUNT)
+    b0 = nib & 1
+    b1 = (nib >> 1) & 1
+    b2 = (nib >> 2) & 1
+    b3 = nib >> 3
+    first = values_ptr + start
+    w0 = tl.load(first, mask=b0 != 0, other=0.0)
+    w1 = tl.load(first + b0, mask=b1 != 0, other=0.0)
+    w2 = tl.load(first + b0 + b1, mask=b2 != 0, other=0.0)
+    w3 = tl.load(first + b0 + b1 + b2, mask=b3 != 0, other=0.0)
+    return w0, w1, w2, w3
 
 
 @triton.jit
@@ -105,26 +144,13 @@ def _planes_kernel(x_ptr, values_ptr, meta_ptr, offsets_ptr, bias_ptr, out_ptr,
         t = t_start + step
         words = tl.load(meta_rows + t * W + ws[None, :], mask=row_ok[:, None], other=0)
         if BITMASK:
-            counts = _popcount(words, PORTABLE_POPCOUNT)
             tile_start = tl.load(offsets_ptr + rows64 * tiles + t, mask=row_ok, other=0)
-            word_start = tile_start[:, None] + tl.cumsum(counts, axis=1) - counts
+            word_start = _word_starts(words, tile_start[:, None], 1, PORTABLE_POPCOUNT)
         for j in tl.static_range(8):
-            nib = (words >> (4 * j)) & 15
             if BITMASK:
-                if j == 0:
-                    start = word_start
-                else:
-                    start = word_start + _popcount(words & ((1 << (4 * j)) - 1), PORTABLE_POPCOUNT)
-                b0 = nib & 1
-                b1 = (nib >> 1) & 1
-                b2 = (nib >> 2) & 1
-                b3 = nib >> 3
-                first = values_ptr + start
-                w0 = tl.load(first, mask=b0 != 0, other=0.0)
-                w1 = tl.load(first + b0, mask=b1 != 0, other=0.0)
-                w2 = tl.load(first + b0 + b1, mask=b2 != 0, other=0.0)
-                w3 = tl.load(first + b0 + b1 + b2, mask=b3 != 0, other=0.0)
+                w0, w1, w2, w3 = _bitmask_planes(words, word_start, values_ptr, j, PORTABLE_POPCOUNT)
             else:
+                nib = (words >> (4 * j)) & 15
                 pair = values_rows + t * 16 * W + j * 2 * W + ws[None, :]
                 v0 = tl.load(pair, mask=row_ok[:, None], other=0.0)
                 v1 = tl.load(pair + W, mask=row_ok[:, None], other=0.0)
@@ -160,12 +186,12 @@ def _planes_kernel(x_ptr, values_ptr, meta_ptr, offsets_ptr, bias_ptr, out_ptr,
                         acc2 = _select_fma(acc2, v0f, v1f, i0, i1, x_ptr + 8 * plane_stride, groups, plane_stride)
                         acc3 = _select_fma(acc3, v0f, v1f, i0, i1, x_ptr + 12 * plane_stride, groups, plane_stride)
                 else:
-                    acc0 = _planes_fma(acc0, w0, w1, w2, w3, x_ptr, groups, plane_stride)
+                    acc0 = _planes_fma(acc0, w0, w1, w2, w3, x_ptr, groups, plane_stride, 1)
                     if BLOCK_M > 1:
-                        acc1 = _planes_fma(acc1, w0, w1, w2, w3, x_ptr + 4 * plane_stride, groups, plane_stride)
+                        acc1 = _planes_fma(acc1, w0, w1, w2, w3, x_ptr + 4 * plane_stride, groups, plane_stride, 1)
                     if BLOCK_M > 2:
-                        acc2 = _planes_fma(acc2, w0, w1, w2, w3, x_ptr + 8 * plane_stride, groups, plane_stride)
-                        acc3 = _planes_fma(acc3, w0, w1, w2, w3, x_ptr + 12 * plane_stride, groups, plane_stride)
+                        acc2 = _planes_fma(acc2, w0, w1, w2, w3, x_ptr + 8 * plane_stride, groups, plane_stride, 1)
+                        acc3 = _planes_fma(acc3, w0, w1, w2, w3, x_ptr + 12 * plane_stride, groups, plane_stride, 1)
     if USE_DOT:
         result = acc
     else:
@@ -209,31 +235,17 @@ def _bitmask_fma_kernel(x_ptr, values_ptr, meta_ptr, offsets_ptr, bias_ptr, out_
     for step in range(TILES_PER_SPLIT):
         t = t_start + step
         words = tl.load(meta_ptr + rows64[None, :] * (tiles * W) + t * W + ws[:, None], mask=row_ok[None, :], other=0)
-        counts = _popcount(words, PORTABLE_POPCOUNT)
         tile_start = tl.load(offsets_ptr + rows64 * tiles + t, mask=row_ok, other=0)
-        word_start = tile_start[None, :] + tl.cumsum(counts, axis=0) - counts
+        word_start = _word_starts(words, tile_start[None, :], 0, PORTABLE_POPCOUNT)
         for j in tl.static_range(8):
-            nib = (words >> (4 * j)) & 15
-            if j == 0:
-                start = word_start
-            else:
-                start = word_start + _popcount(words & ((1 << (4 * j)) - 1), PORTABLE_POPCOUNT)
-            b0 = nib & 1
-            b1 = (nib >> 1) & 1
-            b2 = (nib >> 2) & 1
-            b3 = nib >> 3
-            first = values_ptr + start
-            w0 = tl.load(first, mask=b0 != 0, other=0.0).to(tl.float32)
-            w1 = tl.load(first + b0, mask=b1 != 0, other=0.0).to(tl.float32)
-            w2 = tl.load(first + b0 + b1, mask=b2 != 0, other=0.0).to(tl.float32)
-            w3 = tl.load(first + b0 + b1 + b2, mask=b3 != 0, other=0.0).to(tl.float32)
+            w0, w1, w2, w3 = _bitmask_planes(words, word_start, values_ptr, j, PORTABLE_POPCOUNT)
             groups = t * 8 * W + j * W + ws
-            acc0 = _bitmask_fma(acc0, w0, w1, w2, w3, x_ptr, groups, plane_stride)
+            acc0 = _planes_fma(acc0, w0, w1, w2, w3, x_ptr, groups, plane_stride, 0)
             if BLOCK_M > 1:
-                acc1 = _bitmask_fma(acc1, w0, w1, w2, w3, x_ptr + 4 * plane_stride, groups, plane_stride)
+                acc1 = _planes_fma(acc1, w0, w1, w2, w3, x_ptr + 4 * plane_stride, groups, plane_stride, 0)
             if BLOCK_M > 2:
-                acc2 = _bitmask_fma(acc2, w0, w1, w2, w3, x_ptr + 8 * plane_stride, groups, plane_stride)
-                acc3 = _bitmask_fma(acc3, w0, w1, w2, w3, x_ptr + 12 * plane_stride, groups, plane_stride)
+                acc2 = _planes_fma(acc2, w0, w1, w2, w3, x_ptr + 8 * plane_stride, groups, plane_stride, 0)
+                acc3 = _planes_fma(acc3, w0, w1, w2, w3, x_ptr + 12 * plane_stride, groups, plane_stride, 0)
     result = tl.sum(acc0, axis=0)[None, :]
     if BLOCK_M > 1:
         result = tl.where(ms[:, None] == 1, tl.sum(acc1, axis=0)[None, :], result)
@@ -245,14 +257,6 @@ def _bitmask_fma_kernel(x_ptr, values_ptr, meta_ptr, offsets_ptr, bias_ptr, out_
             result += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + pid_k * stride_os + ms[:, None] * stride_om + rows[None, :]
     tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=(ms < M)[:, None] & row_ok[None, :])
-
-
-@triton.jit
-def _bitmask_fma(acc, w0, w1, w2, w3, planes_ptr, groups, plane_stride):
-    acc += w0 * tl.load(planes_ptr + groups)[:, None]
-    acc += w1 * tl.load(planes_ptr + plane_stride + groups)[:, None]
-    acc += w2 * tl.load(planes_ptr + 2 * plane_stride + groups)[:, None]
-    return acc + w3 * tl.load(planes_ptr + 3 * plane_stride + groups)[:, None]
 
 
 _planes_autotuned = triton.autotune(configs=_configs(), key=["N", "tiles", "BLOCK_M", "SPLIT_K", "USE_DOT", "BITMASK",
