@@ -43,45 +43,36 @@ def choose_width(cols: int, max_pad: float = 0.03) -> int:
     return 1
 
 
+class _Planes:
+    """What both layouts share: the meta words fix the padded K; bytes = all their tensors."""
+
+    meta: torch.Tensor
+
+    @property
+    def padded_k(self) -> int:
+        return self.meta.shape[1] * 32
+
+    @property
+    def nbytes(self) -> int:
+        return sum(value.numel() * value.element_size() for value in vars(self).values()
+                   if isinstance(value, torch.Tensor))
+
+
 @dataclass
-class NM24:
+class NM24(_Planes):
     values: torch.Tensor  # [N, Kp/2]
     meta: torch.Tensor  # [N, Kp/32] int32
     shape: tuple[int, int]
     width: int
 
-    @property
-    def padded_k(self) -> int:
-        return self.meta.shape[1] * 32
-
-    @property
-    def nbytes(self) -> int:
-        return self.values.numel() * self.values.element_size() + self.meta.numel() * 4
-
-    def to(self, device) -> NM24:
-        return NM24(self.values.to(device), self.meta.to(device), self.shape, self.width)
-
 
 @dataclass
-class Bitmask:
+class Bitmask(_Planes):
     values: torch.Tensor  # [nnz]
     meta: torch.Tensor  # [N, Kp/32] int32 keep bits
     tile_offsets: torch.Tensor  # [N, T] int32: index in values of each (row, tile)'s first kept entry
     shape: tuple[int, int]
     width: int
-
-    @property
-    def padded_k(self) -> int:
-        return self.meta.shape[1] * 32
-
-    @property
-    def nbytes(self) -> int:
-        return (self.values.numel() * self.values.element_size() + self.meta.numel() * 4
-                + self.tile_offsets.numel() * 4)
-
-    def to(self, device) -> Bitmask:
-        return Bitmask(self.values.to(device), self.meta.to(device), self.tile_offsets.to(device), self.shape,
-                       self.width)
 
 
 def _padded(weight: torch.Tensor, width: int) -> torch.Tensor:
