@@ -321,8 +321,11 @@ def linear(x: torch.Tensor, layout: NM24 | Bitmask, bias: torch.Tensor | None = 
     if not use_dot:
         # fp32 planes of x: plane c = input c of every group, zero-padded to the layout's K; the
         # extra copy is one small kernel (M x K) that spares every row of the GEMV a conversion
+        # Only padded groups need zeros (0 weight x garbage could be NaN); rows past M are never stored.
         groups = layout.padded_k // 4
-        x_arg = torch.zeros(block_m, 4, groups, device=x.device, dtype=torch.float32)
+        x_arg = torch.empty(block_m, 4, groups, device=x.device, dtype=torch.float32)
+        if groups != k // 4:
+            x_arg[:, :, k // 4:].zero_()
         x_arg[:m, :, : k // 4].copy_(x2.view(m, k // 4, 4).transpose(1, 2))
     if bitmask and not use_dot:
         kernel[grid](x_arg, layout.values, layout.meta, layout.tile_offsets, bias if bias is not None else x2, out,
