@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 
 import torch
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsewise.patterns import nm_mask, unstructured_mask
+from sparsewise.runtime.dispatch import capture, events_median
 
 LLAMA3_8B = {"hidden": 4096, "intermediate": 14336, "heads": 32, "kv_heads": 8, "vocab": 128256, "layers": 32}
 TINY = {"hidden": 256, "intermediate": 512, "heads": 4, "kv_heads": 2, "vocab": 1000, "layers": 2}
@@ -119,18 +119,6 @@ def prune_blocks(model: Decoder, pattern: str) -> None:
                     module.weight.mul_(mask.to(module.weight.dtype))
 
 
-def events_median(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def decode_step_ms(model: Decoder, batch: int, prompt: int, repeats: int) -> tuple[float, torch.Tensor]:
     """Median ms of one decode step (CUDA graph replay) after a ``prompt``-token prefill."""
     device = model.embed.weight.device
@@ -141,19 +129,9 @@ def decode_step_ms(model: Decoder, batch: int, prompt: int, repeats: int) -> tup
         model(tokens, torch.arange(prompt, device=device))
         step_tokens = torch.randint(0, model.cfg["vocab"], (batch, 1), device=device, generator=gen)
         position = torch.tensor([prompt], device=device)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                logits = model(step_tokens, position)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            logits = model(step_tokens, position)
-        graph.replay()
-        torch.cuda.synchronize()
+        replay, logits = capture(lambda: model(step_tokens, position))
         reference = logits.float().clone()
-        return events_median(graph.replay, repeats), reference
+        return events_median(replay, repeats), reference
 
 
 def prefill_ms(model: Decoder, length: int, repeats: int) -> float:
@@ -163,9 +141,7 @@ def prefill_ms(model: Decoder, length: int, repeats: int) -> float:
                            generator=torch.Generator(device=device).manual_seed(2))
     positions = torch.arange(length, device=device)
     with torch.no_grad():
-        for _ in range(2):
-            model(tokens, positions)
-        return events_median(lambda: model(tokens, positions), repeats)
+        return events_median(lambda: model(tokens, positions), repeats, warmup=2)
 
 
 def weight_bytes(model: nn.Module) -> dict:

@@ -31,6 +31,7 @@ from sparsewise.kernels import pack_24, pack_unstructured
 from sparsewise.kernels import triton_planes as planes
 from sparsewise.kernels.cusparselt import CsltLinear
 from sparsewise.patterns import nm_mask, unstructured_mask
+from sparsewise.runtime.dispatch import capture, events_median
 
 SHAPES = {
     "llama3-8b": {"q_proj": (4096, 4096), "k_proj": (1024, 4096), "gate_up": (14336, 4096),
@@ -82,27 +83,14 @@ def bench_graph(fn, copies: int, reps: int = 10) -> float:
     """Per-call GPU time (ms) from a CUDA graph of calls cycling over the copies: what a captured
     decode step pays, without Python launch gaps (METHOD.md: time graph replays of small launches)."""
     calls = max(copies, 12)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for i in range(2 * copies):
-            fn(i % copies)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fn(i % copies)
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return sorted(times)[len(times) // 2]
+    state = {"i": 0}
+
+    def step():
+        fn(state["i"] % copies)
+        state["i"] += 1
+
+    replay, _ = capture(step, calls, warmup=2 * copies)
+    return events_median(replay, reps) / calls
 
 
 def check(out: torch.Tensor, ref: torch.Tensor) -> float:

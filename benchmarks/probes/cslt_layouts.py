@@ -12,21 +12,11 @@ import torch.nn.functional as F
 
 from sparsewise.kernels.cusparselt import CsltLinear, _Plan
 from sparsewise.patterns import nm_mask
+from sparsewise.runtime.dispatch import events_median
 
 
 def timed(fn, reps=30):
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        out.append(a.elapsed_time(b))
-    return sorted(out)[len(out) // 2]
+    return events_median(fn, reps, warmup=5)
 
 
 def main():

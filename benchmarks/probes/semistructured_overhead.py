@@ -7,38 +7,18 @@ call replayed from a CUDA graph (host work removed). Device events, medians of 5
 
 from __future__ import annotations
 
-import statistics
-
 import torch
 import torch.nn.functional as F
 
+from sparsewise.runtime.dispatch import capture, events_median
+
 
 def timed(fn, reps=50, warmup=10):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return events_median(fn, reps, warmup)
 
 
 def graphed(fn):
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+    return capture(fn)[0]
 
 
 def main() -> None:

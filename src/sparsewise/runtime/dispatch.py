@@ -80,12 +80,27 @@ def table_for(device: torch.device) -> DispatchTable:
     return _tables[name]
 
 
-def time_call(fn, repeats: int = 7, calls: int = 20, warmup: int = 3) -> float:
-    """Median milliseconds per ``fn()`` on the GPU.
+def events_median(fn, repeats: int = 30, warmup: int = 0) -> float:
+    """Median milliseconds of ``fn()`` between two CUDA events, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
 
-    ``calls`` calls are captured in one CUDA graph and the replay is timed with events (the
-    GPU time a graph-captured decode step pays, without Python launch gaps); a backend that
-    cannot be captured is timed as the same number of back-to-back eager calls instead.
+
+def capture(fn, calls: int = 1, warmup: int = 3):
+    """Capture ``calls`` calls of ``fn`` in one CUDA graph (after ``warmup`` calls on a side stream,
+    so kernels are compiled and plans built outside the capture).
+
+    Returns (replay, output of the last captured call); raises RuntimeError if ``fn`` cannot be captured.
     """
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -94,26 +109,28 @@ def time_call(fn, repeats: int = 7, calls: int = 20, warmup: int = 3) -> float:
             fn()
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            out = fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    return graph.replay, out
+
+
+def time_call(fn, repeats: int = 7, calls: int = 20, warmup: int = 3) -> float:
+    """Median milliseconds per ``fn()`` on the GPU.
+
+    ``calls`` calls are captured in one CUDA graph and the replay is timed with events (the
+    GPU time a graph-captured decode step pays, without Python launch gaps); a backend that
+    cannot be captured is timed as the same number of back-to-back eager calls instead.
+    """
     try:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(calls):
-                fn()
-        run = graph.replay
+        run, _ = capture(fn, calls, warmup)
     except RuntimeError:
         torch.cuda.synchronize()
 
         def run():
             for _ in range(calls):
                 fn()
-    run()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return statistics.median(times)
+    return events_median(run, repeats, warmup=1) / calls
