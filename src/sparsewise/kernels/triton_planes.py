@@ -114,6 +114,29 @@ def _bitmask_planes(words, word_start, values_ptr, J: tl.constexpr, PORTABLE_POP
 
 
 @triton.jit
+def _row_sums(acc0, acc1, acc2, acc3, ms, GROUP_AXIS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] outputs from the per-activation-row accumulators (summed over groups)."""
+    result = tl.sum(acc0, axis=GROUP_AXIS)[None, :]
+    if BLOCK_M > 1:
+        result = tl.where(ms[:, None] == 1, tl.sum(acc1, axis=GROUP_AXIS)[None, :], result)
+    if BLOCK_M > 2:
+        result = tl.where(ms[:, None] == 2, tl.sum(acc2, axis=GROUP_AXIS)[None, :], result)
+        result = tl.where(ms[:, None] == 3, tl.sum(acc3, axis=GROUP_AXIS)[None, :], result)
+    return result
+
+
+@triton.jit
+def _store(result, out_ptr, bias_ptr, rows, row_ok, ms, M, pid_k, stride_os, stride_om, HAS_BIAS: tl.constexpr,
+           SPLIT_K: tl.constexpr):
+    """Bias (only without split-K: the partial sums get it after their reduction), cast, masked store."""
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            result += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + pid_k * stride_os + ms[:, None] * stride_om + rows[None, :]
+    tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=(ms < M)[:, None] & row_ok[None, :])
+
+
+@triton.jit
 def _planes_kernel(x_ptr, values_ptr, meta_ptr, offsets_ptr, bias_ptr, out_ptr,
                    M, N, K, tiles, stride_xm, stride_os, stride_om, TILES_PER_SPLIT: tl.constexpr,
                    BITMASK: tl.constexpr, W: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -195,18 +218,8 @@ def _planes_kernel(x_ptr, values_ptr, meta_ptr, offsets_ptr, bias_ptr, out_ptr,
     if USE_DOT:
         result = acc
     else:
-        sums = tl.sum(acc0, axis=1)[None, :]
-        if BLOCK_M > 1:
-            sums = tl.where(ms[:, None] == 1, tl.sum(acc1, axis=1)[None, :], sums)
-        if BLOCK_M > 2:
-            sums = tl.where(ms[:, None] == 2, tl.sum(acc2, axis=1)[None, :], sums)
-            sums = tl.where(ms[:, None] == 3, tl.sum(acc3, axis=1)[None, :], sums)
-        result = sums
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            result += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + pid_k * stride_os + ms[:, None] * stride_om + rows[None, :]
-    tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & row_ok[None, :])
+        result = _row_sums(acc0, acc1, acc2, acc3, ms, 1, BLOCK_M)
+    _store(result, out_ptr, bias_ptr, rows, row_ok, ms, M, pid_k, stride_os, stride_om, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
@@ -246,17 +259,8 @@ def _bitmask_fma_kernel(x_ptr, values_ptr, meta_ptr, offsets_ptr, bias_ptr, out_
             if BLOCK_M > 2:
                 acc2 = _planes_fma(acc2, w0, w1, w2, w3, x_ptr + 8 * plane_stride, groups, plane_stride, 0)
                 acc3 = _planes_fma(acc3, w0, w1, w2, w3, x_ptr + 12 * plane_stride, groups, plane_stride, 0)
-    result = tl.sum(acc0, axis=0)[None, :]
-    if BLOCK_M > 1:
-        result = tl.where(ms[:, None] == 1, tl.sum(acc1, axis=0)[None, :], result)
-    if BLOCK_M > 2:
-        result = tl.where(ms[:, None] == 2, tl.sum(acc2, axis=0)[None, :], result)
-        result = tl.where(ms[:, None] == 3, tl.sum(acc3, axis=0)[None, :], result)
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            result += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + pid_k * stride_os + ms[:, None] * stride_om + rows[None, :]
-    tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=(ms < M)[:, None] & row_ok[None, :])
+    result = _row_sums(acc0, acc1, acc2, acc3, ms, 0, BLOCK_M)
+    _store(result, out_ptr, bias_ptr, rows, row_ok, ms, M, pid_k, stride_os, stride_om, HAS_BIAS, SPLIT_K)
 
 
 _planes_autotuned = triton.autotune(configs=_configs(), key=["N", "tiles", "BLOCK_M", "SPLIT_K", "USE_DOT", "BITMASK",
