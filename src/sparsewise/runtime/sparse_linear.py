@@ -91,14 +91,13 @@ class SparseLinear(nn.Module):
         weight = linear.weight.detach()
         if device is not None:
             weight = weight.to(device)
-        if weight.dim() != 2:
-            raise PatternError(f"SparseLinear takes a 2-D weight, got {tuple(weight.shape)}.")
-        if not torch.isfinite(weight).all():
-            raise PatternError("the weight holds NaN or Inf values; fix the model before accelerating it.")
-        kind = weight_kind(weight)
-        layout = pack_24(weight) if kind == "24" else pack_unstructured(weight)
+        # the packers validate (2-D, finite) and pack_24 refuses anything that is not 2:4
+        try:
+            layout = pack_24(weight)
+        except PatternError:
+            layout = pack_unstructured(weight)
         cslt = None
-        if kind == "24" and prefill and weight.is_cuda and weight.dtype in (torch.float16, torch.bfloat16):
+        if isinstance(layout, NM24) and prefill and weight.is_cuda and weight.dtype in (torch.float16, torch.bfloat16):
             from ..kernels import cusparselt
 
             n, k = weight.shape
