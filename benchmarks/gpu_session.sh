@@ -13,9 +13,11 @@ for stage in "$@"; do
   case "$stage" in
     tests)  timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_runtime.py tests/test_kernels.py \
               tests/test_gpu.py 2>&1 | tail -25 | tee "$OUT/tests.txt" ;;
+    rtests) timeout 300 python3 -m pytest -q -x -m gpu -p no:cacheprovider --tb=short tests/test_runtime.py 2>&1 \
+              | tail -40 | tee "$OUT/rtests.txt" ;;
     layers) timeout 420 python3 benchmarks/runtime_layers.py 2>&1 | grep -v "Warn\|return cls" | tee "$OUT/layers.txt" ;;
     quick)  timeout 200 python3 benchmarks/runtime_layers.py --models llama3-8b --layers q_proj,gate_up,down_proj \
-              --ms 1,4,16,2048 --no-stock --json-out "$OUT/quick.json" 2>&1 | grep -v "Warn\|return cls" | tee "$OUT/quick.txt" ;;
+              --ms ${QUICK_MS:-1,4,16} --no-stock --json-out "$OUT/quick.json" 2>&1 | grep -v "Warn\|return cls" | tee "$OUT/quick.txt" ;;
     e2e)    timeout 330 python3 benchmarks/runtime_e2e.py 2>&1 | grep -v "Warn\|return cls" | tee "$OUT/e2e.txt" ;;
     probe)  timeout 90 python3 benchmarks/probes/cslt_layouts.py 2>&1 | grep -v Warn | tee "$OUT/cslt.txt"
             timeout 30 python3 benchmarks/probes/cslt_format.py 2>&1 | grep -v Warn | tee "$OUT/cslt_format.txt" ;;

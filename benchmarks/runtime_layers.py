@@ -32,6 +32,7 @@ from sparsewise.kernels import triton_planes as planes
 from sparsewise.kernels.cusparselt import CsltLinear
 from sparsewise.patterns import nm_mask, unstructured_mask
 from sparsewise.runtime.dispatch import capture, events_median
+from sparsewise.runtime.sparse_linear import planes_choices
 
 SHAPES = {
     "llama3-8b": {"q_proj": (4096, 4096), "k_proj": (1024, 4096), "gate_up": (14336, 4096),
@@ -40,28 +41,17 @@ SHAPES = {
     "llama2-7b": {"gate_up": (11008, 4096), "down_proj": (4096, 11008)},
 }
 L2_BYTES = 60 * 2**20
-# (label, kwargs) launch variants timed per shape; the best is what the runtime's measured dispatch keeps
-PLANES_FMA = [(32, 4, 2)]  # 2:4 weight planes x fp32 x planes (the bitmask kernel's arithmetic)
-SELECT_FMA = [(32, 4, 2), (16, 4, 2), (64, 8, 2), (32, 2, 2)]  # 2:4: each kept weight meets its own x
-BITMASK_FMA = [(16, 4, 2), (32, 4, 2), (32, 8, 2), (64, 8, 2)]
-DOT = [(16, 4, 2), (32, 4, 2)]
 
 
-def planes_variants(kind: str, m: int, n: int, k: int, width: int):
-    splits = [1] if n >= 4096 else [1, 4 if k <= 4096 else 2]
+def planes_variants(kind: str, m: int, k: int, width: int) -> list[tuple[str, dict]]:
+    """The launches the runtime's dispatch times (runtime.sparse_linear.planes_choices), labelled."""
+    tiles = -(-k // (32 * width))
     variants = []
-    for split in splits:
-        if m <= 4:
-            if kind == "24":
-                variants += [(f"select s{split} {c}", {"use_dot": False, "xselect": True, "split_k": split,
-                                                       "config": c}) for c in SELECT_FMA]
-                variants += [(f"planes s{split} {c}", {"use_dot": False, "xselect": False, "split_k": split,
-                                                       "config": c}) for c in PLANES_FMA]
-            else:
-                variants += [(f"fma s{split} {c}", {"use_dot": False, "split_k": split, "config": c})
-                             for c in BITMASK_FMA]
-        if m >= 2 and width >= 16:
-            variants += [(f"dot s{split} {c}", {"use_dot": True, "split_k": split, "config": c}) for c in DOT]
+    for choice in planes_choices(kind, m, width, tiles):
+        path = "dot" if choice["use_dot"] else "select" if choice["xselect"] else "fma"
+        kwargs = {key: choice[key] for key in ("use_dot", "xselect", "split_k")}
+        variants.append((f"{path} s{choice['split_k']} {tuple(choice['config'])}",
+                         {**kwargs, "config": tuple(choice["config"])}))
     return variants
 
 
@@ -145,7 +135,6 @@ def main() -> None:
                 lbm.append(pack_unstructured(b))
                 stock.append(torch.sparse.to_sparse_semi_structured(a))
                 cslt.append(CsltLinear(a))
-            width = l24[0].width
             for m in ms:
                 xs = [torch.randn(m, k, device="cuda", dtype=dtype, generator=gen) for _ in range(copies)]
                 ref24 = F.linear(xs[0].double(), w24[0].double())
@@ -164,7 +153,7 @@ def main() -> None:
                 if m <= args.max_planes_m:
                     for kind, layouts, ref in (("24", l24, ref24), ("bitmask", lbm, refbm)):
                         best = None
-                        for label, kwargs in planes_variants(kind, m, n, k, width):
+                        for label, kwargs in planes_variants(kind, m, k, layouts[0].width):
                             try:
                                 check(planes.linear(xs[0], layouts[0], **kwargs), ref)
                                 t = timer(lambda i: planes.linear(xs[i], layouts[i], **kwargs), copies)

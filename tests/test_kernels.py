@@ -122,14 +122,19 @@ for kind, n, k, m, use_dot, xselect, split_k in {INTERPRETER_CASES!r}:
     layout = (pack_24 if kind == "24" else pack_unstructured)(w)
     x = torch.randn(m, k, generator=g)
     b = torch.randn(n, generator=g)
-    out = linear(x, layout, b, split_k=split_k, use_dot=use_dot, xselect=xselect, config=(16, 4, 1))
     ref = torch.nn.functional.linear(x.double(), w.double(), b.double())
-    print(kind, n, k, m, use_dot, xselect, split_k, ((out.double() - ref).norm() / ref.norm()).item())
+    # twice: the split-K arrival counters must be back at zero after each call
+    errors = [((linear(x, layout, b, split_k=split_k, use_dot=use_dot, xselect=xselect, config=(16, 4, 1)).double()
+                - ref).norm() / ref.norm()).item() for _ in range(2)]
+    print(kind, n, k, m, use_dot, xselect, split_k, max(errors))
+from sparsewise.kernels.triton_planes import _COUNTERS
+print("counters", sum(int(c.abs().sum()) for c in _COUNTERS.values()), len(_COUNTERS))
 """
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.strip().splitlines()
+    *lines, counters = result.stdout.strip().splitlines()
+    assert counters == "counters 0 1"  # split-K cases ran, and left their counters at zero
     assert len(lines) == len(INTERPRETER_CASES)
     bad = [line for line in lines if not float(line.split()[-1]) < 1e-5]
     assert not bad, bad

@@ -126,19 +126,37 @@ def _row_sums(acc0, acc1, acc2, acc3, ms, GROUP_AXIS: tl.constexpr, BLOCK_M: tl.
 
 
 @triton.jit
-def _store(result, out_ptr, bias_ptr, rows, row_ok, ms, M, pid_k, stride_os, stride_om, HAS_BIAS: tl.constexpr,
-           SPLIT_K: tl.constexpr):
-    """Bias (only without split-K: the partial sums get it after their reduction), cast, masked store."""
-    if SPLIT_K == 1:
+def _store(result, out_ptr, partial_ptr, counter_ptr, bias_ptr, rows, row_ok, ms, M, N, pid_n, pid_k, stride_om,
+           HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Bias, cast, masked store. With split-K each program first stores its fp32 partial sums; the
+    last program of a row block to arrive (a counter per row block) adds all partials in split
+    order, so the sum is deterministic and the whole linear stays one launch. It then resets
+    its counter to 0 for the next call (the counters persist, CUDA graphs replay them)."""
+    mask = (ms < M)[:, None] & row_ok[None, :]
+    offsets = ms[:, None] * N + rows[None, :]
+    if SPLIT_K > 1:
+        tl.store(partial_ptr + pid_k * M * N + offsets, result, mask=mask)
+        # every thread's partial is written before one thread publishes the arrival (release);
+        # the winner's acquire orders its reads after all other programs' partial stores
+        tl.debug_barrier()
+        arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            result = tl.load(partial_ptr + offsets, mask=mask, other=0.0, cache_modifier=".cg")
+            for split in range(1, SPLIT_K):
+                result += tl.load(partial_ptr + split * M * N + offsets, mask=mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                result += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptr + ms[:, None] * stride_om + rows[None, :], result.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(counter_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+    else:
         if HAS_BIAS:
             result += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + pid_k * stride_os + ms[:, None] * stride_om + rows[None, :]
-    tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=(ms < M)[:, None] & row_ok[None, :])
+        tl.store(out_ptr + ms[:, None] * stride_om + rows[None, :], result.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _planes_kernel(x_ptr, values_ptr, meta_ptr, offsets_ptr, bias_ptr, out_ptr,
-                   M, N, K, tiles, stride_xm, stride_os, stride_om, TILES_PER_SPLIT: tl.constexpr,
+def _planes_kernel(x_ptr, values_ptr, meta_ptr, offsets_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr,
+                   M, N, K, tiles, stride_xm, stride_om, TILES_PER_SPLIT: tl.constexpr,
                    BITMASK: tl.constexpr, W: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                    USE_DOT: tl.constexpr, SPLIT_K: tl.constexpr, PORTABLE_POPCOUNT: tl.constexpr, XSELECT: tl.constexpr,
                    EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -219,11 +237,13 @@ def _planes_kernel(x_ptr, values_ptr, meta_ptr, offsets_ptr, bias_ptr, out_ptr,
         result = acc
     else:
         result = _row_sums(acc0, acc1, acc2, acc3, ms, 1, BLOCK_M)
-    _store(result, out_ptr, bias_ptr, rows, row_ok, ms, M, pid_k, stride_os, stride_om, HAS_BIAS, SPLIT_K)
+    _store(result, out_ptr, partial_ptr, counter_ptr, bias_ptr, rows, row_ok, ms, M, N, pid_n, pid_k, stride_om,
+           HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
-def _bitmask_fma_kernel(x_ptr, values_ptr, meta_ptr, offsets_ptr, bias_ptr, out_ptr, M, N, tiles, stride_os, stride_om,
+def _bitmask_fma_kernel(x_ptr, values_ptr, meta_ptr, offsets_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr, M, N,
+                        tiles, stride_om,
                         TILES_PER_SPLIT: tl.constexpr, W: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                         SPLIT_K: tl.constexpr, PORTABLE_POPCOUNT: tl.constexpr, BLOCK_N: tl.constexpr):
     """Bitmask planes on CUDA cores (M <= 4), with tensors oriented [W, BLOCK_N].
@@ -260,7 +280,8 @@ def _bitmask_fma_kernel(x_ptr, values_ptr, meta_ptr, offsets_ptr, bias_ptr, out_
                 acc2 = _planes_fma(acc2, w0, w1, w2, w3, x_ptr + 8 * plane_stride, groups, plane_stride, 0)
                 acc3 = _planes_fma(acc3, w0, w1, w2, w3, x_ptr + 12 * plane_stride, groups, plane_stride, 0)
     result = _row_sums(acc0, acc1, acc2, acc3, ms, 0, BLOCK_M)
-    _store(result, out_ptr, bias_ptr, rows, row_ok, ms, M, pid_k, stride_os, stride_om, HAS_BIAS, SPLIT_K)
+    _store(result, out_ptr, partial_ptr, counter_ptr, bias_ptr, rows, row_ok, ms, M, N, pid_n, pid_k, stride_om,
+           HAS_BIAS, SPLIT_K)
 
 
 _planes_autotuned = triton.autotune(configs=_configs(), key=["N", "tiles", "BLOCK_M", "SPLIT_K", "USE_DOT", "BITMASK",
@@ -271,6 +292,22 @@ _bitmask_autotuned = triton.autotune(configs=_configs(), key=["N", "tiles", "BLO
 def default_use_dot(m: int, layout: NM24 | Bitmask) -> bool:
     """Tensor-core planes from 5 rows up (a guess the runtime's measured dispatch overrides)."""
     return m > 4 and layout.width >= 16
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_counters(device: torch.device, blocks: int) -> torch.Tensor:
+    """Zeroed int32 arrival counters for split-K, one per row block, kept per device: each launch
+    leaves them at zero again, so they are allocated once (outside any CUDA-graph capture)."""
+    counters = _COUNTERS.get(device)
+    if counters is None or counters.numel() < blocks:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("split-K counters must exist before CUDA-graph capture: run the layer once "
+                               "eagerly first (accelerate() and tune() do).")
+        counters = torch.zeros(max(blocks, 4096), device=device, dtype=torch.int32)
+        _COUNTERS[device] = counters
+    return counters
 
 
 def linear(x: torch.Tensor, layout: NM24 | Bitmask, bias: torch.Tensor | None = None, *, split_k: int = 1,
@@ -302,10 +339,11 @@ def linear(x: torch.Tensor, layout: NM24 | Bitmask, bias: torch.Tensor | None = 
     # splits of equal whole tiles: the largest divisor of the tile count not above the request
     split_k = max(d for d in range(1, max(1, min(split_k, tiles)) + 1) if tiles % d == 0)
     per_split = tiles // split_k
-    if split_k == 1:
-        out = torch.empty(1, m, n, device=x.device, dtype=x.dtype)
-    else:
-        out = torch.empty(split_k, m, n, device=x.device, dtype=torch.float32)
+    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    partials, counters = out, out  # unused pointers without split-K
+    if split_k > 1:
+        partials = torch.empty(split_k, m, n, device=x.device, dtype=torch.float32)
+        counters = _split_counters(x.device, triton.cdiv(n, 16))
     bitmask = isinstance(layout, Bitmask)
     if xselect is None:
         xselect = not bitmask and not use_dot
@@ -333,20 +371,13 @@ def linear(x: torch.Tensor, layout: NM24 | Bitmask, bias: torch.Tensor | None = 
         x_arg[:m, :, : k // 4].copy_(x2.view(m, k // 4, 4).transpose(1, 2))
     if bitmask and not use_dot:
         kernel[grid](x_arg, layout.values, layout.meta, layout.tile_offsets, bias if bias is not None else x2, out,
-                     m, n, tiles, out.stride(0), out.stride(1), TILES_PER_SPLIT=per_split, W=width,
-                     HAS_BIAS=bias is not None and split_k == 1, BLOCK_M=block_m, SPLIT_K=split_k,
+                     partials, counters, m, n, tiles, out.stride(0), TILES_PER_SPLIT=per_split, W=width,
+                     HAS_BIAS=bias is not None, BLOCK_M=block_m, SPLIT_K=split_k,
                      PORTABLE_POPCOUNT=_INTERPRETED, **launch)
     else:
-        kernel[grid](x_arg, layout.values, layout.meta, offsets, bias if bias is not None else x2, out,
-                     m, n, k, tiles, x2.stride(0), out.stride(0), out.stride(1), TILES_PER_SPLIT=per_split,
-                     BITMASK=bitmask, W=width, HAS_BIAS=bias is not None and split_k == 1, BLOCK_M=block_m,
+        kernel[grid](x_arg, layout.values, layout.meta, offsets, bias if bias is not None else x2, out, partials,
+                     counters, m, n, k, tiles, x2.stride(0), out.stride(0), TILES_PER_SPLIT=per_split,
+                     BITMASK=bitmask, W=width, HAS_BIAS=bias is not None, BLOCK_M=block_m,
                      USE_DOT=use_dot, SPLIT_K=split_k, PORTABLE_POPCOUNT=_INTERPRETED, XSELECT=xselect,
                      EVEN_K=k == layout.padded_k, **launch)
-    if split_k == 1:
-        result = out[0]
-    else:
-        result = out.sum(0)
-        if bias is not None:
-            result += bias
-        result = result.to(x.dtype)
-    return result.reshape(*lead, n)
+    return out.reshape(*lead, n)

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..models.adapters import _embedding_weight_ids
 from . import dispatch
-from .sparse_linear import PLANES_MAX_ROWS, SparseLinear
+from .sparse_linear import PLANES_MAX_ROWS, SparseLinear, planes_choices
 
 
 @dataclass
@@ -89,20 +89,8 @@ def _candidates(layer: SparseLinear, rows: int) -> list[dict]:
         found.append({"backend": "dense"})
     if layer.cslt is not None and rows >= 16:
         found.append({"backend": "cusparselt"})
-    if rows <= PLANES_MAX_ROWS:
-        if rows <= 4:
-            # CUDA-core paths: x-select for 2:4, weight planes for the bitmask (configs that compiled
-            # without spills for sm_90: BLOCK_N, warps, stages)
-            xselect = layer.kind == "24"
-            for config in ([32, 4, 2], [16, 4, 2], [64, 8, 2]):
-                found.append({"backend": "planes", "use_dot": False, "xselect": xselect, "split_k": 1,
-                              "config": config})
-        if rows >= 2 and layer.layout.width >= 16:
-            for config in ([16, 4, 2], [32, 4, 2]):
-                found.append({"backend": "planes", "use_dot": True, "xselect": False, "split_k": 1, "config": config})
-        if layer.out_features < 4096:
-            extra = [dict(choice, split_k=4) for choice in found if choice["backend"] == "planes"]
-            found.extend(extra)
+    tiles = layer.layout.meta.shape[1] // layer.width
+    found += planes_choices(layer.kind, rows, layer.width, tiles)
     return found
 
 

@@ -53,6 +53,29 @@ def default_choice(kind: str, rows: int, *, has_cslt: bool, has_dense: bool, wid
     return {"backend": "decompress"}
 
 
+# Launch configs (BLOCK_N, warps, stages) that compile without spills for sm_90 (checked on the
+# CPU machine with Triton's ptxas); wide row blocks give 16-byte loads, split-K gives them programs
+_FMA_CONFIGS = {"24": ([16, 4, 2], [32, 4, 2], [64, 4, 1], [128, 8, 1]),
+                "bitmask": ([16, 4, 2], [32, 8, 2], [64, 8, 2])}
+_DOT_CONFIGS = ([16, 4, 2], [32, 4, 2])
+_SPLITS = (1, 2, 4, 8)
+
+
+def planes_choices(kind: str, rows: int, width: int, tiles: int) -> list[dict]:
+    """Every Triton planes launch worth timing for ``rows`` activation rows: CUDA-core paths up to
+    4 rows (x-select for 2:4), tensor cores from 2 rows (width-16 layouts), each with K split
+    over 1-8 programs (only splits that divide the tile count, as the kernel does)."""
+    if rows > PLANES_MAX_ROWS:
+        return []
+    splits = sorted({max(d for d in range(1, min(s, tiles) + 1) if tiles % d == 0) for s in _SPLITS})
+    shapes = []
+    if rows <= 4:
+        shapes += [{"use_dot": False, "xselect": kind == "24", "config": c} for c in _FMA_CONFIGS[kind]]
+    if rows >= 2 and width >= 16:
+        shapes += [{"use_dot": True, "xselect": False, "config": c} for c in _DOT_CONFIGS]
+    return [{"backend": "planes", **shape, "split_k": split} for split in splits for shape in shapes]
+
+
 @torch.library.custom_op("sparsewise::sparse_linear", mutates_args=())
 def _sparse_linear_op(x: torch.Tensor, layer_id: int) -> torch.Tensor:
     layer = _LAYERS[layer_id]
