@@ -98,7 +98,7 @@ INTERPRETER_CASES = [  # (kind, n, k, m, use_dot, xselect, split_k)
     ("24", 17, 1024, 5, True, False, 1), ("24", 17, 2000, 3, True, False, 2), ("24", 9, 1100, 1, False, True, 1),
     ("bitmask", 20, 576, 1, False, False, 1), ("bitmask", 20, 576, 3, False, False, 3),
     ("bitmask", 17, 1024, 5, True, False, 1), ("bitmask", 17, 2000, 3, True, False, 2),
-    ("bitmask", 9, 1100, 2, False, False, 1),
+    ("bitmask", 9, 1100, 2, False, False, 1), ("bitmask", 17, 1024, 40, True, False, 2),
 ]
 
 

@@ -28,6 +28,7 @@ from triton.language.extra import libdevice
 from .layouts import NM24, Bitmask
 
 MAX_M = 64
+BITMASK_DOT_ROWS = 32
 # Triton's CPU interpreter (tests without a GPU) has no libdevice: popcount by bit arithmetic there.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -294,6 +295,59 @@ def default_use_dot(m: int, layout: NM24 | Bitmask) -> bool:
     return m > 4 and layout.width >= 16
 
 
+def _launch(x2: torch.Tensor, out: torch.Tensor, layout: NM24 | Bitmask, bias: torch.Tensor | None, split_k: int,
+            use_dot: bool, config: tuple[int, int, int] | None, xselect: bool | None) -> None:
+    """One kernel launch writing ``out`` = x2 W^T + b (x2 rows contiguous, at most 64 of them)."""
+    n, k = layout.shape
+    m = x2.shape[0]
+    block_m = max(16 if use_dot else 1, triton.next_power_of_2(m))
+    width = layout.width
+    tiles = layout.meta.shape[1] // width
+    # splits of equal whole tiles: the largest divisor of the tile count not above the request
+    split_k = max(d for d in range(1, max(1, min(split_k, tiles)) + 1) if tiles % d == 0)
+    per_split = tiles // split_k
+    partials, counters = out, out  # unused pointers without split-K
+    if split_k > 1:
+        partials = torch.empty(split_k, m, n, device=x2.device, dtype=torch.float32)
+        counters = _split_counters(x2.device, triton.cdiv(n, 16))
+    bitmask = isinstance(layout, Bitmask)
+    if xselect is None:
+        xselect = not bitmask and not use_dot
+    if xselect and (bitmask or use_dot):
+        raise ValueError("xselect (x chosen per kept weight) serves the 2:4 FMA path only.")
+    offsets = layout.tile_offsets if bitmask else layout.meta  # unused pointer for 2:4
+
+    def grid(meta):
+        return (triton.cdiv(n, meta["BLOCK_N"]), split_k)
+
+    if config is None:
+        kernel, launch = (_bitmask_autotuned if bitmask and not use_dot else _planes_autotuned), {}
+    else:
+        kernel = _bitmask_fma_kernel if bitmask and not use_dot else _planes_kernel
+        launch = {"BLOCK_N": config[0], "num_warps": config[1], "num_stages": config[2]}
+    x_arg = x2
+    if not use_dot:
+        # fp32 planes of x: plane c = input c of every group, zero-padded to the layout's K; the
+        # extra copy is one small kernel (M x K) that spares every row of the GEMV a conversion
+        # Only padded groups need zeros (0 weight x garbage could be NaN); rows past M are never stored.
+        groups = layout.padded_k // 4
+        x_arg = torch.empty(block_m, 4, groups, device=x2.device, dtype=torch.float32)
+        if groups != k // 4:
+            x_arg[:, :, k // 4:].zero_()
+        x_arg[:m, :, : k // 4].copy_(x2.view(m, k // 4, 4).transpose(1, 2))
+    if bitmask and not use_dot:
+        kernel[grid](x_arg, layout.values, layout.meta, layout.tile_offsets, bias if bias is not None else x2, out,
+                     partials, counters, m, n, tiles, out.stride(0), TILES_PER_SPLIT=per_split, W=width,
+                     HAS_BIAS=bias is not None, BLOCK_M=block_m, SPLIT_K=split_k,
+                     PORTABLE_POPCOUNT=_INTERPRETED, **launch)
+    else:
+        kernel[grid](x_arg, layout.values, layout.meta, offsets, bias if bias is not None else x2, out, partials,
+                     counters, m, n, k, tiles, x2.stride(0), out.stride(0), TILES_PER_SPLIT=per_split,
+                     BITMASK=bitmask, W=width, HAS_BIAS=bias is not None, BLOCK_M=block_m,
+                     USE_DOT=use_dot, SPLIT_K=split_k, PORTABLE_POPCOUNT=_INTERPRETED, XSELECT=xselect,
+                     EVEN_K=k == layout.padded_k, **launch)
+
+
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
@@ -333,51 +387,11 @@ def linear(x: torch.Tensor, layout: NM24 | Bitmask, bias: torch.Tensor | None = 
                          f"width {layout.width}.")
     if not use_dot and m > 4:
         raise ValueError("the FMA planes path serves M <= 4 rows; use use_dot=True above that.")
-    block_m = max(16 if use_dot else 1, triton.next_power_of_2(m))
-    width = layout.width
-    tiles = layout.meta.shape[1] // width
-    # splits of equal whole tiles: the largest divisor of the tile count not above the request
-    split_k = max(d for d in range(1, max(1, min(split_k, tiles)) + 1) if tiles % d == 0)
-    per_split = tiles // split_k
-    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    partials, counters = out, out  # unused pointers without split-K
-    if split_k > 1:
-        partials = torch.empty(split_k, m, n, device=x.device, dtype=torch.float32)
-        counters = _split_counters(x.device, triton.cdiv(n, 16))
     bitmask = isinstance(layout, Bitmask)
-    if xselect is None:
-        xselect = not bitmask and not use_dot
-    if xselect and (bitmask or use_dot):
-        raise ValueError("xselect (x chosen per kept weight) serves the 2:4 FMA path only.")
-    offsets = layout.tile_offsets if bitmask else layout.meta  # unused pointer for 2:4
-
-    def grid(meta):
-        return (triton.cdiv(n, meta["BLOCK_N"]), split_k)
-
-    if config is None:
-        kernel, launch = (_bitmask_autotuned if bitmask and not use_dot else _planes_autotuned), {}
-    else:
-        kernel = _bitmask_fma_kernel if bitmask and not use_dot else _planes_kernel
-        launch = {"BLOCK_N": config[0], "num_warps": config[1], "num_stages": config[2]}
-    x_arg = x2
-    if not use_dot:
-        # fp32 planes of x: plane c = input c of every group, zero-padded to the layout's K; the
-        # extra copy is one small kernel (M x K) that spares every row of the GEMV a conversion
-        # Only padded groups need zeros (0 weight x garbage could be NaN); rows past M are never stored.
-        groups = layout.padded_k // 4
-        x_arg = torch.empty(block_m, 4, groups, device=x.device, dtype=torch.float32)
-        if groups != k // 4:
-            x_arg[:, :, k // 4:].zero_()
-        x_arg[:m, :, : k // 4].copy_(x2.view(m, k // 4, 4).transpose(1, 2))
-    if bitmask and not use_dot:
-        kernel[grid](x_arg, layout.values, layout.meta, layout.tile_offsets, bias if bias is not None else x2, out,
-                     partials, counters, m, n, tiles, out.stride(0), TILES_PER_SPLIT=per_split, W=width,
-                     HAS_BIAS=bias is not None, BLOCK_M=block_m, SPLIT_K=split_k,
-                     PORTABLE_POPCOUNT=_INTERPRETED, **launch)
-    else:
-        kernel[grid](x_arg, layout.values, layout.meta, offsets, bias if bias is not None else x2, out, partials,
-                     counters, m, n, k, tiles, x2.stride(0), out.stride(0), TILES_PER_SPLIT=per_split,
-                     BITMASK=bitmask, W=width, HAS_BIAS=bias is not None, BLOCK_M=block_m,
-                     USE_DOT=use_dot, SPLIT_K=split_k, PORTABLE_POPCOUNT=_INTERPRETED, XSELECT=xselect,
-                     EVEN_K=k == layout.padded_k, **launch)
+    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    # Triton 3.6 cannot lay out the bitmask tensor-core tile for 64 activation rows ("Illegal shared
+    # layout"): that path runs 32 rows per launch
+    chunk = BITMASK_DOT_ROWS if bitmask and use_dot else m
+    for start in range(0, m, chunk):
+        _launch(x2[start:start + chunk], out[start:start + chunk], layout, bias, split_k, use_dot, config, xselect)
     return out.reshape(*lead, n)
