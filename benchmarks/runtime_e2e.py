@@ -201,6 +201,9 @@ def run_pattern(pattern: str, cfg: dict, args, results: dict) -> None:
         run["dense"][f"decode_b{batch}_tok_s"] = batch * 1000 / step
     run["dense"]["prefill_ms"] = prefill_ms(model, args.prefill, max(5, args.repeats // 10))
     run["dense"].update(weight_bytes(model))
+    # progress as it goes: a run cut off by a time limit still says how far it got
+    print(f"{pattern}: dense decode b1 {run['dense']['decode_b1_tok_s']:.1f} tok/s, b8 "
+          f"{run['dense']['decode_b8_tok_s']:.1f}, prefill {run['dense']['prefill_ms']:.1f} ms", flush=True)
     clock = time.perf_counter()
     report = accelerate(model, prefill=not args.no_prefill_copy, keep_dense=args.keep_dense)
     run["accelerate_s"] = time.perf_counter() - clock
@@ -211,6 +214,7 @@ def run_pattern(pattern: str, cfg: dict, args, results: dict) -> None:
     run["dispatch"] = {key: {str(b): c for b, c in table.items()}
                        for key, table in tune(model, rows=(1, 8, args.prefill)).items()}
     run["tune_s"] = time.perf_counter() - clock
+    print(f"{pattern}: accelerate {run['accelerate_s']:.1f} s, dispatch tuned in {run['tune_s']:.1f} s", flush=True)
     for batch in (1, 8):
         step, logits = decode_step_ms(model, batch, args.prompt, args.repeats)
         run["sparse"][f"decode_b{batch}_ms"] = step

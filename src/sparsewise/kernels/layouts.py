@@ -161,8 +161,13 @@ def unpack(layout: NM24 | Bitmask) -> torch.Tensor:
         return dense.reshape(rows, -1)[:, :cols]
     bit = 1 << torch.arange(GROUP, device=nibbles.device)
     keep = (nibbles.permute(0, 1, 3, 2).unsqueeze(-1) & bit) != 0  # [N, T, W, 8, 4]
-    ordered = torch.zeros(keep.shape, dtype=layout.values.dtype, device=layout.values.device)
-    ordered[keep] = layout.values
+    # each kept entry's index in the values: its tile's offset + the kept entries before it in the
+    # tile. A gather, not boolean indexing: no host sync, so the fallback can be graph-captured.
+    flat = keep.reshape(rows, tiles, -1)
+    rank = torch.cumsum(flat, -1, dtype=torch.int32) - 1
+    index = (layout.tile_offsets.unsqueeze(-1) + rank).clamp_(min=0)
+    values = layout.values if layout.values.numel() else layout.values.new_zeros(1)
+    ordered = torch.where(flat, values[index.reshape(-1)].reshape(flat.shape), 0).reshape(keep.shape)
     return ordered.permute(0, 1, 3, 2, 4).reshape(rows, -1)[:, :cols]
 
 

@@ -47,8 +47,8 @@ def _popcount(words, PORTABLE: tl.constexpr):
 
 def _configs():
     # Few on purpose: every config compiles on the first call of each (shape, M bucket).
-    return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bn, w, s in ((16, 4, 2), (32, 4, 2), (32, 8, 2), (64, 8, 2), (32, 4, 3), (64, 4, 3))]
+    return [triton.Config({"BLOCK_N": bn, "STAGES": s}, num_warps=w, num_stages=s)
+            for bn, w, s in ((16, 4, 1), (32, 4, 2), (32, 8, 1), (16, 4, 3), (32, 4, 3), (32, 8, 3))]
 
 
 @triton.jit
@@ -160,7 +160,7 @@ def _planes_kernel(x_ptr, values_ptr, meta_ptr, offsets_ptr, bias_ptr, out_ptr, 
                    M, N, K, tiles, stride_xm, stride_om, TILES_PER_SPLIT: tl.constexpr,
                    BITMASK: tl.constexpr, W: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                    USE_DOT: tl.constexpr, SPLIT_K: tl.constexpr, PORTABLE_POPCOUNT: tl.constexpr, XSELECT: tl.constexpr,
-                   EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr):
+                   EVEN_K: tl.constexpr, STAGES: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -182,7 +182,9 @@ def _planes_kernel(x_ptr, values_ptr, meta_ptr, offsets_ptr, bias_ptr, out_ptr, 
         acc3 = tl.zeros((BLOCK_N, W), dtype=tl.float32)
     ks = tl.arange(0, 4 * W)
     t_start = pid_k * TILES_PER_SPLIT
-    for step in range(TILES_PER_SPLIT):
+    # an explicit stage count: Triton software-pipelines (cp.async) only loops that carry one when
+    # no load feeds a tl.dot; STAGES 1 = plain loads, each tile waits for its own bytes
+    for step in tl.range(0, TILES_PER_SPLIT, num_stages=STAGES):
         t = t_start + step
         words = tl.load(meta_rows + t * W + ws[None, :], mask=row_ok[:, None], other=0)
         if BITMASK:
@@ -246,7 +248,8 @@ def _planes_kernel(x_ptr, values_ptr, meta_ptr, offsets_ptr, bias_ptr, out_ptr, 
 def _bitmask_fma_kernel(x_ptr, values_ptr, meta_ptr, offsets_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr, M, N,
                         tiles, stride_om,
                         TILES_PER_SPLIT: tl.constexpr, W: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                        SPLIT_K: tl.constexpr, PORTABLE_POPCOUNT: tl.constexpr, BLOCK_N: tl.constexpr):
+                        SPLIT_K: tl.constexpr, PORTABLE_POPCOUNT: tl.constexpr, STAGES: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
     """Bitmask planes on CUDA cores (M <= 4), with tensors oriented [W, BLOCK_N].
 
     Same arithmetic as the planes kernel, transposed: Triton lays out the value gathers (no
@@ -266,7 +269,9 @@ def _bitmask_fma_kernel(x_ptr, values_ptr, meta_ptr, offsets_ptr, bias_ptr, out_
     acc2 = tl.zeros((W, BLOCK_N), dtype=tl.float32)
     acc3 = tl.zeros((W, BLOCK_N), dtype=tl.float32)
     t_start = pid_k * TILES_PER_SPLIT
-    for step in range(TILES_PER_SPLIT):
+    # an explicit stage count: Triton software-pipelines (cp.async) only loops that carry one when
+    # no load feeds a tl.dot; STAGES 1 = plain loads, each tile waits for its own bytes
+    for step in tl.range(0, TILES_PER_SPLIT, num_stages=STAGES):
         t = t_start + step
         words = tl.load(meta_ptr + rows64[None, :] * (tiles * W) + t * W + ws[:, None], mask=row_ok[None, :], other=0)
         tile_start = tl.load(offsets_ptr + rows64 * tiles + t, mask=row_ok, other=0)
@@ -324,7 +329,7 @@ def _launch(x2: torch.Tensor, out: torch.Tensor, layout: NM24 | Bitmask, bias: t
         kernel, launch = (_bitmask_autotuned if bitmask and not use_dot else _planes_autotuned), {}
     else:
         kernel = _bitmask_fma_kernel if bitmask and not use_dot else _planes_kernel
-        launch = {"BLOCK_N": config[0], "num_warps": config[1], "num_stages": config[2]}
+        launch = {"BLOCK_N": config[0], "STAGES": config[2], "num_warps": config[1], "num_stages": config[2]}
     x_arg = x2
     if not use_dot:
         # fp32 planes of x: plane c = input c of every group, zero-padded to the layout's K; the

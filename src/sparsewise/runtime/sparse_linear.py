@@ -43,21 +43,23 @@ def default_choice(kind: str, rows: int, *, has_cslt: bool, has_dense: bool, wid
     if not on_cuda:
         return {"backend": "decompress"}
     if rows <= 4:
-        return {"backend": "planes", "use_dot": False, "xselect": kind == "24", "split_k": 1, "config": [32, 4, 2]}
+        return {"backend": "planes", "use_dot": False, "xselect": kind == "24", "split_k": 4, "config": [16, 4, 1]}
+    if has_dense:  # untuned: the kept dense copy is never slower than a guess
+        return {"backend": "dense"}
     if kind == "24" and has_cslt and rows >= 16:
         return {"backend": "cusparselt"}
-    if has_dense:
-        return {"backend": "dense"}
     if rows <= PLANES_MAX_ROWS and width >= 16:
-        return {"backend": "planes", "use_dot": True, "xselect": False, "split_k": 1, "config": [16, 4, 2]}
+        return {"backend": "planes", "use_dot": True, "xselect": False, "split_k": 4, "config": [32, 4, 2]}
     return {"backend": "decompress"}
 
 
 # Launch configs (BLOCK_N, warps, stages) that compile without spills for sm_90 (checked on the
-# CPU machine with Triton's ptxas); wide row blocks give 16-byte loads, split-K gives them programs
-_FMA_CONFIGS = {"24": ([16, 4, 2], [32, 4, 2], [64, 4, 1], [128, 8, 1]),
-                "bitmask": ([16, 4, 2], [32, 8, 2], [64, 8, 2])}
-_DOT_CONFIGS = ([16, 4, 2], [32, 4, 2])
+# CPU machine with Triton's ptxas). Stages 1: plain loads (the configs that won LLaMA-3-8B shapes
+# on the H200, benchmarks/RESULTS.md); stages 3: the K loop software-pipelined through cp.async
+# (16-byte copies for 2:4), more bytes in flight per SM. 64/128-row blocks never won.
+_FMA_CONFIGS = {"24": ([16, 4, 1], [32, 4, 1], [16, 4, 3], [32, 4, 3], [16, 2, 3]),
+                "bitmask": ([16, 4, 1], [32, 8, 1], [16, 4, 3], [32, 8, 3])}
+_DOT_CONFIGS = ([32, 4, 2], [32, 4, 3])
 _SPLITS = (1, 2, 4, 8)
 
 
