@@ -147,9 +147,12 @@ def main() -> None:
                 if not args.no_stock:
                     check(F.linear(xs[0], stock[0]), ref24)
                     row["stock_ms"] = bench(lambda i: F.linear(xs[i], stock[i]), copies)  # eager: as users call it
-                check(cslt[0](xs[0]), ref24)
-                row["cslt_mode"] = cslt[0].mode
-                row["cslt_ms"] = timer(lambda i: cslt[i](xs[i]), copies)
+                for transposed in (False, True):  # y row-major from cuSPARSELt, or y^T + Triton transpose
+                    check(cslt[0](xs[0], transposed=transposed), ref24)
+                    t = timer(lambda i, transposed=transposed: cslt[i](xs[i], transposed=transposed), copies)
+                    row[f"cslt_{'yt' if transposed else 'y'}_ms"] = t
+                    if t < row.get("cslt_ms", float("inf")):
+                        row["cslt_ms"], row["cslt_layout"] = t, "y^T+transpose" if transposed else "y"
                 if m <= args.max_planes_m:
                     for kind, layouts, ref in (("24", l24, ref24), ("bitmask", lbm, refbm)):
                         best = None

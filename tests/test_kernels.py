@@ -105,7 +105,8 @@ INTERPRETER_CASES = [  # (kind, n, k, m, use_dot, xselect, split_k)
 @pytest.mark.skipif(not _has_triton(), reason="needs triton (pip install triton)")
 def test_triton_planes_kernel_in_interpreter(monkeypatch):
     """The Triton kernel itself, run by Triton's CPU interpreter (fp32): same function as the reference,
-    for both layouts, FMA (dense tile and x-select) and tensor-core paths, split-K, padded K."""
+    for both layouts, FMA (dense tile and x-select) and tensor-core paths, split-K, padded K; and
+    the transpose epilogue of the cuSPARSELt path."""
     import subprocess
     import sys
 
@@ -129,12 +130,17 @@ for kind, n, k, m, use_dot, xselect, split_k in {INTERPRETER_CASES!r}:
     print(kind, n, k, m, use_dot, xselect, split_k, max(errors))
 from sparsewise.kernels.triton_planes import _COUNTERS
 print("counters", sum(int(c.abs().sum()) for c in _COUNTERS.values()), len(_COUNTERS))
+from sparsewise.kernels.transpose import transpose_bias
+yt, bias = torch.randn(70, 130), torch.randn(70)
+print("transpose", torch.allclose(transpose_bias(yt[:, :100], bias), yt[:, :100].t() + bias),
+      torch.equal(transpose_bias(yt), yt.t()))
 """
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    *lines, counters = result.stdout.strip().splitlines()
+    *lines, counters, transpose = result.stdout.strip().splitlines()
     assert counters == "counters 0 1"  # split-K cases ran, and left their counters at zero
+    assert transpose == "transpose True True"  # cuSPARSELt's y^T epilogue: odd tiles, a strided view, bias
     assert len(lines) == len(INTERPRETER_CASES)
     bad = [line for line in lines if not float(line.split()[-1]) < 1e-5]
     assert not bad, bad
@@ -184,20 +190,19 @@ def test_triton_planes_autotuned_launch(kind):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 16, 100, 2048])
-@pytest.mark.parametrize("mode", ["sparse_a", "sparse_b", "auto"])
-def test_cusparselt_cached_plans_match_reference(dtype, m, mode):
+@pytest.mark.parametrize(("mode", "transposed"), [("sparse_a", False), ("sparse_a", True), ("sparse_b", False)])
+def test_cusparselt_cached_plans_match_reference(dtype, m, mode, transposed):
     from sparsewise.kernels import cusparselt
 
     if not cusparselt.available():
         pytest.skip("cuSPARSELt not available")
     weight = sparse_24(512, 1024, dtype=dtype, device="cuda", seed=m)
     linear = cusparselt.CsltLinear(weight, mode=mode)
-    assert linear.mode in ("sparse_a", "sparse_b")
     x = torch.randn(m, 1024, device="cuda", dtype=dtype)
     bias = torch.randn(512, device="cuda", dtype=dtype)
     ref = torch.nn.functional.linear(x.double(), weight.double(), bias.double())
-    out = linear(x, bias)
-    assert out.shape == (m, 512) and out.dtype == dtype
+    out = linear(x, bias, transposed=transposed)
+    assert out.shape == (m, 512) and out.dtype == dtype and out.is_contiguous()
     assert _relative_error(out, ref) < (1e-2 if dtype == torch.bfloat16 else 2e-3)
-    again = linear(x, bias)  # cached plan
+    again = linear(x, bias, transposed=transposed)  # cached plan
     assert torch.equal(out, again)

@@ -47,7 +47,8 @@ def main():
             t_col = timed(lambda: col.run(lin.compressed, x, y_col))
             t_row = timed(lambda: row.run(lin.compressed, x, y_row))
             t_row_copy = timed(lambda: (row.run(lin.compressed, x, y_row), y_row.t().contiguous()))
-            cells = ""
+            t_row_triton = timed(lambda: lin(x, transposed=True))
+            cells = f" | row-major + Triton transpose {t_dense / t_row_triton:.2f}x"
             if lin_b is not None:
                 y_b = lin_b(x)
                 err_b = ((y_b.float() - ref.float()).norm() / ref.float().norm()).item()

@@ -219,70 +219,55 @@ def _compress_as_b(weight: torch.Tensor, cuda_dtype: int) -> torch.Tensor:
 class CsltLinear:
     """A 2:4 fp16/bf16 weight compressed for cuSPARSELt, callable as y = x W^T (+ bias).
 
-    ``mode`` "sparse_b" (default) writes y row-major natively; "sparse_a" is PyTorch's own
-    formulation (see :class:`_Plan`). ``mode="auto"`` tries sparse_b, checks one product against
-    cuBLAS on the given weight, and falls back to sparse_a if the library refuses it or the
-    result differs. Plans are cached per M (LRU, 32 per weight); ``alg_ids`` maps M to the
-    algorithm id (default 0). No automatic search: PyTorch's ``_cslt_sparse_mm_search`` returned
-    an internal error on the H200 and left the CUDA context unusable (2026-11-29).
+    ``mode`` "sparse_a" (default) is PyTorch's formulation (W the structured A, compressed by
+    ``torch._cslt_compress``); calls choose the output layout: y row-major written by cuSPARSELt
+    (``transposed=False``), or y^T row-major, the layout its sm_90 kernels are fast in, then one
+    Triton transpose with the bias fused (``transposed=True``). "sparse_b" (W^T as structured B,
+    y row-major natively) is kept for the layout probes: it measured no faster than sparse_a.
+    Plans are cached per (M, layout) (LRU, 32 per weight); ``alg_ids`` maps M to the algorithm id
+    (default 0). No automatic search: PyTorch's ``_cslt_sparse_mm_search`` returned an internal
+    error on the H200 and left the CUDA context unusable (2026-11-29).
     """
 
-    def __init__(self, weight: torch.Tensor, mode: str = "auto"):
+    def __init__(self, weight: torch.Tensor, mode: str = "sparse_a"):
         if weight.dtype not in (torch.float16, torch.bfloat16) or weight.device.type != "cuda":
             raise ValueError("cuSPARSELt 2:4 needs a float16/bfloat16 weight on a CUDA device.")
         n, k = weight.shape
         if n % 16 or k % 16:
             raise ValueError(f"cuSPARSELt needs both weight dims divisible by 16, got {tuple(weight.shape)}.")
-        if mode not in ("auto", "sparse_a", "sparse_b"):
-            raise ValueError(f"unknown cuSPARSELt mode {mode!r}: use 'auto', 'sparse_a' or 'sparse_b'.")
+        if mode not in ("sparse_a", "sparse_b"):
+            raise ValueError(f"unknown cuSPARSELt mode {mode!r}: use 'sparse_a' or 'sparse_b'.")
         self.shape = (n, k)
         self.dtype = weight.dtype
         self.device = weight.device
         self.cuda_dtype = _CUDA_R_16F if weight.dtype == torch.float16 else _CUDA_R_16BF
         self.alg_ids: dict[int, int] = {}
-        self._plans: OrderedDict[int, _Plan] = OrderedDict()
+        self._plans: OrderedDict[tuple[int, str], _Plan] = OrderedDict()
         weight = weight.contiguous()
-        if mode in ("auto", "sparse_b"):
-            try:
-                self._use("sparse_b", _compress_as_b(weight, self.cuda_dtype))
-                if mode == "auto" and not self._agrees_with(weight):
-                    raise CusparseLtError("sparse_b result differs from cuBLAS")
-            except CusparseLtError:
-                if mode == "sparse_b":
-                    raise
-                mode = "sparse_a"
-            else:
-                mode = "sparse_b"
-        if mode == "sparse_a":
-            self._use("sparse_a", torch._cslt_compress(weight))
+        compressed = _compress_as_b(weight, self.cuda_dtype) if mode == "sparse_b" else torch._cslt_compress(weight)
+        self._use(mode, compressed)
 
     def _use(self, mode: str, compressed: torch.Tensor) -> None:
         self.mode, self.compressed = mode, compressed
         self._plans.clear()
 
-    def _agrees_with(self, weight: torch.Tensor) -> bool:
-        x = torch.randn(16, self.shape[1], device=self.device, dtype=self.dtype,
-                        generator=torch.Generator(device=self.device).manual_seed(0))
-        ref = torch.nn.functional.linear(x.float(), weight.float())
-        error = ((self(x).float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-        return error < 1e-2
-
     @property
     def nbytes(self) -> int:
         return self.compressed.numel() * self.compressed.element_size()
 
-    def _plan(self, m: int) -> _Plan:
-        plan = self._plans.get(m)
+    def _plan(self, m: int, mode: str) -> _Plan:
+        key = (m, mode)
+        plan = self._plans.get(key)
         if plan is None:
-            plan = _Plan(self, m, self.alg_ids.get(m, 0), self.mode)
-            self._plans[m] = plan
+            plan = _Plan(self, m, self.alg_ids.get(m, 0), mode)
+            self._plans[key] = plan
             if len(self._plans) > _PLANS_PER_WEIGHT:
                 self._plans.popitem(last=False)
         else:
-            self._plans.move_to_end(m)
+            self._plans.move_to_end(key)
         return plan
 
-    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None, *, transposed: bool = False) -> torch.Tensor:
         n, k = self.shape
         lead = x.shape[:-1]
         x2 = x.reshape(-1, k)
@@ -292,8 +277,16 @@ class CsltLinear:
         padded = -(-m // 16) * 16  # the dense operand's rows in multiples of 16
         if padded != m:
             x2 = torch.nn.functional.pad(x2, (0, 0, 0, padded - m))
+        if transposed:
+            if self.mode != "sparse_a":
+                raise ValueError("the transposed output needs the weight compressed as A (mode='sparse_a').")
+            from .transpose import transpose_bias
+
+            out_t = torch.empty(n, padded, dtype=self.dtype, device=self.device)
+            self._plan(padded, "sparse_a_t").run(self.compressed, x2, out_t)
+            return transpose_bias(out_t[:, :m], bias).reshape(*lead, n)
         out = torch.empty(padded, n, dtype=self.dtype, device=self.device)
-        self._plan(padded).run(self.compressed, x2, out)
+        self._plan(padded, self.mode).run(self.compressed, x2, out)
         if padded != m:
             out = out[:m]
         if bias is not None:

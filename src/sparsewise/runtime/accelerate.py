@@ -88,7 +88,8 @@ def _candidates(layer: SparseLinear, rows: int) -> list[dict]:
     if layer.dense_weight is not None:
         found.append({"backend": "dense"})
     if layer.cslt is not None and rows >= 16:
-        found.append({"backend": "cusparselt"})
+        # y row-major from cuSPARSELt, or y^T (its fast layout on sm_90) + one Triton transpose
+        found += [{"backend": "cusparselt"}, {"backend": "cusparselt", "transposed": True}]
     tiles = layer.layout.meta.shape[1] // layer.width
     found += planes_choices(layer.kind, rows, layer.width, tiles)
     return found

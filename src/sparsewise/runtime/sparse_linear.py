@@ -198,7 +198,7 @@ class SparseLinear(nn.Module):
                                         use_dot=choice.get("use_dot"), xselect=choice.get("xselect"),
                                         config=None if config is None else tuple(config))
         if backend == "cusparselt":
-            return self.cslt(x, self.bias)
+            return self.cslt(x, self.bias, transposed=choice.get("transposed", False))
         if backend == "dense":
             return F.linear(x, self.dense_weight, self.bias)
         return F.linear(x, unpack(self.layout).to(x.dtype), self.bias)
