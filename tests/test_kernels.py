@@ -130,6 +130,10 @@ for kind, n, k, m, use_dot, xselect, split_k in {INTERPRETER_CASES!r}:
     print(kind, n, k, m, use_dot, xselect, split_k, max(errors))
 from sparsewise.kernels.triton_planes import _COUNTERS
 print("counters", sum(int(c.abs().sum()) for c in _COUNTERS.values()), len(_COUNTERS))
+from sparsewise.kernels import triton_planes, unpack
+layouts = [pack_24(torch.randn(33, 1100) * nm_mask(torch.rand(33, 1100), 2, 4)),
+           pack_unstructured(torch.randn(19, 2100) * unstructured_mask(torch.rand(19, 2100), 0.7))]
+print("unpack", all(torch.equal(triton_planes.unpack(layout), unpack(layout)) for layout in layouts))
 from sparsewise.kernels.transpose import transpose_bias
 yt, bias = torch.randn(70, 130), torch.randn(70)
 print("transpose", torch.allclose(transpose_bias(yt[:, :100], bias), yt[:, :100].t() + bias),
@@ -138,7 +142,8 @@ print("transpose", torch.allclose(transpose_bias(yt[:, :100], bias), yt[:, :100]
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    *lines, counters, transpose = result.stdout.strip().splitlines()
+    *lines, counters, decoded, transpose = result.stdout.strip().splitlines()
+    assert decoded == "unpack True"  # the Triton decode of both layouts (padded K) equals the reference
     assert counters == "counters 0 1"  # split-K cases ran, and left their counters at zero
     assert transpose == "transpose True True"  # cuSPARSELt's y^T epilogue: odd tiles, a strided view, bias
     assert len(lines) == len(INTERPRETER_CASES)

@@ -115,6 +115,23 @@ def _bitmask_planes(words, word_start, values_ptr, J: tl.constexpr, PORTABLE_POP
 
 
 @triton.jit
+def _nm24_planes(v0, v1, i0, i1):
+    """The four weight planes of a 2:4 step: input c of each group holds v0 if i0 == c, v1 if i1 == c."""
+    zero = tl.zeros_like(v0)
+    w0 = tl.where(i0 == 0, v0, zero)
+    w1 = tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, zero))
+    w2 = tl.where(i0 == 2, v0, tl.where(i1 == 2, v1, zero))
+    w3 = tl.where(i1 == 3, v1, zero)
+    return w0, w1, w2, w3
+
+
+@triton.jit
+def _dense_tile(w0, w1, w2, w3, BLOCK_N: tl.constexpr, W: tl.constexpr):
+    """Planes -> the dense [BLOCK_N, 4W] tile in input order (4w + c), by register joins."""
+    return tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK_N, 4 * W))
+
+
+@triton.jit
 def _row_sums(acc0, acc1, acc2, acc3, ms, GROUP_AXIS: tl.constexpr, BLOCK_M: tl.constexpr):
     """[BLOCK_M, BLOCK_N] outputs from the per-activation-row accumulators (summed over groups)."""
     result = tl.sum(acc0, axis=GROUP_AXIS)[None, :]
@@ -201,14 +218,9 @@ def _planes_kernel(x_ptr, values_ptr, meta_ptr, offsets_ptr, bias_ptr, out_ptr, 
                 i0 = nib & 3
                 i1 = nib >> 2
                 if not XSELECT:
-                    zero = tl.zeros_like(v0)
-                    w0 = tl.where(i0 == 0, v0, zero)
-                    w1 = tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, zero))
-                    w2 = tl.where(i0 == 2, v0, tl.where(i1 == 2, v1, zero))
-                    w3 = tl.where(i1 == 3, v1, zero)
+                    w0, w1, w2, w3 = _nm24_planes(v0, v1, i0, i1)
             if USE_DOT:
-                # planes -> the dense [BLOCK_N, 4W] tile in input order (4w + c), by register joins
-                tile = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK_N, 4 * W))
+                tile = _dense_tile(w0, w1, w2, w3, BLOCK_N, W)
                 cols = 4 * (t * 8 * W + j * W) + ks
                 # x rows are contiguous along K: load [BLOCK_M, 4W] with vector loads, weights as B
                 if EVEN_K:  # no padded columns: a row mask only, so the loads stay 16 bytes wide
@@ -288,6 +300,53 @@ def _bitmask_fma_kernel(x_ptr, values_ptr, meta_ptr, offsets_ptr, bias_ptr, out_
     result = _row_sums(acc0, acc1, acc2, acc3, ms, 0, BLOCK_M)
     _store(result, out_ptr, partial_ptr, counter_ptr, bias_ptr, rows, row_ok, ms, M, N, pid_n, pid_k, stride_om,
            HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
+def _unpack_kernel(values_ptr, meta_ptr, offsets_ptr, out_ptr, N, K, tiles, stride_out, BITMASK: tl.constexpr,
+                   W: tl.constexpr, PORTABLE_POPCOUNT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The dense weight from either planes layout, one (row block, tile) per program: the same
+    register decode as the kernels above, stored instead of multiplied (prefill fallback: decode
+    once per call, then a dense GEMM)."""
+    pid_n = tl.program_id(0)
+    t = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    rows64 = rows.to(tl.int64)
+    ws = tl.arange(0, W)
+    ks = tl.arange(0, 4 * W)
+    words = tl.load(meta_ptr + rows64[:, None] * (tiles * W) + t * W + ws[None, :], mask=row_ok[:, None], other=0)
+    if BITMASK:
+        tile_start = tl.load(offsets_ptr + rows64 * tiles + t, mask=row_ok, other=0)
+        word_start = _word_starts(words, tile_start[:, None], 1, PORTABLE_POPCOUNT)
+    values_rows = values_ptr + rows64[:, None] * (tiles * 16 * W)  # 2:4 only
+    for j in tl.static_range(8):
+        if BITMASK:
+            w0, w1, w2, w3 = _bitmask_planes(words, word_start, values_ptr, j, PORTABLE_POPCOUNT)
+        else:
+            nib = (words >> (4 * j)) & 15
+            pair = values_rows + t * 16 * W + j * 2 * W + ws[None, :]
+            v0 = tl.load(pair, mask=row_ok[:, None], other=0.0)
+            v1 = tl.load(pair + W, mask=row_ok[:, None], other=0.0)
+            w0, w1, w2, w3 = _nm24_planes(v0, v1, nib & 3, nib >> 2)
+        cols = 4 * (t * 8 * W + j * W) + ks
+        tl.store(out_ptr + rows64[:, None] * stride_out + cols[None, :], _dense_tile(w0, w1, w2, w3, BLOCK_N, W),
+                 mask=row_ok[:, None] & (cols < K)[None, :])
+
+
+def unpack(layout: NM24 | Bitmask) -> torch.Tensor:
+    """The dense [N, K] weight (values' dtype) decoded by :func:`_unpack_kernel`: one read of the
+    compressed bytes, one write of the dense ones."""
+    n, k = layout.shape
+    width = layout.width
+    tiles = layout.meta.shape[1] // width
+    out = torch.empty(n, k, device=layout.values.device, dtype=layout.values.dtype)
+    bitmask = isinstance(layout, Bitmask)
+    values = layout.values if layout.values.numel() else layout.values.new_zeros(1)
+    _unpack_kernel[(triton.cdiv(n, 16), tiles)](
+        values, layout.meta, layout.tile_offsets if bitmask else layout.meta, out, n, k, tiles, out.stride(0),
+        BITMASK=bitmask, W=width, PORTABLE_POPCOUNT=_INTERPRETED, BLOCK_N=16, num_warps=4)
+    return out
 
 
 _planes_autotuned = triton.autotune(configs=_configs(), key=["N", "tiles", "BLOCK_M", "SPLIT_K", "USE_DOT", "BITMASK",

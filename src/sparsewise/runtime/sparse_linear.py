@@ -201,6 +201,10 @@ class SparseLinear(nn.Module):
             return self.cslt(x, self.bias, transposed=choice.get("transposed", False))
         if backend == "dense":
             return F.linear(x, self.dense_weight, self.bias)
+        if self.device.type == "cuda":  # one Triton pass over the compressed bytes
+            from ..kernels import triton_planes
+
+            return F.linear(x, triton_planes.unpack(self.layout).to(x.dtype), self.bias)
         return F.linear(x, unpack(self.layout).to(x.dtype), self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
