@@ -243,7 +243,7 @@ class _LayerPruner:
 def _prune_calibrated(model, adapter, layers, run: _LayerPruner, calibration, sequential: str, batch_size: int,
                       resume_dir, settings: dict[str, Any], bar) -> None:
     """Block-by-block calibration and pruning, optionally resuming from ``resume_dir``."""
-    batches = _batches(calibration, None if sequential == "layer" else batch_size)
+    batches = calibration_batches(calibration, None if sequential == "layer" else batch_size)
     start_block, hidden_states, run_progress = 0, None, None
     if resume_dir is not None:
         shapes = {name: (layer.out_features, layer.in_features) for name, layer in layers.items()}
@@ -272,7 +272,7 @@ def _prune_calibrated(model, adapter, layers, run: _LayerPruner, calibration, se
         run_progress.clear()
 
 
-def _batches(calibration, batch_size: int | None) -> list[dict]:
+def calibration_batches(calibration, batch_size: int | None) -> list[dict]:
     """Calibration as model-input dicts; batch_size None = everything in one batch."""
     if hasattr(calibration, "batches"):
         return list(calibration.batches(batch_size or max(len(calibration), 1)))

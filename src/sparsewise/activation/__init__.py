@@ -1,0 +1,175 @@
+"""Activation sparsity at inference: TEAL, WINA, CATS, CHESS, R-Sparse, per-token top-k.
+
+    handle = sw.sparsify_activations(model, method="wina", sparsity=0.5, calibration=calib)
+    handle.set_sparsity(0.4)              # re-threshold from the kept samples, no recalibration
+    handle.measure(batches)               # measured zeros per site on real inputs
+    sw.remove_activation_sparsity(model)  # back to the dense model
+
+Methods are one module each behind :class:`ActivationMethod` (a score; calibrated thresholds
+or per-token top-k); ``allocation="greedy"`` runs TEAL's block-wise greedy allocation with
+whichever score the method uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..models.adapters import ModelAdapter
+from . import cats, chess, rsparse, teal, topk, wina  # noqa: F401  (registration side effect)
+from .base import ActivationMethod, Site, available_methods, get_method, register
+from .calibrate import calibrate, read_trajectory
+from .hooks import SiteHook
+
+_ATTRIBUTE = "_sparsewise_activation"
+
+
+@dataclass
+class ActivationSparsity:
+    """The sparsifiers attached to one model (returned by :func:`sparsify_activations`)."""
+
+    model: nn.Module
+    method: ActivationMethod
+    hooks: list[SiteHook]
+    allocation: str
+    trajectories: list = field(default_factory=list)
+    sparsity: float = 0.0
+
+    def set_sparsity(self, sparsity: float) -> None:
+        """Target sparsity: every site at it ("uniform"), or each block's greedy allocation read
+        at it (parameter-weighted over the block's sites)."""
+        if not 0.0 <= sparsity < 1.0:
+            raise ConfigError(f"activation sparsity must be in [0, 1), got {sparsity}.")
+        if self.allocation == "greedy":
+            reached = min(trajectory[-1][0] for trajectory in self.trajectories)
+            if sparsity > reached + 1e-6:
+                raise ConfigError(f"the greedy allocation was recorded up to {reached:.2f} block sparsity; "
+                                  f"recalibrate with greedy_limit >= {sparsity} to ask for {sparsity}.")
+            levels = {}
+            for trajectory in self.trajectories:
+                levels.update(read_trajectory(trajectory, sparsity))
+            for hook in self.hooks:
+                hook.set_sparsity(levels[hook.site.name])
+        else:
+            for hook in self.hooks:
+                hook.set_sparsity(sparsity)
+        self.sparsity = sparsity
+
+    def site_sparsity(self) -> dict[str, float]:
+        """Nominal sparsity of each site (what the thresholds were set for)."""
+        return {hook.site.name: hook.sparsity for hook in self.hooks}
+
+    @torch.no_grad()
+    def measure(self, batches: list[dict]) -> dict[str, float]:
+        """Fraction of exact zeros each site passed on over ``batches`` (masking plus natural zeros):
+        the sparsity a column-skipping kernel can use, not the nominal one."""
+        for hook in self.hooks:
+            hook.count, hook.zeros, hook.total = True, 0, 0
+        try:
+            device = next(self.model.parameters()).device
+            for batch in batches:
+                self.model(**{key: value.to(device) for key, value in batch.items()})
+        finally:
+            for hook in self.hooks:
+                hook.count = False
+        return {hook.site.name: hook.measured for hook in self.hooks}
+
+    def weighted(self, per_site: dict[str, float]) -> float:
+        """Parameter-weighted mean of a per-site quantity (e.g. :meth:`measure`'s result)."""
+        total = sum(hook.site.params for hook in self.hooks)
+        return sum(per_site[hook.site.name] * hook.site.params for hook in self.hooks) / total
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.detach()
+        if getattr(self.model, _ATTRIBUTE, None) is self:
+            delattr(self.model, _ATTRIBUTE)
+
+
+def sparsify_activations(model: nn.Module, method: str | ActivationMethod = "teal", sparsity: float = 0.5,
+                         calibration: Any = None, *, allocation: str = "uniform", seed: int = 0,
+                         samples_per_site: int = 1 << 16, batch_size: int = 8, device: str | torch.device | None = None,
+                         include: list[str] | None = None, exclude: list[str] | None = None,
+                         greedy_step: float = 0.05, greedy_limit: float = 0.7, greedy_calls: int = 1,
+                         progress: bool = False, **method_options: Any) -> ActivationSparsity:
+    """Attach activation sparsity to every block linear input (or MLP activation, for cats/chess).
+
+    Thresholds come from ``calibration`` (a CalibrationSet, input_ids tensor or list of input
+    dicts; never the evaluation text): a seeded uniform sample of each site's scores, whose
+    quantile at the target is the threshold. ``allocation="greedy"`` records TEAL's greedy
+    per-block allocation up to ``greedy_limit`` on the first ``greedy_calls`` calibration
+    batches. Reversible with :func:`remove_activation_sparsity`; the model's weights never change.
+    """
+    from ..oneshot import calibration_batches, pick_device
+
+    if allocation not in ("uniform", "greedy"):
+        raise ConfigError(f"allocation must be 'uniform' or 'greedy', got {allocation!r}.")
+    if not 0.0 <= sparsity < 1.0:
+        raise ConfigError(f"activation sparsity must be in [0, 1), got {sparsity}; 1.0 would zero every input.")
+    if getattr(model, _ATTRIBUTE, None) is not None:
+        raise ConfigError("this model already has activation sparsity attached; call "
+                          "sw.remove_activation_sparsity(model) first.")
+    chosen = get_method(method, **method_options)
+    if calibration is None and (chosen.selection == "threshold" or allocation == "greedy"):
+        raise ConfigError(f"method {chosen.name!r} with {allocation} allocation needs calibration data "
+                          "(e.g. sw.data.calibration('c4.jsonl', tokenizer, n=64)); per-token top-k needs none.")
+    if isinstance(calibration, torch.Tensor):
+        calibration = [{"input_ids": calibration[i:i + batch_size]} for i in range(0, len(calibration), batch_size)]
+    batches = calibration_batches(calibration, batch_size) if calibration is not None else []
+    adapter = ModelAdapter(model, include=include, exclude=exclude)
+    compute = pick_device(device, model)
+    greedy = {"step": greedy_step, "limit": greedy_limit, "calls": greedy_calls} if allocation == "greedy" else None
+    if batches:
+        bar = _progress_bar(len(adapter.blocks), progress, chosen.name)
+        hooks, trajectories = calibrate(model, adapter, chosen, batches, samples_per_site=samples_per_site,
+                                        seed=seed, device=compute, greedy=greedy,
+                                        progress=(lambda _i: bar.update(1)) if bar else None)
+        if bar:
+            bar.close()
+    else:
+        hooks, trajectories = _uncalibrated_hooks(adapter, chosen), []
+    handle = ActivationSparsity(model, chosen, hooks, allocation, trajectories)
+    handle.set_sparsity(sparsity)
+    for hook in hooks:
+        hook.attach()
+    setattr(model, _ATTRIBUTE, handle)
+    return handle
+
+
+def _uncalibrated_hooks(adapter: ModelAdapter, method: ActivationMethod) -> list[SiteHook]:
+    from .calibrate import block_sites
+
+    if method.site_kind != "input":
+        raise ConfigError(f"{method.name} acts on MLP activations and needs calibration data to find them.")
+    hooks = []
+    for index in range(len(adapter.blocks)):
+        for site in block_sites(adapter, index, "input", None):
+            method.prepare(site)
+            hooks.append(SiteHook(site, method, None))
+    return hooks
+
+
+def _progress_bar(total: int, enabled: bool, name: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"calibrating {name}", unit="block")
+
+
+def remove_activation_sparsity(model: nn.Module) -> int:
+    """Detach every activation sparsifier from ``model``; returns how many sites were removed."""
+    handle = getattr(model, _ATTRIBUTE, None)
+    if handle is None:
+        return 0
+    count = len(handle.hooks)
+    handle.remove()
+    return count
+
+
+__all__ = ["ActivationMethod", "ActivationSparsity", "Site", "SiteHook", "available_methods", "get_method",
+           "register", "remove_activation_sparsity", "sparsify_activations"]

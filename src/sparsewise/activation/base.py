@@ -1,0 +1,107 @@
+"""The activation-sparsity protocol, its registry, and the site a method acts on.
+
+A *site* is one tensor a method zeroes entries of at inference: the input of a block linear
+(TEAL, WINA, top-k, CHESS's attention part, R-Sparse) or the output of an MLP's activation
+function (CATS, CHESS's FFN part). A method scores the entries of that tensor; a calibrated
+threshold on the score (or a per-token top-k) decides which survive. Hooks, calibration and
+allocation live in ``apply.py`` / ``calibrate.py``; the math in ``thresholds.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+SITE_KINDS = ("input", "gate")
+
+
+@dataclass
+class Site:
+    """One place activations are sparsified.
+
+    ``module``: the linear whose input is masked ("input"), or the activation module whose
+    output is masked ("gate"). ``weight``: the consuming linear's weight [out, in] (for "gate",
+    the down projection's), used by weight-aware scores. ``up``: the up projection beside a
+    gate (CHESS), if the MLP has one. ``params``: the weights that read the site (allocation).
+    """
+
+    name: str
+    module: nn.Module
+    kind: str
+    block: int
+    weight: torch.Tensor
+    params: int
+    up: nn.Module | None = None
+    constants: dict[str, torch.Tensor] = field(default_factory=dict)  # per-channel, set by the method
+
+    @property
+    def width(self) -> int:
+        return self.weight.shape[1]
+
+
+@runtime_checkable
+class ActivationMethod(Protocol):
+    """score(x) >= 0 per entry; entries whose score is at or below the site's threshold are zeroed
+    (or, with ``selection == "topk"``, all but each token's top-k)."""
+
+    name: ClassVar[str]
+    site_kind: ClassVar[str]  # "input" or "gate"
+    selection: str  # "threshold" (calibrated) or "topk" (per token, no calibration)
+
+    def prepare(self, site: Site) -> None:
+        """Per-site constants from the weights (e.g. column norms), stored in ``site.constants``."""
+
+    def finish_observing(self, site: Site) -> None:
+        """Turn statistics observed in a first calibration pass (methods with ``observes_up``:
+        ``observe(site, up_output)``) into constants, before scores are sampled."""
+
+    def score(self, site: Site, x: torch.Tensor) -> torch.Tensor: ...
+
+
+class ScoreMethod:
+    """Defaults for methods that are a score and nothing else."""
+
+    site_kind: ClassVar[str] = "input"
+
+    def __init__(self, selection: str = "threshold"):
+        if selection not in ("threshold", "topk"):
+            raise ConfigError(f"selection must be 'threshold' or 'topk', got {selection!r}.")
+        self.selection = selection
+
+    observes_up: ClassVar[bool] = False
+
+    def prepare(self, site: Site) -> None:
+        pass
+
+    def finish_observing(self, site: Site) -> None:
+        pass
+
+
+_REGISTRY: dict[str, Callable[..., ActivationMethod]] = {}
+
+
+def register(cls):
+    """Class decorator: make an activation method available by ``cls.name``."""
+    if cls.name in _REGISTRY:
+        raise RuntimeError(f"activation method {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_method(name: str | ActivationMethod, **options: Any) -> ActivationMethod:
+    if not isinstance(name, str):
+        return name
+    key = name.lower()
+    if key not in _REGISTRY:
+        raise ConfigError(f"unknown activation method {name!r}; available: {', '.join(sorted(_REGISTRY))}.")
+    return _REGISTRY[key](**options)
+
+
+def available_methods() -> list[str]:
+    return sorted(_REGISTRY)

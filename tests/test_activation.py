@@ -1,0 +1,230 @@
+"""Activation sparsity: the defining property of every method, and the attach/measure/remove cycle."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import sparsewise as sw
+from sparsewise.activation.thresholds import (
+    cett,
+    cett_threshold,
+    column_norms,
+    quantile_threshold,
+    rsparse_budget,
+    topk_keep_mask,
+)
+from sparsewise.errors import ConfigError
+
+from conftest import VOCAB, build_tiny
+
+
+def _ids(n: int, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("sparsity", [0.25, 0.5, 0.65])
+def test_calibrated_threshold_hits_the_sparsity_on_held_out_activations(sparsity):
+    generator = torch.Generator().manual_seed(0)
+    channel_scale = torch.rand(512, generator=generator)
+
+    def laplacian(rows):  # heavy-tailed, like LLM projection inputs (TEAL), channel scales shared
+        magnitude = torch.empty(rows, 512).exponential_(generator=generator)
+        sign = torch.randint(0, 2, (rows, 512), generator=generator) * 2 - 1
+        return magnitude * sign * channel_scale
+
+    calibration, held_out = laplacian(64), laplacian(64)
+    threshold = quantile_threshold(calibration.abs(), sparsity)
+    assert abs(float((held_out.abs() <= threshold).float().mean()) - sparsity) < 0.01
+    assert quantile_threshold(calibration.abs(), 0.0) == float("-inf")
+    with pytest.raises(ValueError, match="in \\[0, 1\\)"):
+        quantile_threshold(calibration, 1.0)
+
+
+def test_topk_is_identity_at_full_width_and_keeps_exactly_k_per_token():
+    scores = torch.rand(5, 7, 16)
+    assert topk_keep_mask(scores, 1.0).all()
+    single = topk_keep_mask(scores, 1 / 16)
+    assert torch.equal(single.sum(-1), torch.ones(5, 7, dtype=torch.long))
+    assert torch.equal(single, scores == scores.max(-1, keepdim=True).values)
+    assert torch.equal(topk_keep_mask(scores, 0.5).sum(-1), torch.full((5, 7), 8))
+
+
+def test_wina_topk_is_the_best_subset_for_orthogonal_columns_and_beats_teal_on_random_weights():
+    generator = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=generator))
+    weight = q * torch.tensor([3.0, 0.2, 1.5, 0.7, 2.0, 0.1])  # orthogonal columns, different norms
+    norms = column_norms(weight)
+    for _ in range(20):
+        x = torch.randn(6, generator=generator)
+        keep = 3
+        chosen = topk_keep_mask(x.abs() * norms, keep / 6)
+        error = (weight @ (x - x * chosen)).norm()
+        best = min((weight @ (x - x * torch.isin(torch.arange(6), torch.tensor(subset)))).norm()
+                   for subset in itertools.combinations(range(6), keep))
+        assert error <= best + 1e-5
+    weight = torch.randn(32, 64, generator=generator) * torch.rand(64, generator=generator)
+    norms = column_norms(weight)
+    x = torch.randn(1000, 64, generator=generator)
+    wina = topk_keep_mask(x.abs() * norms, 0.5)
+    teal = topk_keep_mask(x.abs(), 0.5)
+    wina_error = ((x * ~wina) @ weight.t()).norm(dim=-1).mean()
+    teal_error = ((x * ~teal) @ weight.t()).norm(dim=-1).mean()
+    assert wina_error < teal_error
+
+
+def test_chess_channel_thresholds_favour_large_up_outputs_and_lose_less_than_one_threshold():
+    from sparsewise.activation.base import Site
+    from sparsewise.activation.chess import Chess
+
+    generator = torch.Generator().manual_seed(0)
+    width = 64
+    gate = torch.randn(4096, width, generator=generator)
+    up_scale = torch.linspace(0.1, 3.0, width)
+    up = torch.randn(4096, width, generator=generator) * up_scale
+    site = Site("mlp.act", torch.nn.SiLU(), "gate", 0, torch.randn(16, width), 16 * width)
+    method = Chess()
+    method.observe(site, up[:2048])
+    method.finish_observing(site)
+    scores = method.score(site, gate[:2048])
+    threshold = quantile_threshold(scores, 0.5)
+    held_gate, held_up = gate[2048:], up[2048:]
+    keep = method.score(site, held_gate) > threshold
+    assert abs(1 - float(keep.float().mean()) - 0.5) < 0.01
+    # per-channel threshold on |g| = sqrt(T / E[u^2]): smaller where the up output is larger
+    per_channel = (threshold / site.constants["up_mean_square"]).sqrt()
+    assert per_channel[-1] < per_channel[0]
+    single = held_gate.abs() > quantile_threshold(gate[:2048].abs(), 0.5)
+    chess_error = ((held_gate * ~keep) * held_up).square().sum()
+    cats_error = ((held_gate * ~single) * held_up).square().sum()
+    assert chess_error < cats_error
+
+
+def test_rsparse_budget_alpha_one_and_full_rank():
+    from sparsewise.activation.thresholds import low_rank_factors
+
+    generator = torch.Generator().manual_seed(0)
+    out_features, in_features = 64, 128
+    kept, rank = rsparse_budget(in_features, out_features, 0.5, alpha=0.6)
+    params = kept * in_features * out_features + rank * (in_features + out_features)
+    assert abs(params - 0.5 * in_features * out_features) <= in_features + out_features  # within one rank step
+    assert rsparse_budget(in_features, out_features, 0.5, alpha=1.0) == (0.5, 0)
+    weight = torch.randn(out_features, in_features, generator=generator)
+    x = torch.randn(10, in_features, generator=generator)
+    mask = torch.rand(10, in_features, generator=generator) > 0.5
+    errors = []
+    for r in (0, 8, 32, 64):
+        left, right = low_rank_factors(weight, r)
+        y = (x * mask) @ weight.t() + ((x * ~mask) @ right.t()) @ left.t()
+        errors.append(float((y - x @ weight.t()).norm()))
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 1e-3 * errors[0]
+
+
+def test_cett_is_monotone_and_its_threshold_search_hits_the_target():
+    generator = torch.Generator().manual_seed(0)
+    activations = torch.randn(64, 96, generator=generator) * torch.rand(96, generator=generator)
+    down = torch.randn(32, 96, generator=generator)
+    magnitudes = activations.abs() * column_norms(down)
+    values = [cett(activations, down, t) for t in torch.linspace(0, float(magnitudes.max()), 12).tolist()]
+    assert values == sorted(values)
+    assert cett(activations, down, float(magnitudes.min()) - 1e-6) == 0.0
+    assert abs(cett(activations, down, float(magnitudes.max())) - 1.0) < 1e-6
+    threshold = cett_threshold(activations, down, 0.2)
+    assert abs(cett(activations, down, threshold) - 0.2) < 2e-3
+
+
+@pytest.mark.parametrize("method", ["teal", "wina", "r-sparse"])
+def test_llama_sites_measured_sparsity_and_removal(method):
+    model = build_tiny("llama")
+    calibration, held_out = _ids(16, seed=0), _ids(8, seed=1)
+    with torch.no_grad():
+        dense = model(held_out).logits
+    handle = sw.sparsify_activations(model, method=method, sparsity=0.5, calibration=calibration, seed=0)
+    assert len(handle.hooks) == 14  # q/k/v/o/gate/up/down x 2 blocks
+    measured = handle.measure([{"input_ids": held_out}])
+    # R-Sparse zeroes more on the full-weight path (the rest goes through the low-rank side path)
+    nominal = {hook.site.name: hook.zeroed for hook in handle.hooks}
+    assert method != "r-sparse" or min(nominal.values()) > 0.5
+    # block 0's q/k/v read the embeddings: same distribution as calibration, held-out tokens
+    first = "model.layers.0.self_attn.q_proj"
+    assert abs(measured[first] - nominal[first]) < 0.01
+    # later sites read inputs already changed by upstream sparsity (thresholds come from the dense
+    # model, as in TEAL): measured drifts from nominal, which is why it is measured
+    assert all(abs(measured[name] - nominal[name]) < 0.1 for name in measured), measured
+    with torch.no_grad():
+        sparse = model(held_out).logits
+    assert not torch.allclose(sparse, dense)
+    assert sw.remove_activation_sparsity(model) == 14
+    with torch.no_grad():
+        assert torch.equal(model(held_out).logits, dense)
+
+
+def test_same_seed_same_thresholds_and_set_sparsity_rethresholds():
+    calibration = _ids(8)
+    thresholds = []
+    for _ in range(2):
+        model = build_tiny("llama")
+        handle = sw.sparsify_activations(model, "teal", 0.4, calibration, seed=3)
+        thresholds.append([hook.threshold for hook in handle.hooks])
+        sw.remove_activation_sparsity(model)
+    assert thresholds[0] == thresholds[1]
+    handle = sw.sparsify_activations(model, "teal", 0.4, calibration, seed=3)
+    handle.set_sparsity(0.65)
+    assert all(hook.threshold > old for hook, old in zip(handle.hooks, thresholds[0], strict=True))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+@pytest.mark.parametrize("method", ["teal", "wina", "cats", "chess"])
+def test_methods_work_on_other_families(family, method):
+    model = build_tiny(family)
+    calibration = _ids(8)
+    handle = sw.sparsify_activations(model, method, 0.5, calibration)
+    expected_sites = 2 if method in ("cats", "chess") else (8 if family == "gpt2" else 12)
+    assert len(handle.hooks) == expected_sites
+    measured = handle.weighted(handle.measure([{"input_ids": _ids(4, seed=2)}]))
+    assert abs(measured - 0.5) < 0.05
+
+
+def test_cats_and_chess_zero_the_mlp_activation_and_chess_uses_the_up_projection():
+    model = build_tiny("llama")
+    handle = sw.sparsify_activations(model, "chess", 0.5, _ids(8))
+    site = handle.hooks[0].site
+    assert site.kind == "gate" and site.up is model.model.layers[0].mlp.up_proj
+    assert site.weight.shape == model.model.layers[0].mlp.down_proj.weight.shape
+    assert not torch.allclose(site.constants["up_mean_square"], torch.ones_like(site.constants["up_mean_square"]))
+
+
+def test_greedy_allocation_meets_the_target_and_differs_across_projections():
+    model = build_tiny("llama")
+    handle = sw.sparsify_activations(model, "teal", 0.5, _ids(8), allocation="greedy", greedy_step=0.1,
+                                     greedy_limit=0.6)
+    levels = handle.site_sparsity()
+    for block in range(2):
+        hooks = [hook for hook in handle.hooks if hook.site.block == block]
+        weighted = sum(hook.sparsity * hook.site.params for hook in hooks) / sum(hook.site.params for hook in hooks)
+        assert 0.5 <= weighted < 0.5 + 0.1
+    assert len(set(round(value, 3) for value in levels.values())) > 1
+    with pytest.raises(ConfigError, match="greedy_limit"):
+        handle.set_sparsity(0.65)
+
+
+def test_topk_needs_no_calibration_and_keeps_k_per_token():
+    model = build_tiny("llama")
+    handle = sw.sparsify_activations(model, "topk", 0.75)
+    measured = handle.measure([{"input_ids": _ids(2)}])
+    assert all(abs(value - 0.75) < 1e-6 for value in measured.values())
+
+
+def test_bad_requests_say_what_to_do():
+    model = build_tiny("llama")
+    with pytest.raises(ConfigError, match="\\[0, 1\\)"):
+        sw.sparsify_activations(model, "teal", 1.0, _ids(4))
+    with pytest.raises(ConfigError, match="calibration data"):
+        sw.sparsify_activations(model, "teal", 0.5)
+    with pytest.raises(ConfigError, match="unknown activation method"):
+        sw.sparsify_activations(model, "nope", 0.5, _ids(4))
+    sw.sparsify_activations(model, "topk", 0.5)
+    with pytest.raises(ConfigError, match="remove_activation_sparsity"):
+        sw.sparsify_activations(model, "topk", 0.5)
