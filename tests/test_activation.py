@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 import torch
+from conftest import VOCAB, build_tiny
 
 import sparsewise as sw
 from sparsewise.activation.thresholds import (
@@ -17,8 +18,6 @@ from sparsewise.activation.thresholds import (
     topk_keep_mask,
 )
 from sparsewise.errors import ConfigError
-
-from conftest import VOCAB, build_tiny
 
 
 def _ids(n: int, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
