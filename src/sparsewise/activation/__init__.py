@@ -12,6 +12,7 @@ whichever score the method uses.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,20 +64,29 @@ class ActivationSparsity:
         """Nominal sparsity of each site (what the thresholds were set for)."""
         return {hook.site.name: hook.sparsity for hook in self.hooks}
 
-    @torch.no_grad()
-    def measure(self, batches: list[dict]) -> dict[str, float]:
-        """Fraction of exact zeros each site passed on over ``batches`` (masking plus natural zeros):
-        the sparsity a column-skipping kernel can use, not the nominal one."""
+    @contextmanager
+    def counting(self):
+        """Count zeros at every site while the block runs; yields a dict filled on exit with the
+        fraction of exact zeros each site passed on (masking plus natural zeros): the sparsity a
+        column-skipping kernel can use, not the nominal one."""
+        measured: dict[str, float] = {}
         for hook in self.hooks:
             hook.count, hook.zeros, hook.total = True, 0, 0
         try:
-            device = next(self.model.parameters()).device
-            for batch in batches:
-                self.model(**{key: value.to(device) for key, value in batch.items()})
+            yield measured
         finally:
             for hook in self.hooks:
                 hook.count = False
-        return {hook.site.name: hook.measured for hook in self.hooks}
+                measured[hook.site.name] = hook.measured
+
+    @torch.no_grad()
+    def measure(self, batches: list[dict]) -> dict[str, float]:
+        """Measured sparsity per site (see :meth:`counting`) over a forward of ``batches``."""
+        device = next(self.model.parameters()).device
+        with self.counting() as measured:
+            for batch in batches:
+                self.model(**{key: value.to(device) for key, value in batch.items()})
+        return measured
 
     def weighted(self, per_site: dict[str, float]) -> float:
         """Parameter-weighted mean of a per-site quantity (e.g. :meth:`measure`'s result)."""
