@@ -227,3 +227,42 @@ def test_bad_requests_say_what_to_do():
     sw.sparsify_activations(model, "topk", 0.5)
     with pytest.raises(ConfigError, match="remove_activation_sparsity"):
         sw.sparsify_activations(model, "topk", 0.5)
+
+
+@pytest.mark.parametrize("method", ["teal", "wina", "topk", "cats"])
+def test_accelerated_activation_linears_compute_what_the_hooks_did(method):
+    from sparsewise.runtime import ActivationSparseLinear, accelerate_activations
+
+    model = build_tiny("llama")
+    held_out = _ids(2, seed=5)
+    handle = sw.sparsify_activations(model, method, 0.5, None if method == "topk" else _ids(8))
+    with torch.no_grad():
+        expected = model(held_out).logits
+    how = accelerate_activations(model)
+    swapped = [module for module in model.modules() if isinstance(module, ActivationSparseLinear)]
+    assert len(swapped) == (2 if method == "cats" else 14) == len(how)
+    assert set(how.values()) == {"kernel threshold"} if method in ("teal", "wina") else {"hook + skip zeros"}
+    with torch.no_grad():
+        got = model(held_out).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert handle.hooks  # the handle still describes the sites
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_accelerated_activations_on_gpu_match_the_hooks_and_graph_capture():
+    from sparsewise.runtime import accelerate_activations
+    from sparsewise.runtime.dispatch import capture
+
+    model = build_tiny("llama").to("cuda", torch.float16)
+    handle = sw.sparsify_activations(model, "wina", 0.5, _ids(8).cuda())
+    step = _ids(1, seqlen=1, seed=7).cuda()
+    with torch.no_grad():
+        expected = model(step).logits.float()
+        accelerate_activations(model)
+        got = model(step).logits.float()
+        assert ((got - expected).norm() / expected.norm()).item() < 5e-3
+        replay, out = capture(lambda: model(step).logits)
+        replay()
+        torch.testing.assert_close(out.float(), got, rtol=2e-3, atol=2e-3)
+    assert handle.sparsity == 0.5

@@ -134,6 +134,22 @@ from sparsewise.kernels import triton_planes, unpack
 layouts = [pack_24(torch.randn(33, 1100) * nm_mask(torch.rand(33, 1100), 2, 4)),
            pack_unstructured(torch.randn(19, 2100) * unstructured_mask(torch.rand(19, 2100), 0.7))]
 print("unpack", all(torch.equal(triton_planes.unpack(layout), unpack(layout)) for layout in layouts))
+from sparsewise.kernels import triton_colskip as colskip
+g = torch.Generator().manual_seed(1)
+w, x, b = torch.randn(40, 300, generator=g), torch.randn(3, 300, generator=g), torch.randn(40, generator=g)
+wt = colskip.transpose_weight(w)
+errors = []
+for t in (colskip.column_thresholds(0.7, 300), 0.7 / w.norm(dim=0)):  # TEAL-like, WINA-like
+    ref = colskip.reference_linear(x, wt, t, b)
+    for split in (1, 3):
+        out = colskip.linear(x, wt, t, b, split_k=split, config=(32, 32, 4, 1))
+        errors.append(((out - ref).norm() / ref.norm()).item())
+dead = (x.abs() <= 0.7).all(0)  # inputs no row keeps: their weight rows must never be read
+poisoned = wt.clone()
+poisoned[dead] = float("nan")
+clean = colskip.linear(x, poisoned, colskip.column_thresholds(0.7, 300), b, config=(32, 32, 4, 1))
+errors.append(((clean - colskip.reference_linear(x, wt, colskip.column_thresholds(0.7, 300), b)).norm()).item())
+print("colskip", max(errors) < 1e-5, bool(dead.any()))
 from sparsewise.kernels.transpose import transpose_bias
 yt, bias = torch.randn(70, 130), torch.randn(70)
 print("transpose", torch.allclose(transpose_bias(yt[:, :100], bias), yt[:, :100].t() + bias),
@@ -142,7 +158,8 @@ print("transpose", torch.allclose(transpose_bias(yt[:, :100], bias), yt[:, :100]
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    *lines, counters, decoded, transpose = result.stdout.strip().splitlines()
+    *lines, counters, decoded, skipped, transpose = result.stdout.strip().splitlines()
+    assert skipped == "colskip True True"  # activation-sparse GEMV (split-K, per-column thresholds) = reference
     assert decoded == "unpack True"  # the Triton decode of both layouts (padded K) equals the reference
     assert counters == "counters 0 1"  # split-K cases ran, and left their counters at zero
     assert transpose == "transpose True True"  # cuSPARSELt's y^T epilogue: odd tiles, a strided view, bias
@@ -211,3 +228,29 @@ def test_cusparselt_cached_plans_match_reference(dtype, m, mode, transposed):
     assert _relative_error(out, ref) < (1e-2 if dtype == torch.bfloat16 else 2e-3)
     again = linear(x, bias, transposed=transposed)  # cached plan
     assert torch.equal(out, again)
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 3, 8, 16])
+@pytest.mark.parametrize("split_k", [1, 4])
+def test_colskip_kernel_matches_float64_and_never_reads_dead_columns(dtype, m, split_k):
+    from sparsewise.kernels import triton_colskip as colskip
+
+    generator = torch.Generator(device="cuda").manual_seed(m)
+    n, k = 1000, 4096
+    weight = torch.randn(n, k, device="cuda", dtype=dtype, generator=generator) / k**0.5
+    x = torch.randn(m, k, device="cuda", dtype=dtype, generator=generator)
+    bias = torch.randn(n, device="cuda", dtype=dtype, generator=generator)
+    wt = colskip.transpose_weight(weight)
+    for thresholds in (colskip.column_thresholds(0.8, k, device="cuda"),
+                       0.8 * weight.float().norm(dim=0).mean() / weight.float().norm(dim=0)):
+        kept = torch.where(x.abs().float() > thresholds, x, torch.zeros((), dtype=dtype, device="cuda"))
+        ref = torch.nn.functional.linear(kept.double(), weight.double(), bias.double())
+        out = colskip.linear(x, wt, thresholds, bias, split_k=split_k)
+        assert _relative_error(out, ref) < (1e-2 if dtype == torch.bfloat16 else 2e-3)
+        dead = (kept == 0).all(0)
+        poisoned = wt.clone()
+        poisoned[dead] = float("nan")
+        assert torch.isfinite(colskip.linear(x, poisoned, thresholds, bias, split_k=split_k)).all()

@@ -27,7 +27,7 @@ class Site:
 
     ``module``: the linear whose input is masked ("input"), or the activation module whose
     output is masked ("gate"). ``weight``: the consuming linear's weight [out, in] (for "gate",
-    the down projection's), used by weight-aware scores. ``up``: the up projection beside a
+    the down projection's, ``reader``), used by weight-aware scores. ``up``: the up projection beside a
     gate (CHESS), if the MLP has one. ``params``: the weights that read the site (allocation).
     """
 
@@ -38,6 +38,7 @@ class Site:
     weight: torch.Tensor
     params: int
     up: nn.Module | None = None
+    reader: nn.Module | None = None  # "gate" sites: the linear that reads them (the down projection)
     constants: dict[str, torch.Tensor] = field(default_factory=dict)  # per-channel, set by the method
 
     @property

@@ -63,7 +63,7 @@ def block_sites(adapter: ModelAdapter, index: int, kind: str, call: BlockCall | 
         up = next((layer for layer in writers if "up" in layer.name.rsplit(".", 1)[-1]), None)
         params = readers[0].numel + sum(layer.numel for layer in writers)
         sites.append(Site(f"{block_name}.{act_name}", module, "gate", index, readers[0].get_weight(), params,
-                          up=up.module if up is not None else None))
+                          up=up.module if up is not None else None, reader=readers[0].module))
     if not sites:
         raise UnsupportedModelError(
             f"block {block_name}: no MLP activation module found whose output width matches one linear's input; "

@@ -6,6 +6,8 @@ and caches it. Kernels live in :mod:`sparsewise.kernels`; nothing here is import
 """
 
 from .accelerate import AccelerateReport, accelerate, tune
+from .activation_linear import ActivationSparseLinear, accelerate_activations
 from .sparse_linear import SparseLinear, weight_kind
 
-__all__ = ["AccelerateReport", "SparseLinear", "accelerate", "tune", "weight_kind"]
+__all__ = ["AccelerateReport", "ActivationSparseLinear", "SparseLinear", "accelerate", "accelerate_activations", "tune",
+           "weight_kind"]

@@ -1,0 +1,108 @@
+"""Activation-sparse GEMV/GEMM for decode: weight columns of zeroed inputs are never read.
+
+y = mask(x) W^T + b, mask(x)[m, j] = x[m, j] if |x[m, j]| > threshold[j] else 0. A per-column
+threshold covers TEAL (one t for every column), WINA (t / ||W[:, j]||: the score |x_j| * ||W[:, j]||
+> t rewritten on |x_j|) and CHESS's attention thresholds. The weight is stored transposed, W^T
+[K, N], so every input j owns one contiguous row of N weights; a program loads its [BLOCK_K,
+BLOCK_N] tile with the rows of inputs that no activation row keeps masked off, and masked-off
+rows generate no memory traffic: at 50% activation sparsity half the weight bytes are read.
+The product runs on tensor cores (x padded to 16 rows: M <= 16), K may be split over programs
+(partials added by the last program to arrive, as in :mod:`.triton_planes`). The mask is
+computed inside the kernel: no compaction pass, no host sync, CUDA-graph safe.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_planes import _split_counters, _store
+
+MAX_ROWS = 16
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _colskip_kernel(x_ptr, wt_ptr, threshold_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr, M, N, K, stride_xm,
+                    stride_wk, stride_om, K_PER_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = ns < N
+    ms = tl.arange(0, BLOCK_M)
+    m_ok = ms < M
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_start = pid_k * K_PER_SPLIT
+    for step in tl.range(0, K_PER_SPLIT, BLOCK_K, num_stages=STAGES):
+        ks = k_start + step + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        xs = tl.load(x_ptr + ms[:, None] * stride_xm + ks[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        limit = tl.load(threshold_ptr + ks, mask=k_ok, other=0.0)
+        xs = tl.where(tl.abs(xs.to(tl.float32)) > limit[None, :], xs, tl.zeros_like(xs))
+        # a weight row is needed when any activation row keeps its input
+        alive = tl.max(tl.abs(xs.to(tl.float32)), axis=0) > 0
+        w = tl.load(wt_ptr + ks[:, None].to(tl.int64) * stride_wk + ns[None, :],
+                    mask=alive[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(xs, w, acc)
+    _store(acc, out_ptr, partial_ptr, counter_ptr, bias_ptr, ns, n_ok, ms, M, N, pid_n, pid_k, stride_om,
+           HAS_BIAS, SPLIT_K)
+
+
+def transpose_weight(weight: torch.Tensor) -> torch.Tensor:
+    """W [N, K] -> W^T [K, N] contiguous: the layout the kernel reads (input j owns row j)."""
+    return weight.t().contiguous()
+
+
+def column_thresholds(threshold: float | torch.Tensor, in_features: int, *, device=None) -> torch.Tensor:
+    """A scalar or per-column threshold as the float32 [K] vector the kernel reads (-inf = keep all)."""
+    values = torch.as_tensor(threshold, dtype=torch.float32, device=device)
+    if values.dim() == 0:
+        values = values.expand(in_features)
+    if values.shape != (in_features,):
+        raise ValueError(f"threshold must be a scalar or have {in_features} entries, got {tuple(values.shape)}.")
+    return values.contiguous()
+
+
+def reference_linear(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tensor,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The PyTorch reference: zero |x| <= threshold, then a dense product with W^T."""
+    kept = torch.where(x.abs().float() > thresholds.to(x.device), x, torch.zeros((), dtype=x.dtype, device=x.device))
+    out = kept @ weight_t.to(x.dtype)
+    return out + bias if bias is not None else out
+
+
+def linear(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tensor, bias: torch.Tensor | None = None, *,
+           split_k: int = 1, config: tuple[int, int, int, int] = (64, 128, 4, 3)) -> torch.Tensor:
+    """Activation-sparse y = mask(x) W^T + b for x [..., K] with at most 16 rows.
+
+    ``config`` = (BLOCK_K, BLOCK_N, warps, stages); ``split_k`` programs share K.
+    """
+    k, n = weight_t.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if m > MAX_ROWS:
+        raise ValueError(f"the column-skipping kernel serves decode (M <= {MAX_ROWS} rows), got {m}; "
+                         "use the dense product for prefill.")
+    if weight_t.stride(1) != 1:
+        raise ValueError("weight_t must be W^T [K, N] with unit stride along N (transpose_weight(W)).")
+    block_k, block_n, warps, stages = config
+    split_k = max(1, min(split_k, triton.cdiv(k, block_k)))
+    per_split = triton.cdiv(triton.cdiv(k, block_k), split_k) * block_k
+    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    partials, counters = out, out
+    if split_k > 1:
+        partials = torch.empty(split_k, m, n, device=x.device, dtype=torch.float32)
+        counters = _split_counters(x.device, triton.cdiv(n, 16))
+    grid = (triton.cdiv(n, block_n), split_k)
+    _colskip_kernel[grid](x2, weight_t, thresholds, bias if bias is not None else x2, out, partials, counters, m, n, k,
+                          x2.stride(0), weight_t.stride(0), out.stride(0), K_PER_SPLIT=per_split,
+                          HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK_M=16, BLOCK_K=block_k, STAGES=stages,
+                          BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+    return out.reshape(*lead, n)
