@@ -25,6 +25,7 @@ from . import cats, chess, rsparse, teal, topk, wina  # noqa: F401  (registratio
 from .base import ActivationMethod, Site, available_methods, get_method, register
 from .calibrate import calibrate, read_trajectory
 from .hooks import SiteHook
+from .sparsing_law import PPLpResult, ppl_p_sparsity
 
 _ATTRIBUTE = "_sparsewise_activation"
 
@@ -181,5 +182,5 @@ def remove_activation_sparsity(model: nn.Module) -> int:
     return count
 
 
-__all__ = ["ActivationMethod", "ActivationSparsity", "Site", "SiteHook", "available_methods", "get_method",
-           "register", "remove_activation_sparsity", "sparsify_activations"]
+__all__ = ["ActivationMethod", "ActivationSparsity", "PPLpResult", "Site", "SiteHook", "available_methods", "get_method",
+           "ppl_p_sparsity", "register", "remove_activation_sparsity", "sparsify_activations"]

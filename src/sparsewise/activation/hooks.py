@@ -18,6 +18,7 @@ class SiteHook:
         self.site, self.method, self.samples = site, method, samples
         self.sparsity = 0.0
         self.zeroed = 0.0  # fraction zeroed on the full-weight path (R-Sparse: more than sparsity)
+        self.active = False
         self.threshold = float("-inf")
         self.side: tuple[torch.Tensor, torch.Tensor] | None = None  # R-Sparse low-rank path
         self._removed: torch.Tensor | None = None
@@ -40,6 +41,11 @@ class SiteHook:
                 raise RuntimeError(f"{self.site.name}: a threshold method needs calibration samples.")
             self.threshold = quantile_threshold(self.samples, zeroed)
         self.zeroed = zeroed
+        self.active = sparsity > 0.0
+
+    def set_threshold(self, threshold: float) -> None:
+        """Mask with an explicit threshold on the score (e.g. from a CETT search), not a quantile."""
+        self.threshold, self.active = threshold, True
 
     def keep_mask(self, x: torch.Tensor) -> torch.Tensor:
         scores = self.method.score(self.site, x)
@@ -48,7 +54,7 @@ class SiteHook:
         return scores > self.threshold
 
     def sparsify(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sparsity == 0.0:
+        if not self.active:
             out = x
         else:
             out = torch.where(self.keep_mask(x), x, torch.zeros((), dtype=x.dtype, device=x.device))

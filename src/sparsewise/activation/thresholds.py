@@ -82,7 +82,7 @@ def cett(activations: torch.Tensor, down_weight: torch.Tensor, threshold: float)
 
 
 def cett_threshold(activations: torch.Tensor, down_weight: torch.Tensor, target: float, *,
-                   steps: int = 40) -> float:
+                   steps: int = 24) -> float:
     """The threshold whose CETT is ``target``: bisection between min(n) and the 99% quantile of
     n (CETT is non-decreasing in t), as the Sparsing Law's per-layer search."""
     magnitudes = (activations.abs() * column_norms(down_weight)).reshape(-1).float()
