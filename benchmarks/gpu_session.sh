@@ -21,6 +21,9 @@ for stage in "$@"; do
     e2e)    timeout 330 python3 benchmarks/runtime_e2e.py 2>&1 | grep -v "Warn\|return cls" | tee "$OUT/e2e.txt" ;;
     probe)  timeout 90 python3 benchmarks/probes/cslt_layouts.py 2>&1 | grep -v Warn | tee "$OUT/cslt.txt"
             timeout 30 python3 benchmarks/probes/cslt_format.py 2>&1 | grep -v Warn | tee "$OUT/cslt_format.txt" ;;
+    actspeed) timeout 500 python3 benchmarks/activation_speed.py 2>&1 | grep -v "Warn\|return cls" | tee "$OUT/actspeed.txt" ;;
+    atests) timeout 200 python3 -m pytest -q -x -m gpu -p no:cacheprovider --tb=short tests/test_activation.py \
+              tests/test_kernels.py -k "colskip or activation" 2>&1 | tail -30 | tee "$OUT/atests.txt" ;;
     stage-half) mkdir -p /tmp/sw_stage && cp .carry1/* /tmp/sw_stage/ && ls -la /tmp/sw_stage ;;
     smollm2)
       cat /tmp/sw_stage/smol.part1 .carry2/smol.part2 > /tmp/smol.gguf || exit 1

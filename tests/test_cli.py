@@ -37,6 +37,15 @@ def test_prune_eval_report_round_trip(tmp_path, capsys, smollm2):
     assert "accelerated 210 linears" in accelerated["runtime"]
     assert accelerated["ppl"] == pytest.approx(evaluated["ppl"], rel=1e-4)
 
+    # activation sparsity on top, calibrated on C4 (never the eval text), measured sparsity reported
+    assert main(["eval", str(out), "--eval", str(WIKITEXT_TEST), "--seqlen", "128", "--max-windows", "2",
+                 "--json", "--no-progress", "--activation-method", "wina", "--activation-sparsity", "0.4",
+                 "--calibration", str(C4_SAMPLE), "--calibration-n", "2"]) == 0
+    sparse_act = json.loads(capsys.readouterr().out)
+    assert sparse_act["activation"]["method"] == "wina"
+    assert 0.3 < sparse_act["activation"]["measured_sparsity"] < 0.6
+    assert sparse_act["ppl"] > evaluated["ppl"]
+
     assert main(["report", str(out), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert len(report["sparsity"]["layers"]) == 210

@@ -57,6 +57,13 @@ def _eval_parser(sub) -> None:
     cmd.add_argument("--device", default="auto")
     cmd.add_argument("--accelerate", action="store_true",
                      help="run the pruned linears through the sparse runtime (sparsewise.runtime.accelerate)")
+    cmd.add_argument("--activation-method", help="activation sparsity at inference (teal, wina, cats, chess, "
+                     "r-sparse, topk): sparsewise.sparsify_activations")
+    cmd.add_argument("--activation-sparsity", type=float, default=0.5)
+    cmd.add_argument("--activation-allocation", choices=["uniform", "greedy"], default="uniform")
+    cmd.add_argument("--calibration", help="calibration text (e.g. a C4 jsonl) for the activation thresholds; "
+                     "never the evaluation text")
+    cmd.add_argument("--calibration-n", type=int, default=64)
     cmd.add_argument("--json", action="store_true", help="print the result as JSON")
     cmd.add_argument("--no-progress", action="store_true")
 
@@ -124,13 +131,35 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         runtime_note = accelerate(model).summary()
         print(runtime_note, file=sys.stderr)
-    result = perplexity(model, tokenizer, args.eval, seqlen=args.seqlen, max_windows=args.max_windows or None,
-                        batch_size=args.batch_size, progress=not args.no_progress)
+    activation = None
+    if args.activation_method:
+        from .activation import sparsify_activations
+        from .data import calibration
+
+        calib = None
+        if args.calibration:
+            calib = calibration(args.calibration, tokenizer, n=args.calibration_n, seqlen=args.seqlen, seed=0)
+        handle = sparsify_activations(model, args.activation_method, args.activation_sparsity, calib,
+                                      allocation=args.activation_allocation, progress=not args.no_progress)
+        activation = {"method": args.activation_method, "sparsity": args.activation_sparsity,
+                      "allocation": args.activation_allocation}
+        with handle.counting() as measured:
+            result = perplexity(model, tokenizer, args.eval, seqlen=args.seqlen,
+                                max_windows=args.max_windows or None, batch_size=args.batch_size,
+                                progress=not args.no_progress)
+        activation["measured_sparsity"] = handle.weighted(measured)
+        print(f"activation sparsity ({args.activation_method}, {args.activation_allocation}): nominal "
+              f"{args.activation_sparsity:.2f}, measured {activation['measured_sparsity']:.3f} over "
+              f"{len(measured)} sites", file=sys.stderr)
+    else:
+        result = perplexity(model, tokenizer, args.eval, seqlen=args.seqlen,
+                            max_windows=args.max_windows or None, batch_size=args.batch_size,
+                            progress=not args.no_progress)
     if args.json:
         print(json.dumps({"ppl": result.ppl, "mean_nll": result.mean_nll, "seqlen": result.seqlen,
                           "windows": result.n_windows, "total_windows": result.total_windows,
                           "tokens": result.tokens, "source": str(args.eval), "model": args.model,
-                          "runtime": runtime_note}, indent=2))
+                          "runtime": runtime_note, "activation": activation}, indent=2))
     else:
         print(f"{args.model}: ppl {result.ppl:.3f} on {args.eval} (seqlen {result.seqlen}, "
               f"{result.n_windows}/{result.total_windows} windows, {result.tokens:,} tokens)")

@@ -1,0 +1,155 @@
+"""Activation-sparse decode on GPU: the column-skipping kernel vs dense cuBLAS, per layer and end to end.
+
+Per layer: LLaMA-3-8B shapes, M in {1, 4, 8} rows, activation sparsity {0, 25, 40, 50, 65}%:
+random activations (never zeros), the threshold set to the |x| quantile giving the sparsity,
+weights and inputs rotating over copies larger than L2; CUDA-graph replays, device events,
+medians (METHOD.md). The kernel row is the best of a small launch sweep.
+End to end: the LLaMA-3-8B-shaped decoder of runtime_e2e.py, every block linear an
+ActivationSparseLinear with a TEAL threshold per linear calibrated on a 512-token prefill of
+random tokens at each target; one decode step (batch 1) captured in a CUDA graph.
+
+    python benchmarks/activation_speed.py [--layers-only] [--sparsities 0,0.25,0.4,0.5,0.65]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+from runtime_e2e import LLAMA3_8B, TINY, Decoder
+from runtime_layers import L2_BYTES, bench_graph
+
+from sparsewise.kernels import triton_colskip as colskip
+from sparsewise.runtime import ActivationSparseLinear
+from sparsewise.runtime.dispatch import capture, events_median
+
+SHAPES = {"q_proj": (4096, 4096), "k_proj": (1024, 4096), "gate_up": (14336, 4096), "down_proj": (4096, 14336)}
+CONFIGS = [(64, 128, 4, 3), (32, 128, 4, 3), (64, 64, 4, 4), (128, 64, 4, 3)]
+SPLITS = (1, 2, 4, 8)
+
+
+def layer_rows(sparsities: list[float], ms: list[int], dtype) -> list[dict]:
+    rows = []
+    for name, (n, k) in SHAPES.items():
+        copies = max(2, -(-4 * L2_BYTES // (n * k * 2)))
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        weights = [torch.randn(n, k, device="cuda", dtype=dtype, generator=gen) / k**0.5 for _ in range(copies)]
+        transposed = [colskip.transpose_weight(w) for w in weights]
+        for m in ms:
+            xs = [torch.randn(m, k, device="cuda", dtype=dtype, generator=gen) for _ in range(copies)]
+            dense = bench_graph(lambda i: F.linear(xs[i], weights[i]), copies)
+            for sparsity in sparsities:
+                limit = float(torch.quantile(xs[0].abs().float().flatten(), sparsity)) if sparsity else -1.0
+                thresholds = colskip.column_thresholds(limit, k, device="cuda")
+                kept = torch.where(xs[0].abs().float() > thresholds, xs[0], torch.zeros((), dtype=dtype, device="cuda"))
+                ref = F.linear(kept.double(), weights[0].double())
+                best = None
+                for config in CONFIGS:
+                    for split in SPLITS:
+                        out = colskip.linear(xs[0], transposed[0], thresholds, split_k=split, config=config)
+                        error = ((out.double() - ref).norm() / ref.norm()).item()
+                        if not error < 1e-2:
+                            raise AssertionError(f"{name} M={m} {config} s{split}: relative error {error}")
+                        t = bench_graph(lambda i, c=config, s=split: colskip.linear(
+                            xs[i], transposed[i], thresholds, split_k=s, config=c), copies)
+                        if best is None or t < best[0]:
+                            best = (t, f"{config} s{split}")
+                realized = float((kept == 0).float().mean())
+                # columns no row keeps: the weight rows the kernel skips
+                skipped = float((kept == 0).all(0).float().mean())
+                rows.append({"layer": name, "N": n, "K": k, "M": m, "sparsity": sparsity, "realized": realized,
+                             "skipped_columns": skipped, "dense_ms": dense, "colskip_ms": best[0],
+                             "speedup": dense / best[0], "best": best[1]})
+                print(f"{name:9} N={n:5} K={k:5} M={m} s={sparsity:.2f} (skip {skipped:.2f}) dense {dense * 1e3:6.1f}us "
+                      f"colskip {best[0] * 1e3:6.1f}us {dense / best[0]:.2f}x [{best[1]}]", flush=True)
+    return rows
+
+
+def e2e_rows(sparsities: list[float], cfg: dict, dtype) -> list[dict]:
+    torch.manual_seed(0)
+    model = Decoder(cfg, torch.device("cuda"), dtype).eval()
+    prompt = 512
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    model.reset_cache(1, prompt + 64)
+    tokens = torch.randint(0, cfg["vocab"], (1, prompt), device="cuda", generator=gen)
+    step_tokens = torch.randint(0, cfg["vocab"], (1, 1), device="cuda", generator=gen)
+    position = torch.tensor([prompt], device="cuda")
+    with torch.no_grad():
+        model(tokens, torch.arange(prompt, device="cuda"))
+        dense_replay, dense_logits = capture(lambda: model(step_tokens, position))
+        dense_ms = events_median(dense_replay, 50)
+        # |x| samples of every block linear's input on the prompt (TEAL calibration, random model)
+        samples, handles = {}, []
+        for block in model.blocks:
+            for module in block.modules():
+                if isinstance(module, torch.nn.Linear):
+                    handles.append(module.register_forward_pre_hook(
+                        lambda mod, args: samples.__setitem__(mod, args[0].abs().float().flatten()[::7])))
+        model.reset_cache(1, prompt + 64)
+        model(tokens, torch.arange(prompt, device="cuda"))
+        for handle in handles:
+            handle.remove()
+        swapped = {}
+        for block in model.blocks:
+            for name, module in list(block.named_children()):
+                if isinstance(module, torch.nn.Linear):
+                    sparse = ActivationSparseLinear(module.weight, None, torch.tensor(-1.0))
+                    swapped[sparse] = samples[module]
+                    setattr(block, name, sparse)
+        samples.clear()  # the swapped layers keep their own samples
+        torch.cuda.empty_cache()
+        rows = []
+        model.reset_cache(1, prompt + 64)
+        model(tokens, torch.arange(prompt, device="cuda"))
+        replay, logits = capture(lambda: model(step_tokens, position))
+        for sparsity in sparsities:
+            for sparse, sample in swapped.items():  # in place: the captured graph reads these buffers
+                limit = float(torch.quantile(sample[: 1 << 24], sparsity)) if sparsity else -1.0
+                sparse.thresholds.fill_(limit)
+            step_ms = events_median(replay, 50)
+            error = ((logits.float() - dense_logits.float()).norm() / dense_logits.float().norm()).item()
+            rows.append({"sparsity": sparsity, "dense_ms": dense_ms, "sparse_ms": step_ms,
+                         "dense_tok_s": 1000 / dense_ms, "sparse_tok_s": 1000 / step_ms, "speedup": dense_ms / step_ms,
+                         "logits_rel_err_vs_dense": error})
+            print(f"e2e decode b1 s={sparsity:.2f}: dense {1000 / dense_ms:.1f} tok/s -> {1000 / step_ms:.1f} tok/s "
+                  f"({dense_ms / step_ms:.2f}x), logits vs dense {error:.2e}", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sparsities", default="0,0.25,0.4,0.5,0.65")
+    parser.add_argument("--ms", default="1,4,8")
+    parser.add_argument("--layers-only", action="store_true")
+    parser.add_argument("--e2e-only", action="store_true")
+    parser.add_argument("--tiny", action="store_true", help="small shapes (smoke test)")
+    parser.add_argument("--json-out", default=os.environ.get("OUT", ".") + "/activation_speed.json")
+    args = parser.parse_args()
+    dtype = torch.float16
+    sparsities = [float(s) for s in args.sparsities.split(",")]
+    header = (f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | fp16 | "
+              f"graph replay | {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(header, flush=True)
+    burn = torch.randn(8192, 8192, device="cuda", dtype=dtype)
+    start = time.perf_counter()
+    while time.perf_counter() - start < 2.0:
+        burn @ burn
+    del burn
+    result = {"header": header}
+    if not args.e2e_only:
+        result["layers"] = layer_rows(sparsities, [int(m) for m in args.ms.split(",")], dtype)
+        with open(args.json_out, "w") as handle:
+            json.dump(result, handle, indent=1)
+    if not args.layers_only:
+        result["e2e"] = e2e_rows(sparsities, TINY if args.tiny else LLAMA3_8B, dtype)
+    with open(args.json_out, "w") as handle:
+        json.dump(result, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
