@@ -140,10 +140,9 @@ def main() -> None:
     jobs = ["dense:-"] + [f"{m}:uniform" for m in METHODS] + [f"{m}:greedy" for m in GREEDY] + ["minilm"]
     rows = []
     for job in jobs:
-        out = subprocess.run([sys.executable, __file__, "--only", job, *passthrough], capture_output=True, text=True,
-                             check=False)
+        out = subprocess.run([sys.executable, __file__, "--only", job, *passthrough], stdout=subprocess.PIPE,
+                             text=True, check=False)  # its progress lines go straight to our stderr
         if out.returncode:
-            print(out.stderr[-3000:], file=sys.stderr)
             raise SystemExit(f"run {job} failed")
         rows += json.loads(out.stdout.strip().splitlines()[-1])
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
