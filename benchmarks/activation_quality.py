@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -124,19 +123,12 @@ def main() -> None:
         print(json.dumps(rows), flush=True)
         return
 
-    import torch
-    import transformers
+    from oneshot_smollm2 import cpu_header
 
-    import sparsewise
-
-    header = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
-        "versions": f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, sparsewise {sparsewise.__version__}",
-        "settings": f"SmolLM2-135M fp32 CPU; calibration C4 {args.calib_n} x {args.calib_seqlen} seed 0 ({args.batch_size} "
-                    f"per block call; greedy step {args.greedy_step} on the first call); eval WikiText-2 test seqlen "
-                    f"{args.seqlen}, {args.windows} windows; MiniLM: {args.sentences} WikiText-2 test lines, 64 C4 docs",
-    }
+    header = cpu_header(
+        f"SmolLM2-135M fp32 CPU; calibration C4 {args.calib_n} x {args.calib_seqlen} seed 0 ({args.batch_size} per "
+        f"block call; greedy step {args.greedy_step} on the first call); eval WikiText-2 test seqlen {args.seqlen}, "
+        f"{args.windows} windows; MiniLM: {args.sentences} WikiText-2 test lines, 64 C4 docs")
     jobs = ["dense:-"] + [f"{m}:uniform" for m in METHODS] + [f"{m}:greedy" for m in GREEDY] + ["minilm"]
     rows = []
     for job in jobs:

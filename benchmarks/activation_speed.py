@@ -16,13 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 
 import torch
 import torch.nn.functional as F
-import triton
 from runtime_e2e import LLAMA3_8B, TINY, Decoder
-from runtime_layers import L2_BYTES, bench_graph
+from runtime_layers import L2_BYTES, bench_graph, gpu_header, warm_up_clocks
 
 from sparsewise.kernels import triton_colskip as colskip
 from sparsewise.runtime import ActivationSparseLinear
@@ -132,14 +130,9 @@ def main() -> None:
     args = parser.parse_args()
     dtype = torch.float16
     sparsities = [float(s) for s in args.sparsities.split(",")]
-    header = (f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | fp16 | "
-              f"graph replay | {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    header = gpu_header("float16", "graph replay")
     print(header, flush=True)
-    burn = torch.randn(8192, 8192, device="cuda", dtype=dtype)
-    start = time.perf_counter()
-    while time.perf_counter() - start < 2.0:
-        burn @ burn
-    del burn
+    warm_up_clocks(dtype)
     result = {"header": header}
     if not args.e2e_only:
         result["layers"] = layer_rows(sparsities, [int(m) for m in args.ms.split(",")], dtype)

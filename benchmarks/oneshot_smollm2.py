@@ -50,6 +50,23 @@ def run_one(method: str, pattern: str, sparsity: float | None, sequential: str, 
     return row
 
 
+def cpu_header(settings: str) -> dict:
+    """Date, machine, versions and settings: the header of every CPU benchmark's results."""
+    import torch
+    import transformers
+
+    import sparsewise
+
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                   f"torch threads {torch.get_num_threads()}",
+        "versions": f"python {platform.python_version()}, torch {torch.__version__}, transformers "
+                    f"{transformers.__version__}, sparsewise {sparsewise.__version__}",
+        "settings": settings,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", help="method:pattern[@sequential], e.g. wanda:2:4, sparsegpt:unstructured@block, dense:-")
@@ -68,18 +85,11 @@ def main() -> None:
         print(json.dumps(run_one(method, pattern, sparsity, sequential or "layer", args)), flush=True)
         return
 
-    import torch
-    import transformers
 
-    import sparsewise
 
-    header = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
-        "versions": f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, sparsewise {sparsewise.__version__}",
-        "settings": f"SmolLM2-135M-Instruct (Q4_1 GGUF dequantized, fp32, CPU); calibration C4 sample {args.calib_n} x {args.calib_seqlen} seed 0; "
-                    f"eval WikiText-2 test seqlen {args.seqlen}, {args.windows} evenly spaced windows",
-    }
+    header = cpu_header(
+        f"SmolLM2-135M-Instruct (Q4_1 GGUF dequantized, fp32, CPU); calibration C4 sample {args.calib_n} x "
+        f"{args.calib_seqlen} seed 0; eval WikiText-2 test seqlen {args.seqlen}, {args.windows} evenly spaced windows")
     rows = []
     jobs = [("dense", "-", "layer")] + [(m, p, "layer") for m in METHODS for p, _ in PATTERNS]
     # the classic two-pass scheme (what llm-compressor runs), for the calibration-aware methods

@@ -83,6 +83,21 @@ def bench_graph(fn, copies: int, reps: int = 10) -> float:
     return events_median(replay, reps) / calls
 
 
+def gpu_header(dtype_name: str, timing: str) -> str:
+    """One line naming the GPU, versions, dtype, timing method and date (every GPU benchmark prints it)."""
+    return (f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
+            f"{dtype_name} | {timing} | {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+
+
+def warm_up_clocks(dtype: torch.dtype, seconds: float = 2.0) -> None:
+    """Clocks up before the first timed call (the GPU idles at a few hundred MHz)."""
+    burn = torch.randn(8192, 8192, device="cuda", dtype=dtype)
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        burn @ burn
+    torch.cuda.synchronize()
+
+
 def check(out: torch.Tensor, ref: torch.Tensor) -> float:
     error = ((out.double() - ref).norm() / ref.norm()).item()
     if not error < 1e-2:
@@ -104,17 +119,9 @@ def main() -> None:
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     ms = [int(v) for v in args.ms.split(",")]
-    header = (f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
-              f"{args.dtype} | {'graph replay' if args.graph else 'eager do_bench'} | "
-              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    header = gpu_header(args.dtype, "graph replay" if args.graph else "eager do_bench")
     print(header, flush=True)
-    # clocks up before the first timed call (the GPU idles at a few hundred MHz)
-    burn = torch.randn(8192, 8192, device="cuda", dtype=dtype)
-    start = time.perf_counter()
-    while time.perf_counter() - start < 2.0:
-        burn @ burn
-    torch.cuda.synchronize()
-    del burn
+    warm_up_clocks(dtype)
     rows = []
     for model in args.models.split(","):
         for name, (n, k) in SHAPES[model].items():

@@ -9,7 +9,7 @@ from conftest import ALL_FAMILIES, VOCAB, build_tiny
 import sparsewise as sw
 from sparsewise.calibration.stats import STAT_NORMS
 from sparsewise.methods import get_method, register
-from sparsewise.methods.base import _REGISTRY
+from sparsewise.methods.base import _METHODS
 from sparsewise.models import ModelAdapter
 from sparsewise.patterns import check_mask
 
@@ -74,7 +74,7 @@ def recorder():
     register(_Recorder)
     _Recorder.seen = {}
     yield _Recorder
-    _REGISTRY.pop(_Recorder.name)
+    _METHODS.unregister(_Recorder.name)
 
 
 def _input_norms(model, calib, names):
@@ -145,7 +145,7 @@ def test_failure_leaves_model_untouched(tiny_llama):
             assert torch.equal(value, before[key]), key
         assert sw.get_records(tiny_llama) == {}
     finally:
-        _REGISTRY.pop("test-exploding")
+        _METHODS.unregister("test-exploding")
 
 
 def test_same_seed_same_masks():
@@ -270,7 +270,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, sequential):
             sw.prune(build_tiny("llama"), method="test-flaky", sparsity=0.6, calibration=calib,
                      sequential=sequential, resume_dir=tmp_path / "run2", progress=False)
     finally:
-        _REGISTRY.pop("test-flaky")
+        _METHODS.unregister("test-flaky")
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "bert"])

@@ -9,7 +9,6 @@ allocation live in ``apply.py`` / ``calibrate.py``; the math in ``thresholds.py`
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..registry import Registry
 
 SITE_KINDS = ("input", "gate")
 
@@ -84,25 +84,14 @@ class ScoreMethod:
         pass
 
 
-_REGISTRY: dict[str, Callable[..., ActivationMethod]] = {}
-
-
-def register(cls):
-    """Class decorator: make an activation method available by ``cls.name``."""
-    if cls.name in _REGISTRY:
-        raise RuntimeError(f"activation method {cls.name!r} registered twice")
-    _REGISTRY[cls.name] = cls
-    return cls
+_METHODS = Registry("activation method")
+register = _METHODS.register
 
 
 def get_method(name: str | ActivationMethod, **options: Any) -> ActivationMethod:
-    if not isinstance(name, str):
-        return name
-    key = name.lower()
-    if key not in _REGISTRY:
-        raise ConfigError(f"unknown activation method {name!r}; available: {', '.join(sorted(_REGISTRY))}.")
-    return _REGISTRY[key](**options)
+    """Instantiate a registered activation method by name (or pass an instance through)."""
+    return _METHODS.get(name, **options)
 
 
 def available_methods() -> list[str]:
-    return sorted(_REGISTRY)
+    return _METHODS.names()

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_planes import _split_counters, _store
+from .triton_planes import _split_counters, _store, as_rows
 
 MAX_ROWS = 16
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -82,10 +82,7 @@ def linear(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tensor, bi
     ``config`` = (BLOCK_K, BLOCK_N, warps, stages); ``split_k`` programs share K.
     """
     k, n = weight_t.shape
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2, lead = as_rows(x, k)
     m = x2.shape[0]
     if m > MAX_ROWS:
         raise ValueError(f"the column-skipping kernel serves decode (M <= {MAX_ROWS} rows), got {m}; "

@@ -115,6 +115,17 @@ def _bitmask_planes(words, word_start, values_ptr, J: tl.constexpr, PORTABLE_POP
 
 
 @triton.jit
+def _nm24_step(words, values_rows, t, j: tl.constexpr, W: tl.constexpr, ws, row_ok):
+    """Step j of 2:4 tile t: the kept values (v0 block then v1 block) and their positions in the
+    group (i0 < i1, the nibble's two 2-bit fields)."""
+    nib = (words >> (4 * j)) & 15
+    pair = values_rows + t * 16 * W + j * 2 * W + ws[None, :]
+    v0 = tl.load(pair, mask=row_ok[:, None], other=0.0)
+    v1 = tl.load(pair + W, mask=row_ok[:, None], other=0.0)
+    return v0, v1, nib & 3, nib >> 2
+
+
+@triton.jit
 def _nm24_planes(v0, v1, i0, i1):
     """The four weight planes of a 2:4 step: input c of each group holds v0 if i0 == c, v1 if i1 == c."""
     zero = tl.zeros_like(v0)
@@ -173,18 +184,22 @@ def _store(result, out_ptr, partial_ptr, counter_ptr, bias_ptr, rows, row_ok, ms
 
 
 @triton.jit
+def _program_indices(N, W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's row block and K split, its weight rows (and which exist), the word and
+    activation-row index vectors."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return pid_n, pid_k, rows, rows < N, rows.to(tl.int64), tl.arange(0, W), tl.arange(0, BLOCK_M)
+
+
+@triton.jit
 def _planes_kernel(x_ptr, values_ptr, meta_ptr, offsets_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr,
                    M, N, K, tiles, stride_xm, stride_om, TILES_PER_SPLIT: tl.constexpr,
                    BITMASK: tl.constexpr, W: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                    USE_DOT: tl.constexpr, SPLIT_K: tl.constexpr, PORTABLE_POPCOUNT: tl.constexpr, XSELECT: tl.constexpr,
                    EVEN_K: tl.constexpr, STAGES: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    rows64 = rows.to(tl.int64)
-    ws = tl.arange(0, W)
-    ms = tl.arange(0, BLOCK_M)
+    pid_n, pid_k, rows, row_ok, rows64, ws, ms = _program_indices(N, W, BLOCK_M, BLOCK_N)
     m_ok = ms < M
     meta_rows = meta_ptr + rows64[:, None] * (tiles * W)
     values_rows = values_ptr + rows64[:, None] * (tiles * 16 * W)  # 2:4 only: K/2 values per row
@@ -211,12 +226,7 @@ def _planes_kernel(x_ptr, values_ptr, meta_ptr, offsets_ptr, bias_ptr, out_ptr, 
             if BITMASK:
                 w0, w1, w2, w3 = _bitmask_planes(words, word_start, values_ptr, j, PORTABLE_POPCOUNT)
             else:
-                nib = (words >> (4 * j)) & 15
-                pair = values_rows + t * 16 * W + j * 2 * W + ws[None, :]
-                v0 = tl.load(pair, mask=row_ok[:, None], other=0.0)
-                v1 = tl.load(pair + W, mask=row_ok[:, None], other=0.0)
-                i0 = nib & 3
-                i1 = nib >> 2
+                v0, v1, i0, i1 = _nm24_step(words, values_rows, t, j, W, ws, row_ok)
                 if not XSELECT:
                     w0, w1, w2, w3 = _nm24_planes(v0, v1, i0, i1)
             if USE_DOT:
@@ -268,13 +278,7 @@ def _bitmask_fma_kernel(x_ptr, values_ptr, meta_ptr, offsets_ptr, bias_ptr, out_
     provable contiguity) along dim 0, so with the words also contiguous along dim 0 every
     tensor shares one layout and no gather result is shuffled through shared memory (65
     conversions per tile in the [BLOCK_N, W] orientation). x comes as fp32 planes."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    rows64 = rows.to(tl.int64)
-    ws = tl.arange(0, W)
-    ms = tl.arange(0, BLOCK_M)
+    pid_n, pid_k, rows, row_ok, rows64, ws, ms = _program_indices(N, W, BLOCK_M, BLOCK_N)
     plane_stride = tiles * 8 * W
     acc0 = tl.zeros((W, BLOCK_N), dtype=tl.float32)
     acc1 = tl.zeros((W, BLOCK_N), dtype=tl.float32)
@@ -324,11 +328,8 @@ def _unpack_kernel(values_ptr, meta_ptr, offsets_ptr, out_ptr, N, K, tiles, stri
         if BITMASK:
             w0, w1, w2, w3 = _bitmask_planes(words, word_start, values_ptr, j, PORTABLE_POPCOUNT)
         else:
-            nib = (words >> (4 * j)) & 15
-            pair = values_rows + t * 16 * W + j * 2 * W + ws[None, :]
-            v0 = tl.load(pair, mask=row_ok[:, None], other=0.0)
-            v1 = tl.load(pair + W, mask=row_ok[:, None], other=0.0)
-            w0, w1, w2, w3 = _nm24_planes(v0, v1, nib & 3, nib >> 2)
+            v0, v1, i0, i1 = _nm24_step(words, values_rows, t, j, W, ws, row_ok)
+            w0, w1, w2, w3 = _nm24_planes(v0, v1, i0, i1)
         cols = 4 * (t * 8 * W + j * W) + ks
         tl.store(out_ptr + rows64[:, None] * stride_out + cols[None, :], _dense_tile(w0, w1, w2, w3, BLOCK_N, W),
                  mask=row_ok[:, None] & (cols < K)[None, :])
@@ -412,6 +413,12 @@ def _launch(x2: torch.Tensor, out: torch.Tensor, layout: NM24 | Bitmask, bias: t
                      EVEN_K=k == layout.padded_k, **launch)
 
 
+def as_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Size]:
+    """x [..., K] as a [rows, K] matrix with unit stride along K, and the leading shape to restore."""
+    x2 = x.reshape(-1, k)
+    return (x2 if x2.stride(-1) == 1 else x2.contiguous()), x.shape[:-1]
+
+
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
@@ -437,10 +444,7 @@ def linear(x: torch.Tensor, layout: NM24 | Bitmask, bias: torch.Tensor | None = 
     CUDA-graph capture or under TRITON_INTERPRET); by default the first call of each shape tunes.
     """
     n, k = layout.shape
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2, lead = as_rows(x, k)
     m = x2.shape[0]
     if m > MAX_M:
         raise ValueError(f"the planes kernel serves M <= {MAX_M} rows, got {m}; use the dense or cuSPARSELt path.")

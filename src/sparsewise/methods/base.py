@@ -7,15 +7,14 @@ keep-mask. Model plumbing (hooks, devices, block order) lives in ``calibration``
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
 from ..calibration.stats import LayerStats
-from ..errors import ConfigError
 from ..patterns import Pattern
+from ..registry import Registry
 
 
 @dataclass
@@ -46,26 +45,14 @@ class PruningMethod(Protocol):
     def prune_layer(self, task: LayerTask) -> LayerResult: ...
 
 
-_REGISTRY: dict[str, Callable[..., PruningMethod]] = {}
-
-
-def register(cls):
-    """Class decorator: make a method available by ``cls.name``."""
-    if cls.name in _REGISTRY:
-        raise RuntimeError(f"pruning method {cls.name!r} registered twice")
-    _REGISTRY[cls.name] = cls
-    return cls
+_METHODS = Registry("pruning method")
+register = _METHODS.register
 
 
 def get_method(name: str | PruningMethod, **options: Any) -> PruningMethod:
     """Instantiate a registered method by name (or pass an instance through)."""
-    if not isinstance(name, str):
-        return name
-    key = name.strip().lower()
-    if key not in _REGISTRY:
-        raise ConfigError(f"unknown pruning method {name!r}; available: {', '.join(available_methods())}.")
-    return _REGISTRY[key](**options)
+    return _METHODS.get(name, **options)
 
 
 def available_methods() -> list[str]:
-    return sorted(_REGISTRY)
+    return _METHODS.names()

@@ -1,0 +1,39 @@
+"""Name registries for pluggable methods (pruning methods, activation sparsifiers)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .errors import ConfigError
+
+
+class Registry:
+    """Classes registered by their ``name`` attribute, instantiated by name with options."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._classes: dict[str, Callable[..., Any]] = {}
+
+    def register(self, cls):
+        """Class decorator: make ``cls`` available by ``cls.name``."""
+        if cls.name in self._classes:
+            raise RuntimeError(f"{self.kind} {cls.name!r} registered twice")
+        self._classes[cls.name] = cls
+        return cls
+
+    def unregister(self, name: str) -> None:
+        """Forget ``name`` (tests and plugins that register temporary classes)."""
+        self._classes.pop(name, None)
+
+    def get(self, name: Any, **options: Any):
+        """Instantiate a registered class by name (an instance passes through unchanged)."""
+        if not isinstance(name, str):
+            return name
+        key = name.strip().lower()
+        if key not in self._classes:
+            raise ConfigError(f"unknown {self.kind} {name!r}; available: {', '.join(self.names())}.")
+        return self._classes[key](**options)
+
+    def names(self) -> list[str]:
+        return sorted(self._classes)
