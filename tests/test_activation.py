@@ -180,7 +180,9 @@ def test_methods_work_on_other_families(family, method):
     model = build_tiny(family)
     calibration = _ids(8)
     handle = sw.sparsify_activations(model, method, 0.5, calibration)
-    expected_sites = 2 if method in ("cats", "chess") else (8 if family == "gpt2" else 12)
+    per_block = {"gpt2": {"cats": 1, "chess": 3}, "bert": {"cats": 1, "chess": 5}}[family].get(
+        method, 4 if family == "gpt2" else 6)  # chess = its MLP gate + the attention projections' inputs
+    expected_sites = 2 * per_block
     assert len(handle.hooks) == expected_sites
     measured = handle.weighted(handle.measure([{"input_ids": _ids(4, seed=2)}]))
     assert abs(measured - 0.5) < 0.05
@@ -189,6 +191,9 @@ def test_methods_work_on_other_families(family, method):
 def test_cats_and_chess_zero_the_mlp_activation_and_chess_uses_the_up_projection():
     model = build_tiny("llama")
     handle = sw.sparsify_activations(model, "chess", 0.5, _ids(8))
+    assert [hook.site.name.rsplit(".", 1)[-1] for hook in handle.hooks[:5]] == [
+        "act_fn", "q_proj", "k_proj", "v_proj", "o_proj"]  # CHESS w/: FFN gate + attention inputs
+    assert len(sw.sparsify_activations(build_tiny("llama"), "chess", 0.5, _ids(8), attention=False).hooks) == 2
     site = handle.hooks[0].site
     assert site.kind == "gate" and site.up is model.model.layers[0].mlp.up_proj
     assert site.weight.shape == model.model.layers[0].mlp.down_proj.weight.shape

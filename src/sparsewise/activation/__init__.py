@@ -154,7 +154,7 @@ def sparsify_activations(model: nn.Module, method: str | ActivationMethod = "tea
 def _uncalibrated_hooks(adapter: ModelAdapter, method: ActivationMethod) -> list[SiteHook]:
     from .calibrate import block_sites
 
-    if method.site_kind != "input":
+    if method.site_kinds != ("input",):
         raise ConfigError(f"{method.name} acts on MLP activations and needs calibration data to find them.")
     hooks = []
     for index in range(len(adapter.blocks)):

@@ -18,7 +18,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..registry import Registry
 
-SITE_KINDS = ("input", "gate")
+SITE_KINDS = ("input", "gate", "attention")
 
 
 @dataclass
@@ -52,7 +52,7 @@ class ActivationMethod(Protocol):
     (or, with ``selection == "topk"``, all but each token's top-k)."""
 
     name: ClassVar[str]
-    site_kind: ClassVar[str]  # "input" or "gate"
+    site_kinds: ClassVar[tuple[str, ...]]  # of "input", "gate", "attention" (see calibrate.block_sites)
     selection: str  # "threshold" (calibrated) or "topk" (per token, no calibration)
 
     def prepare(self, site: Site) -> None:
@@ -68,7 +68,7 @@ class ActivationMethod(Protocol):
 class ScoreMethod:
     """Defaults for methods that are a score and nothing else."""
 
-    site_kind: ClassVar[str] = "input"
+    site_kinds: ClassVar[tuple[str, ...]] = ("input",)
 
     def __init__(self, selection: str = "threshold"):
         if selection not in ("threshold", "topk"):

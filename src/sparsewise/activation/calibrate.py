@@ -44,17 +44,21 @@ def _gate_widths(block: nn.Module, call: BlockCall) -> dict[str, tuple[nn.Module
 
 
 def block_sites(adapter: ModelAdapter, index: int, kind: str, call: BlockCall | None) -> list[Site]:
-    """Sites of one block: every selected linear's input ("input"), or every MLP activation
-    output ("gate") paired with the linear that reads its width (the down projection) and, for
-    gated MLPs, the projection named ``up``."""
+    """Sites of one block.
+
+    "input": every selected linear's input. "gate": every MLP activation output, paired with the
+    linear that reads its width (the down projection) and, for gated MLPs, the projection named
+    ``up``. "attention": the inputs of the linears outside the MLP (q/k/v/o), i.e. "input" minus
+    the linears that write or read an MLP activation.
+    """
     block_name, block = adapter.blocks[index]
     layers: dict[str, PrunableLayer] = adapter.block_layers(index)
+    inputs = [Site(name, layer.module, "input", index, layer.get_weight(), layer.numel) for name, layer in layers.items()]
     if kind == "input":
-        return [Site(name, layer.module, "input", index, layer.get_weight(), layer.numel)
-                for name, layer in layers.items()]
+        return inputs
     if call is None:
-        raise ValueError("gate sites need one calibration call to find the activation widths.")
-    sites = []
+        raise ValueError(f"{kind} sites need one calibration call to find the MLP activation widths.")
+    gates, mlp_linears = [], set()
     for act_name, (module, width) in _gate_widths(block, call).items():
         readers = [layer for layer in layers.values() if layer.in_features == width]
         writers = [layer for layer in layers.values() if layer.out_features == width]
@@ -62,14 +66,19 @@ def block_sites(adapter: ModelAdapter, index: int, kind: str, call: BlockCall | 
             continue  # not an MLP activation (or an ambiguous one): left dense
         up = next((layer for layer in writers if "up" in layer.name.rsplit(".", 1)[-1]), None)
         params = readers[0].numel + sum(layer.numel for layer in writers)
-        sites.append(Site(f"{block_name}.{act_name}", module, "gate", index, readers[0].get_weight(), params,
+        gates.append(Site(f"{block_name}.{act_name}", module, "gate", index, readers[0].get_weight(), params,
                           up=up.module if up is not None else None, reader=readers[0].module))
-    if not sites:
+        mlp_linears.update(layer.name for layer in (*readers, *writers))
+    if not gates:
         raise UnsupportedModelError(
             f"block {block_name}: no MLP activation module found whose output width matches one linear's input; "
             "gate methods (cats, chess) need an nn.Module activation (e.g. LLaMA's act_fn); use an input method "
             "(teal, wina) for this model.")
-    return sites
+    if kind == "gate":
+        return gates
+    if kind == "attention":
+        return [site for site in inputs if site.name not in mlp_linears]
+    raise ValueError(f"unknown site kind {kind!r}: 'input', 'gate' or 'attention'.")
 
 
 def _sample(scores: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
@@ -94,7 +103,7 @@ def calibrate(model: nn.Module, adapter: ModelAdapter, method: ActivationMethod,
     for index, (_, block) in enumerate(adapter.blocks):
         home = next((p.device for p in block.parameters()), device)
         block.to(device)
-        sites = block_sites(adapter, index, method.site_kind, calls[0])
+        sites = [site for kind in method.site_kinds for site in block_sites(adapter, index, kind, calls[0])]
         for site in sites:
             site.weight = site.weight.to(device)
             method.prepare(site)

@@ -12,7 +12,7 @@ from .base import ScoreMethod, Site, register
 @register
 class Cats(ScoreMethod):
     name = "cats"
-    site_kind = "gate"
+    site_kinds = ("gate",)
 
     def score(self, site: Site, x: torch.Tensor) -> torch.Tensor:
         return x.abs()

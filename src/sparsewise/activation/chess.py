@@ -4,9 +4,8 @@ FFN: importance of channel i for a token = g_i^2 * E[u_i^2] (u = up projection o
 square from calibration), one threshold T per layer on that importance, i.e. a per-channel
 threshold sqrt(T / E[u_i^2]) on |g_i|: channels whose up output is large keep smaller gates.
 MLPs without an up projection (GPT-2, BERT) have E[u^2] = 1: the rule is CATS there.
-Attention ("CHESS w/"): TEAL-style |x| thresholds on the inputs of q/k/v and o, one per layer
-(use ``teal`` restricted to the attention projections, or ``chess`` with ``attention=True`` via
-:func:`sparsewise.activation.sparsify_activations`, which adds them).
+Attention ("CHESS w/", the default): |x| thresholds on the inputs of q/k/v and o, one per
+projection; ``attention=False`` is "CHESS w/o" (FFN only).
 """
 
 from __future__ import annotations
@@ -19,7 +18,10 @@ from .base import ScoreMethod, Site, register
 @register
 class Chess(ScoreMethod):
     name = "chess"
-    site_kind = "gate"
+
+    def __init__(self, attention: bool = True, selection: str = "threshold"):
+        super().__init__(selection)
+        self.site_kinds = ("gate", "attention") if attention else ("gate",)
 
     observes_up = True  # calibration hooks the up projection and passes its output to observe()
 
@@ -29,10 +31,14 @@ class Chess(ScoreMethod):
         site.constants["_up_count"] = site.constants.get("_up_count", 0) + squares.shape[0]
 
     def finish_observing(self, site: Site) -> None:
+        if site.kind != "gate":
+            return
         if "_up_square_sum" in site.constants:
             total = site.constants.pop("_up_square_sum")
             site.constants["up_mean_square"] = total / site.constants.pop("_up_count")
         site.constants.setdefault("up_mean_square", torch.ones(site.width))
 
     def score(self, site: Site, x: torch.Tensor) -> torch.Tensor:
+        if site.kind != "gate":  # attention inputs: one |x| threshold per projection
+            return x.abs()
         return x.square() * site.constants["up_mean_square"].to(x.device, x.dtype)

@@ -57,7 +57,7 @@ def _column_thresholds(hook) -> torch.Tensor | None:
     method, site = hook.method, hook.site
     if site.kind != "input" or method.selection != "threshold" or hook.side is not None:
         return None
-    if method.name == "teal":
+    if method.name in ("teal", "chess"):  # CHESS's attention inputs: one |x| threshold
         return torch.full((site.width,), hook.threshold, dtype=torch.float32)
     if method.name == "wina":
         norms = site.constants["column_norm"].float().cpu()
