@@ -32,6 +32,8 @@ class ActivationSparseLinear(nn.Module):
         self.register_buffer("thresholds", triton_colskip.column_thresholds(thresholds, self.in_features,
                                                                             device=weight.device))
         self.split_k, self.config = split_k, config
+        # nothing to skip (every threshold below 0): cuBLAS on the transposed view, no mask cost
+        self.keeps_all = bool((self.thresholds < 0).all())
 
     @classmethod
     def from_linear(cls, linear: nn.Module, thresholds: torch.Tensor | float, **options) -> ActivationSparseLinear:
@@ -42,6 +44,8 @@ class ActivationSparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
+        if self.keeps_all:
+            return F.linear(x, self.weight_t.t(), self.bias)
         if x.is_cuda and rows <= triton_colskip.MAX_ROWS:
             return triton_colskip.linear(x, self.weight_t, self.thresholds, self.bias, split_k=self.split_k,
                                          config=self.config)
