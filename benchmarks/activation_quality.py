@@ -114,10 +114,12 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--windows", type=int, default=32)
     parser.add_argument("--sentences", type=int, default=256)
+    parser.add_argument("--jobs", help="comma-separated subset of the jobs (method:allocation, dense:-, minilm)")
+    parser.add_argument("--append", action="store_true", help="add to the rows already in --json-out")
     parser.add_argument("--json-out", type=Path, default=REPO / ".bench" / "activation_quality.json")
     args = parser.parse_args()
     passthrough = [f"--{key.replace('_', '-')}={value}" for key, value in vars(args).items()
-                   if key not in ("only", "json_out")]
+                   if key not in ("only", "json_out", "jobs", "append")]
     if args.only:
         rows = minilm_rows(args) if args.only == "minilm" else smollm2_rows(*args.only.split(":"), args)
         print(json.dumps(rows), flush=True)
@@ -129,8 +131,9 @@ def main() -> None:
         f"SmolLM2-135M fp32 CPU; calibration C4 {args.calib_n} x {args.calib_seqlen} seed 0 ({args.batch_size} per "
         f"block call; greedy step {args.greedy_step} on the first call); eval WikiText-2 test seqlen {args.seqlen}, "
         f"{args.windows} windows; MiniLM: {args.sentences} WikiText-2 test lines, 64 C4 docs")
-    jobs = ["dense:-"] + [f"{m}:uniform" for m in METHODS] + [f"{m}:greedy" for m in GREEDY] + ["minilm"]
-    rows = []
+    every = ["dense:-"] + [f"{m}:uniform" for m in METHODS] + [f"{m}:greedy" for m in GREEDY] + ["minilm"]
+    jobs = args.jobs.split(",") if args.jobs else every
+    rows = json.loads(args.json_out.read_text())["rows"] if args.append and args.json_out.exists() else []
     for job in jobs:
         out = subprocess.run([sys.executable, __file__, "--only", job, *passthrough], stdout=subprocess.PIPE,
                              text=True, check=False)  # its progress lines go straight to our stderr
@@ -141,17 +144,18 @@ def main() -> None:
         args.json_out.write_text(json.dumps({"header": header, "rows": rows}, indent=2))
         print(f"{job} done", file=sys.stderr, flush=True)
     print("\n".join(f"{key}: {value}" for key, value in header.items()) + "\n")
-    dense = next(row["ppl"] for row in rows if row["method"] == "dense")
+    dense = next((row["ppl"] for row in rows if row["method"] == "dense"), float("nan"))
     print(f"SmolLM2 WikiText-2 ppl (dense {dense:.2f}); cell = ppl (measured sparsity)\n")
     sparsities = [float(s) for s in args.sparsities.split(",")]
     print("| method | allocation | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |")
     print("| --- | --- |" + " ---: |" * len(sparsities))
-    for job in jobs[1:-1]:
+    for job in every[1:-1]:
         method, allocation = job.split(":")
         cells = {row["sparsity"]: row for row in rows if row.get("model") == "smollm2" and row["method"] == method
                  and row.get("allocation") == allocation}
         print(f"| {method} | {allocation} | " + " | ".join(
-            f"{cells[s]['ppl']:.2f} ({cells[s]['measured_sparsity']:.2f})" for s in sparsities) + " |")
+            f"{cells[s]['ppl']:.2f} ({cells[s]['measured_sparsity']:.2f})" if s in cells else "-"
+            for s in sparsities) + " |")
     print("\nMiniLM-L6 embedding cosine to dense (mean / min); measured sparsity\n")
     print("| method | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |")
     print("| --- |" + " ---: |" * len(sparsities))
@@ -159,7 +163,7 @@ def main() -> None:
         cells = {row["sparsity"]: row for row in rows if row.get("model") == "minilm" and row["method"] == method}
         print(f"| {method} | " + " | ".join(
             f"{cells[s]['cosine_mean']:.4f} / {cells[s]['cosine_min']:.3f} ({cells[s]['measured_sparsity']:.2f})"
-            for s in sparsities) + " |")
+            if s in cells else "-" for s in sparsities) + " |")
 
 
 if __name__ == "__main__":
