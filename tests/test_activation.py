@@ -155,6 +155,8 @@ def test_llama_sites_measured_sparsity_and_removal(method):
     with torch.no_grad():
         sparse = model(held_out).logits
     assert not torch.allclose(sparse, dense)
+    text = handle.summary(measured)
+    assert f"{method}, uniform allocation, target 50%, 14 sites (input)" in text and "measured per site" in text
     assert sw.remove_activation_sparsity(model) == 14
     with torch.no_grad():
         assert torch.equal(model(held_out).logits, dense)

@@ -148,9 +148,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                 max_windows=args.max_windows or None, batch_size=args.batch_size,
                                 progress=not args.no_progress)
         activation["measured_sparsity"] = handle.weighted(measured)
-        print(f"activation sparsity ({args.activation_method}, {args.activation_allocation}): nominal "
-              f"{args.activation_sparsity:.2f}, measured {activation['measured_sparsity']:.3f} over "
-              f"{len(measured)} sites", file=sys.stderr)
+        print(handle.summary(measured), file=sys.stderr)
     else:
         result = perplexity(model, tokenizer, args.eval, seqlen=args.seqlen,
                             max_windows=args.max_windows or None, batch_size=args.batch_size,

@@ -94,6 +94,19 @@ class ActivationSparsity:
         total = sum(hook.site.params for hook in self.hooks)
         return sum(per_site[hook.site.name] * hook.site.params for hook in self.hooks) / total
 
+    def summary(self, measured: dict[str, float] | None = None) -> str:
+        """One screen: method, allocation, sites, nominal (and measured) sparsity, range over sites."""
+        nominal = self.site_sparsity()
+        kinds = sorted({hook.site.kind for hook in self.hooks})
+        lines = [f"activation sparsity: {self.method.name}, {self.allocation} allocation, target {self.sparsity:.0%}, "
+                 f"{len(self.hooks)} sites ({', '.join(kinds)})",
+                 f"  nominal per site {min(nominal.values()):.1%}-{max(nominal.values()):.1%}, "
+                 f"parameter-weighted {self.weighted(nominal):.1%}"]
+        if measured:
+            lines.append(f"  measured per site {min(measured.values()):.1%}-{max(measured.values()):.1%}, "
+                         f"parameter-weighted {self.weighted(measured):.1%}")
+        return "\n".join(lines)
+
     def remove(self) -> None:
         for hook in self.hooks:
             hook.detach()
