@@ -61,6 +61,26 @@ def smollm2_rows(method: str, allocation: str, args) -> list[dict]:
     return rows
 
 
+def pplp_rows(args) -> list[dict]:
+    """Sparsing Law's PPL-p% sparsity of SmolLM2's FFNs (p = 1 and 5), thresholds from C4."""
+    import sparsewise as sw
+    from sparsewise.activation import ppl_p_sparsity
+
+    model, tok = sw.load_model("smollm2-135m")
+    calib = sw.data.calibration(C4, tok, n=8, seqlen=args.calib_seqlen, seed=0)
+    rows = []
+    for p in (1.0, 5.0):
+        result = ppl_p_sparsity(
+            model, lambda m: sw.evaluate.perplexity(m, tok, WIKI, seqlen=args.seqlen, max_windows=args.windows,
+                                                     progress=False).ppl,
+            list(calib.batches(4)), p=p, steps=8)
+        rows.append({"model": "smollm2", "method": f"ppl-{p:g}%", "dense_ppl": result.dense_ppl, "ppl": result.ppl,
+                     "cett": result.cett, "sparsity": result.sparsity, "activation_ratio": result.activation_ratio,
+                     "steps": result.steps})
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
 def minilm_rows(args) -> list[dict]:
     import torch
 
@@ -121,7 +141,10 @@ def main() -> None:
     passthrough = [f"--{key.replace('_', '-')}={value}" for key, value in vars(args).items()
                    if key not in ("only", "json_out", "jobs", "append")]
     if args.only:
-        rows = minilm_rows(args) if args.only == "minilm" else smollm2_rows(*args.only.split(":"), args)
+        if args.only in ("minilm", "pplp"):
+            rows = minilm_rows(args) if args.only == "minilm" else pplp_rows(args)
+        else:
+            rows = smollm2_rows(*args.only.split(":"), args)
         print(json.dumps(rows), flush=True)
         return
 
@@ -131,7 +154,7 @@ def main() -> None:
         f"SmolLM2-135M fp32 CPU; calibration C4 {args.calib_n} x {args.calib_seqlen} seed 0 ({args.batch_size} per "
         f"block call; greedy step {args.greedy_step} on the first call); eval WikiText-2 test seqlen {args.seqlen}, "
         f"{args.windows} windows; MiniLM: {args.sentences} WikiText-2 test lines, 64 C4 docs")
-    every = ["dense:-"] + [f"{m}:uniform" for m in METHODS] + [f"{m}:greedy" for m in GREEDY] + ["minilm"]
+    every = ["dense:-"] + [f"{m}:uniform" for m in METHODS] + [f"{m}:greedy" for m in GREEDY] + ["minilm", "pplp"]
     jobs = args.jobs.split(",") if args.jobs else every
     rows = json.loads(args.json_out.read_text())["rows"] if args.append and args.json_out.exists() else []
     for job in jobs:
@@ -149,7 +172,7 @@ def main() -> None:
     sparsities = [float(s) for s in args.sparsities.split(",")]
     print("| method | allocation | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |")
     print("| --- | --- |" + " ---: |" * len(sparsities))
-    for job in every[1:-1]:
+    for job in every[1:-2]:
         method, allocation = job.split(":")
         cells = {row["sparsity"]: row for row in rows if row.get("model") == "smollm2" and row["method"] == method
                  and row.get("allocation") == allocation}
