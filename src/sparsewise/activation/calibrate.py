@@ -116,8 +116,6 @@ def calibrate(model: nn.Module, adapter: ModelAdapter, method: ActivationMethod,
             if method.selection == "threshold" else run_block(block, calls)
         block_hooks = [SiteHook(site, method, torch.cat(samples[site.name]) if samples[site.name] else None)
                        for site in sites]
-        for hook in block_hooks:
-            hook.set_sparsity(0.0)
         if greedy is not None:
             trajectories.append(greedy_trajectory(block, calls[: greedy["calls"]], outputs[: greedy["calls"]],
                                                   block_hooks, step=greedy["step"], limit=greedy["limit"]))

@@ -44,11 +44,11 @@ class PPLpResult:
 def _down_projections(model: nn.Module, adapter: ModelAdapter, batches: list[dict]) -> list[Site]:
     """An "input" site on every MLP down projection (the reader of each MLP activation)."""
     call = capture_block_inputs(model, adapter.blocks[0][1], batches[:1], next(model.parameters()).device)[0]
+    names = {module: name for name, module in model.named_modules()}
     sites = []
     for index in range(len(adapter.blocks)):
         for gate in block_sites(adapter, index, "gate", call):
-            name = next(n for n, m in model.named_modules() if m is gate.reader)
-            sites.append(Site(name, gate.reader, "input", index, gate.weight, gate.weight.numel()))
+            sites.append(Site(names[gate.reader], gate.reader, "input", index, gate.weight, gate.weight.numel()))
     return sites
 
 

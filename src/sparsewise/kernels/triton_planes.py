@@ -86,6 +86,31 @@ def _planes_fma(acc, w0, w1, w2, w3, planes_ptr, groups, plane_stride, GROUP_AXI
 
 
 @triton.jit
+def _select_fma_rows(acc0, acc1, acc2, acc3, v0, v1, i0, i1, x_ptr, groups, plane_stride, BLOCK_M: tl.constexpr):
+    """:func:`_select_fma` for each of up to 4 activation rows (row m's planes start at 4m planes)."""
+    acc0 = _select_fma(acc0, v0, v1, i0, i1, x_ptr, groups, plane_stride)
+    if BLOCK_M > 1:
+        acc1 = _select_fma(acc1, v0, v1, i0, i1, x_ptr + 4 * plane_stride, groups, plane_stride)
+    if BLOCK_M > 2:
+        acc2 = _select_fma(acc2, v0, v1, i0, i1, x_ptr + 8 * plane_stride, groups, plane_stride)
+        acc3 = _select_fma(acc3, v0, v1, i0, i1, x_ptr + 12 * plane_stride, groups, plane_stride)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _planes_fma_rows(acc0, acc1, acc2, acc3, w0, w1, w2, w3, x_ptr, groups, plane_stride, GROUP_AXIS: tl.constexpr,
+                     BLOCK_M: tl.constexpr):
+    """:func:`_planes_fma` for each of up to 4 activation rows."""
+    acc0 = _planes_fma(acc0, w0, w1, w2, w3, x_ptr, groups, plane_stride, GROUP_AXIS)
+    if BLOCK_M > 1:
+        acc1 = _planes_fma(acc1, w0, w1, w2, w3, x_ptr + 4 * plane_stride, groups, plane_stride, GROUP_AXIS)
+    if BLOCK_M > 2:
+        acc2 = _planes_fma(acc2, w0, w1, w2, w3, x_ptr + 8 * plane_stride, groups, plane_stride, GROUP_AXIS)
+        acc3 = _planes_fma(acc3, w0, w1, w2, w3, x_ptr + 12 * plane_stride, groups, plane_stride, GROUP_AXIS)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
 def _word_starts(words, tile_start, GROUP_AXIS: tl.constexpr, PORTABLE_POPCOUNT: tl.constexpr):
     """Index in the values of each word's first kept entry: the tile's offset (already broadcast)
     plus the kept entries of the earlier words of the tile (an exclusive prefix of popcounts)."""
@@ -243,21 +268,12 @@ def _planes_kernel(x_ptr, values_ptr, meta_ptr, offsets_ptr, bias_ptr, out_ptr, 
                 groups = t * 8 * W + j * W + ws
                 plane_stride = tiles * 8 * W
                 if XSELECT:
-                    v0f = v0.to(tl.float32)
-                    v1f = v1.to(tl.float32)
-                    acc0 = _select_fma(acc0, v0f, v1f, i0, i1, x_ptr, groups, plane_stride)
-                    if BLOCK_M > 1:
-                        acc1 = _select_fma(acc1, v0f, v1f, i0, i1, x_ptr + 4 * plane_stride, groups, plane_stride)
-                    if BLOCK_M > 2:
-                        acc2 = _select_fma(acc2, v0f, v1f, i0, i1, x_ptr + 8 * plane_stride, groups, plane_stride)
-                        acc3 = _select_fma(acc3, v0f, v1f, i0, i1, x_ptr + 12 * plane_stride, groups, plane_stride)
+                    acc0, acc1, acc2, acc3 = _select_fma_rows(acc0, acc1, acc2, acc3, v0.to(tl.float32),
+                                                              v1.to(tl.float32), i0, i1, x_ptr, groups,
+                                                              plane_stride, BLOCK_M)
                 else:
-                    acc0 = _planes_fma(acc0, w0, w1, w2, w3, x_ptr, groups, plane_stride, 1)
-                    if BLOCK_M > 1:
-                        acc1 = _planes_fma(acc1, w0, w1, w2, w3, x_ptr + 4 * plane_stride, groups, plane_stride, 1)
-                    if BLOCK_M > 2:
-                        acc2 = _planes_fma(acc2, w0, w1, w2, w3, x_ptr + 8 * plane_stride, groups, plane_stride, 1)
-                        acc3 = _planes_fma(acc3, w0, w1, w2, w3, x_ptr + 12 * plane_stride, groups, plane_stride, 1)
+                    acc0, acc1, acc2, acc3 = _planes_fma_rows(acc0, acc1, acc2, acc3, w0, w1, w2, w3, x_ptr, groups,
+                                                              plane_stride, 1, BLOCK_M)
     if USE_DOT:
         result = acc
     else:
@@ -295,12 +311,8 @@ def _bitmask_fma_kernel(x_ptr, values_ptr, meta_ptr, offsets_ptr, bias_ptr, out_
         for j in tl.static_range(8):
             w0, w1, w2, w3 = _bitmask_planes(words, word_start, values_ptr, j, PORTABLE_POPCOUNT)
             groups = t * 8 * W + j * W + ws
-            acc0 = _planes_fma(acc0, w0, w1, w2, w3, x_ptr, groups, plane_stride, 0)
-            if BLOCK_M > 1:
-                acc1 = _planes_fma(acc1, w0, w1, w2, w3, x_ptr + 4 * plane_stride, groups, plane_stride, 0)
-            if BLOCK_M > 2:
-                acc2 = _planes_fma(acc2, w0, w1, w2, w3, x_ptr + 8 * plane_stride, groups, plane_stride, 0)
-                acc3 = _planes_fma(acc3, w0, w1, w2, w3, x_ptr + 12 * plane_stride, groups, plane_stride, 0)
+            acc0, acc1, acc2, acc3 = _planes_fma_rows(acc0, acc1, acc2, acc3, w0, w1, w2, w3, x_ptr, groups,
+                                                      plane_stride, 0, BLOCK_M)
     result = _row_sums(acc0, acc1, acc2, acc3, ms, 0, BLOCK_M)
     _store(result, out_ptr, partial_ptr, counter_ptr, bias_ptr, rows, row_ok, ms, M, N, pid_n, pid_k, stride_om,
            HAS_BIAS, SPLIT_K)
@@ -312,12 +324,7 @@ def _unpack_kernel(values_ptr, meta_ptr, offsets_ptr, out_ptr, N, K, tiles, stri
     """The dense weight from either planes layout, one (row block, tile) per program: the same
     register decode as the kernels above, stored instead of multiplied (prefill fallback: decode
     once per call, then a dense GEMM)."""
-    pid_n = tl.program_id(0)
-    t = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    rows64 = rows.to(tl.int64)
-    ws = tl.arange(0, W)
+    _, t, rows, row_ok, rows64, ws, _ = _program_indices(N, W, 1, BLOCK_N)  # grid axis 1: the tile
     ks = tl.arange(0, 4 * W)
     words = tl.load(meta_ptr + rows64[:, None] * (tiles * W) + t * W + ws[None, :], mask=row_ok[:, None], other=0)
     if BITMASK:
@@ -361,7 +368,7 @@ def default_use_dot(m: int, layout: NM24 | Bitmask) -> bool:
 
 
 def _launch(x2: torch.Tensor, out: torch.Tensor, layout: NM24 | Bitmask, bias: torch.Tensor | None, split_k: int,
-            use_dot: bool, config: tuple[int, int, int] | None, xselect: bool | None) -> None:
+            use_dot: bool, config: tuple[int, int, int] | None, xselect: bool) -> None:
     """One kernel launch writing ``out`` = x2 W^T + b (x2 rows contiguous, at most 64 of them)."""
     n, k = layout.shape
     m = x2.shape[0]
@@ -376,10 +383,6 @@ def _launch(x2: torch.Tensor, out: torch.Tensor, layout: NM24 | Bitmask, bias: t
         partials = torch.empty(split_k, m, n, device=x2.device, dtype=torch.float32)
         counters = _split_counters(x2.device, triton.cdiv(n, 16))
     bitmask = isinstance(layout, Bitmask)
-    if xselect is None:
-        xselect = not bitmask and not use_dot
-    if xselect and (bitmask or use_dot):
-        raise ValueError("xselect (x chosen per kept weight) serves the 2:4 FMA path only.")
     offsets = layout.tile_offsets if bitmask else layout.meta  # unused pointer for 2:4
 
     def grid(meta):
@@ -456,6 +459,10 @@ def linear(x: torch.Tensor, layout: NM24 | Bitmask, bias: torch.Tensor | None = 
     if not use_dot and m > 4:
         raise ValueError("the FMA planes path serves M <= 4 rows; use use_dot=True above that.")
     bitmask = isinstance(layout, Bitmask)
+    if xselect is None:
+        xselect = not bitmask and not use_dot
+    if xselect and (bitmask or use_dot):
+        raise ValueError("xselect (x chosen per kept weight) serves the 2:4 FMA path only.")
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     # Triton 3.6 cannot lay out the bitmask tensor-core tile for 64 activation rows ("Illegal shared
     # layout"): that path runs 32 rows per launch
