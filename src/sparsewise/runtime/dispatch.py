@@ -4,10 +4,10 @@ Key: (device name, weight kind "24"/"bitmask", N, K, dtype) -> per M bucket (the
 two of the row count, capped at 8192) the fastest measured choice, e.g. ``{"backend": "planes",
 "use_dot": false, "xselect": true, "split_k": 1, "config": [16, 4, 2]}``. :func:`tune` times
 every candidate once per (shape, bucket) with device events (median of repeats, random inputs)
-and writes ``$SPARSEWISE_CACHE/dispatch/<device>.json`` atomically. Without a measured entry a
-conservative rule is used: the planes kernel for M <= 4, cuSPARSELt for 2:4 above 64 rows,
-else the dense weight when one is kept, else the planes tensor-core path (M <= 64) or an
-on-the-fly decompression.
+and writes ``$SPARSEWISE_CACHE/dispatch/<device>.json`` atomically. Without a measured entry
+``sparse_linear.default_choice`` decides: the planes kernel for M <= 4, else the dense weight
+when one is kept, else cuSPARSELt for 2:4 from 16 rows, else the planes tensor-core path
+(M <= 64) or an on-the-fly decompression.
 """
 
 from __future__ import annotations
