@@ -9,13 +9,11 @@ and adds the bias on the way (one pass instead of two).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .interpreter import INTERPRETED
 
 
 @triton.jit
@@ -39,7 +37,7 @@ def transpose_bias(yt: torch.Tensor, bias: torch.Tensor | None = None) -> torch.
     n, m = yt.shape
     if yt.stride(1) != 1:
         raise ValueError("transpose_bias expects y^T with unit stride along its last dimension.")
-    if yt.device.type != "cuda" and not _INTERPRETED:
+    if yt.device.type != "cuda" and not INTERPRETED:
         out = yt.t().contiguous()
         return out + bias if bias is not None else out
     out = torch.empty(m, n, device=yt.device, dtype=yt.dtype)

@@ -13,8 +13,6 @@ computed inside the kernel: no compaction pass, no host sync, CUDA-graph safe.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -22,12 +20,11 @@ import triton.language as tl
 from .triton_planes import _split_counters, _store, as_rows
 
 MAX_ROWS = 16
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
 def _colskip_kernel(x_ptr, wt_ptr, threshold_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr, M, N, K, stride_xm,
-                    stride_wk, stride_om, K_PER_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+                    stride_wk, stride_om, k_per_split, split_k, HAS_BIAS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -36,8 +33,8 @@ def _colskip_kernel(x_ptr, wt_ptr, threshold_ptr, bias_ptr, out_ptr, partial_ptr
     ms = tl.arange(0, BLOCK_M)
     m_ok = ms < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_start = pid_k * K_PER_SPLIT
-    for step in tl.range(0, K_PER_SPLIT, BLOCK_K, num_stages=STAGES):
+    k_start = pid_k * k_per_split
+    for step in tl.range(0, k_per_split, BLOCK_K, num_stages=STAGES):
         ks = k_start + step + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         xs = tl.load(x_ptr + ms[:, None] * stride_xm + ks[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
@@ -49,7 +46,7 @@ def _colskip_kernel(x_ptr, wt_ptr, threshold_ptr, bias_ptr, out_ptr, partial_ptr
                     mask=alive[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(xs, w, acc)
     _store(acc, out_ptr, partial_ptr, counter_ptr, bias_ptr, ns, n_ok, ms, M, N, pid_n, pid_k, stride_om,
-           HAS_BIAS, SPLIT_K)
+           HAS_BIAS, split_k)
 
 
 def transpose_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -99,7 +96,7 @@ def linear(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tensor, bi
         counters = _split_counters(x.device, triton.cdiv(n, 16))
     grid = (triton.cdiv(n, block_n), split_k)
     _colskip_kernel[grid](x2, weight_t, thresholds, bias if bias is not None else x2, out, partials, counters, m, n, k,
-                          x2.stride(0), weight_t.stride(0), out.stride(0), K_PER_SPLIT=per_split,
-                          HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK_M=16, BLOCK_K=block_k, STAGES=stages,
+                          x2.stride(0), weight_t.stride(0), out.stride(0), per_split, split_k,
+                          HAS_BIAS=bias is not None, BLOCK_M=16, BLOCK_K=block_k, STAGES=stages,
                           BLOCK_N=block_n, num_warps=warps, num_stages=stages)
     return out.reshape(*lead, n)

@@ -18,19 +18,16 @@ and the fp32 partial sums are added afterwards (deterministic, no atomics).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from .interpreter import INTERPRETED
 from .layouts import NM24, Bitmask
 
 MAX_M = 64
 BITMASK_DOT_ROWS = 32
-# Triton's CPU interpreter (tests without a GPU) has no libdevice: popcount by bit arithmetic there.
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -181,22 +178,22 @@ def _row_sums(acc0, acc1, acc2, acc3, ms, GROUP_AXIS: tl.constexpr, BLOCK_M: tl.
 
 @triton.jit
 def _store(result, out_ptr, partial_ptr, counter_ptr, bias_ptr, rows, row_ok, ms, M, N, pid_n, pid_k, stride_om,
-           HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+           HAS_BIAS: tl.constexpr, split_k):
     """Bias, cast, masked store. With split-K each program first stores its fp32 partial sums; the
     last program of a row block to arrive (a counter per row block) adds all partials in split
     order, so the sum is deterministic and the whole linear stays one launch. It then resets
     its counter to 0 for the next call (the counters persist, CUDA graphs replay them)."""
     mask = (ms < M)[:, None] & row_ok[None, :]
     offsets = ms[:, None] * N + rows[None, :]
-    if SPLIT_K > 1:
+    if split_k > 1:
         tl.store(partial_ptr + pid_k * M * N + offsets, result, mask=mask)
         # every thread's partial is written before one thread publishes the arrival (release);
         # the winner's acquire orders its reads after all other programs' partial stores
         tl.debug_barrier()
         arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT_K - 1:
+        if arrived == split_k - 1:
             result = tl.load(partial_ptr + offsets, mask=mask, other=0.0, cache_modifier=".cg")
-            for split in range(1, SPLIT_K):
+            for split in range(1, split_k):
                 result += tl.load(partial_ptr + split * M * N + offsets, mask=mask, other=0.0, cache_modifier=".cg")
             if HAS_BIAS:
                 result += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
@@ -220,9 +217,9 @@ def _program_indices(N, W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.cons
 
 @triton.jit
 def _planes_kernel(x_ptr, values_ptr, meta_ptr, offsets_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr,
-                   M, N, K, tiles, stride_xm, stride_om, TILES_PER_SPLIT: tl.constexpr,
+                   M, N, K, tiles, stride_xm, stride_om, tiles_per_split, split_k,
                    BITMASK: tl.constexpr, W: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                   USE_DOT: tl.constexpr, SPLIT_K: tl.constexpr, PORTABLE_POPCOUNT: tl.constexpr, XSELECT: tl.constexpr,
+                   USE_DOT: tl.constexpr, PORTABLE_POPCOUNT: tl.constexpr, XSELECT: tl.constexpr,
                    EVEN_K: tl.constexpr, STAGES: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n, pid_k, rows, row_ok, rows64, ws, ms = _program_indices(N, W, BLOCK_M, BLOCK_N)
     m_ok = ms < M
@@ -238,10 +235,10 @@ def _planes_kernel(x_ptr, values_ptr, meta_ptr, offsets_ptr, bias_ptr, out_ptr, 
         acc2 = tl.zeros((BLOCK_N, W), dtype=tl.float32)
         acc3 = tl.zeros((BLOCK_N, W), dtype=tl.float32)
     ks = tl.arange(0, 4 * W)
-    t_start = pid_k * TILES_PER_SPLIT
+    t_start = pid_k * tiles_per_split
     # an explicit stage count: Triton software-pipelines (cp.async) only loops that carry one when
     # no load feeds a tl.dot; STAGES 1 = plain loads, each tile waits for its own bytes
-    for step in tl.range(0, TILES_PER_SPLIT, num_stages=STAGES):
+    for step in tl.range(0, tiles_per_split, num_stages=STAGES):
         t = t_start + step
         words = tl.load(meta_rows + t * W + ws[None, :], mask=row_ok[:, None], other=0)
         if BITMASK:
@@ -279,14 +276,13 @@ def _planes_kernel(x_ptr, values_ptr, meta_ptr, offsets_ptr, bias_ptr, out_ptr, 
     else:
         result = _row_sums(acc0, acc1, acc2, acc3, ms, 1, BLOCK_M)
     _store(result, out_ptr, partial_ptr, counter_ptr, bias_ptr, rows, row_ok, ms, M, N, pid_n, pid_k, stride_om,
-           HAS_BIAS, SPLIT_K)
+           HAS_BIAS, split_k)
 
 
 @triton.jit
 def _bitmask_fma_kernel(x_ptr, values_ptr, meta_ptr, offsets_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr, M, N,
-                        tiles, stride_om,
-                        TILES_PER_SPLIT: tl.constexpr, W: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                        SPLIT_K: tl.constexpr, PORTABLE_POPCOUNT: tl.constexpr, STAGES: tl.constexpr,
+                        tiles, stride_om, tiles_per_split, split_k,
+                        W: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, PORTABLE_POPCOUNT: tl.constexpr, STAGES: tl.constexpr,
                         BLOCK_N: tl.constexpr):
     """Bitmask planes on CUDA cores (M <= 4), with tensors oriented [W, BLOCK_N].
 
@@ -300,10 +296,10 @@ def _bitmask_fma_kernel(x_ptr, values_ptr, meta_ptr, offsets_ptr, bias_ptr, out_
     acc1 = tl.zeros((W, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((W, BLOCK_N), dtype=tl.float32)
     acc3 = tl.zeros((W, BLOCK_N), dtype=tl.float32)
-    t_start = pid_k * TILES_PER_SPLIT
+    t_start = pid_k * tiles_per_split
     # an explicit stage count: Triton software-pipelines (cp.async) only loops that carry one when
     # no load feeds a tl.dot; STAGES 1 = plain loads, each tile waits for its own bytes
-    for step in tl.range(0, TILES_PER_SPLIT, num_stages=STAGES):
+    for step in tl.range(0, tiles_per_split, num_stages=STAGES):
         t = t_start + step
         words = tl.load(meta_ptr + rows64[None, :] * (tiles * W) + t * W + ws[:, None], mask=row_ok[None, :], other=0)
         tile_start = tl.load(offsets_ptr + rows64 * tiles + t, mask=row_ok, other=0)
@@ -315,7 +311,7 @@ def _bitmask_fma_kernel(x_ptr, values_ptr, meta_ptr, offsets_ptr, bias_ptr, out_
                                                       plane_stride, 0, BLOCK_M)
     result = _row_sums(acc0, acc1, acc2, acc3, ms, 0, BLOCK_M)
     _store(result, out_ptr, partial_ptr, counter_ptr, bias_ptr, rows, row_ok, ms, M, N, pid_n, pid_k, stride_om,
-           HAS_BIAS, SPLIT_K)
+           HAS_BIAS, split_k)
 
 
 @triton.jit
@@ -353,13 +349,13 @@ def unpack(layout: NM24 | Bitmask) -> torch.Tensor:
     values = layout.values if layout.values.numel() else layout.values.new_zeros(1)
     _unpack_kernel[(triton.cdiv(n, 16), tiles)](
         values, layout.meta, layout.tile_offsets if bitmask else layout.meta, out, n, k, tiles, out.stride(0),
-        BITMASK=bitmask, W=width, PORTABLE_POPCOUNT=_INTERPRETED, BLOCK_N=16, num_warps=4)
+        BITMASK=bitmask, W=width, PORTABLE_POPCOUNT=INTERPRETED, BLOCK_N=16, num_warps=4)
     return out
 
 
-_planes_autotuned = triton.autotune(configs=_configs(), key=["N", "tiles", "BLOCK_M", "SPLIT_K", "USE_DOT", "BITMASK",
+_planes_autotuned = triton.autotune(configs=_configs(), key=["N", "tiles", "BLOCK_M", "split_k", "USE_DOT", "BITMASK",
                                                            "XSELECT"])(_planes_kernel)
-_bitmask_autotuned = triton.autotune(configs=_configs(), key=["N", "tiles", "BLOCK_M", "SPLIT_K"])(_bitmask_fma_kernel)
+_bitmask_autotuned = triton.autotune(configs=_configs(), key=["N", "tiles", "BLOCK_M", "split_k"])(_bitmask_fma_kernel)
 
 
 def default_use_dot(m: int, layout: NM24 | Bitmask) -> bool:
@@ -405,14 +401,14 @@ def _launch(x2: torch.Tensor, out: torch.Tensor, layout: NM24 | Bitmask, bias: t
         x_arg[:m, :, : k // 4].copy_(x2.view(m, k // 4, 4).transpose(1, 2))
     if bitmask and not use_dot:
         kernel[grid](x_arg, layout.values, layout.meta, layout.tile_offsets, bias if bias is not None else x2, out,
-                     partials, counters, m, n, tiles, out.stride(0), TILES_PER_SPLIT=per_split, W=width,
-                     HAS_BIAS=bias is not None, BLOCK_M=block_m, SPLIT_K=split_k,
-                     PORTABLE_POPCOUNT=_INTERPRETED, **launch)
+                     partials, counters, m, n, tiles, out.stride(0), per_split, split_k, W=width,
+                     HAS_BIAS=bias is not None, BLOCK_M=block_m,
+                     PORTABLE_POPCOUNT=INTERPRETED, **launch)
     else:
         kernel[grid](x_arg, layout.values, layout.meta, offsets, bias if bias is not None else x2, out, partials,
-                     counters, m, n, k, tiles, x2.stride(0), out.stride(0), TILES_PER_SPLIT=per_split,
+                     counters, m, n, k, tiles, x2.stride(0), out.stride(0), per_split, split_k,
                      BITMASK=bitmask, W=width, HAS_BIAS=bias is not None, BLOCK_M=block_m,
-                     USE_DOT=use_dot, SPLIT_K=split_k, PORTABLE_POPCOUNT=_INTERPRETED, XSELECT=xselect,
+                     USE_DOT=use_dot, PORTABLE_POPCOUNT=INTERPRETED, XSELECT=xselect,
                      EVEN_K=k == layout.padded_k, **launch)
 
 
