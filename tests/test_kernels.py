@@ -142,14 +142,16 @@ errors = []
 for t in (colskip.column_thresholds(0.7, 300), 0.7 / w.norm(dim=0)):  # TEAL-like, WINA-like
     ref = colskip.reference_linear(x, wt, t, b)
     for split in (1, 3):
-        out = colskip.linear(x, wt, t, b, split_k=split, config=(32, 32, 4, 1))
-        errors.append(((out - ref).norm() / ref.norm()).item())
+        for premask in (False, True):
+            out = colskip.linear(x, wt, t, b, split_k=split, config=(32, 32, 4, 1), premask=premask)
+            errors.append(((out - ref).norm() / ref.norm()).item())
 dead = (x.abs() <= 0.7).all(0)  # inputs no row keeps: their weight rows must never be read
 poisoned = wt.clone()
 poisoned[dead] = float("nan")
-clean = colskip.linear(x, poisoned, colskip.column_thresholds(0.7, 300), b, config=(32, 32, 4, 1))
 ref = colskip.reference_linear(x, wt, colskip.column_thresholds(0.7, 300), b)
-errors.append(((clean - ref).norm() / ref.norm()).item())
+for premask in (False, True):
+    clean = colskip.linear(x, poisoned, colskip.column_thresholds(0.7, 300), b, config=(32, 32, 4, 1), premask=premask)
+    errors.append(((clean - ref).norm() / ref.norm()).item())
 print("colskip", max(errors) < 1e-5, bool(dead.any()))
 from sparsewise.kernels.transpose import transpose_bias
 yt, bias = torch.randn(70, 130), torch.randn(70)

@@ -23,9 +23,19 @@ MAX_ROWS = 16
 
 
 @triton.jit
-def _colskip_kernel(x_ptr, wt_ptr, threshold_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr, M, N, K, stride_xm,
-                    stride_wk, stride_om, k_per_split, split_k, HAS_BIAS: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, BLOCK_N: tl.constexpr):
+def _kept_inputs(x_ptr, threshold_ptr, ms, m_ok, ks, k_ok, stride_xm):
+    """x [BLOCK_M, BLOCK_K] with |x| <= threshold zeroed, and which inputs any row keeps."""
+    xs = tl.load(x_ptr + ms[:, None] * stride_xm + ks[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+    limit = tl.load(threshold_ptr + ks, mask=k_ok, other=0.0)
+    xs = tl.where(tl.abs(xs.to(tl.float32)) > limit[None, :], xs, tl.zeros_like(xs))
+    return xs, tl.max(tl.abs(xs.to(tl.float32)), axis=0) > 0
+
+
+@triton.jit
+def _colskip_kernel(x_ptr, wt_ptr, threshold_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr, alive_ptr, M, N, K,
+                    stride_xm, stride_wk, stride_om, k_per_split, split_k, HAS_BIAS: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PREMASK: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -34,14 +44,23 @@ def _colskip_kernel(x_ptr, wt_ptr, threshold_ptr, bias_ptr, out_ptr, partial_ptr
     m_ok = ms < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = pid_k * k_per_split
+    if PREMASK:
+        # first the keep flags of this split's inputs (every row-block program writes the same
+        # bytes), so the weight loop's row loads wait on a flag load the pipeline issues stages
+        # ahead, not on the x load -> compare -> reduce chain of the same step
+        for step in tl.range(0, k_per_split, BLOCK_K, num_stages=STAGES):
+            ks = k_start + step + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            _, alive = _kept_inputs(x_ptr, threshold_ptr, ms, m_ok, ks, k_ok, stride_xm)
+            tl.store(alive_ptr + ks, alive.to(tl.int8), mask=k_ok)
+        tl.debug_barrier()  # the block's flag stores are visible to all its threads (read from L2 below)
     for step in tl.range(0, k_per_split, BLOCK_K, num_stages=STAGES):
         ks = k_start + step + tl.arange(0, BLOCK_K)
         k_ok = ks < K
-        xs = tl.load(x_ptr + ms[:, None] * stride_xm + ks[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        limit = tl.load(threshold_ptr + ks, mask=k_ok, other=0.0)
-        xs = tl.where(tl.abs(xs.to(tl.float32)) > limit[None, :], xs, tl.zeros_like(xs))
-        # a weight row is needed when any activation row keeps its input
-        alive = tl.max(tl.abs(xs.to(tl.float32)), axis=0) > 0
+        xs, alive = _kept_inputs(x_ptr, threshold_ptr, ms, m_ok, ks, k_ok, stride_xm)
+        if PREMASK:
+            alive = tl.load(alive_ptr + ks, mask=k_ok, other=0, cache_modifier=".cg") != 0
+        # a weight row is read only when some activation row keeps its input
         w = tl.load(wt_ptr + ks[:, None].to(tl.int64) * stride_wk + ns[None, :],
                     mask=alive[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(xs, w, acc)
@@ -73,10 +92,12 @@ def reference_linear(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.
 
 
 def linear(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tensor, bias: torch.Tensor | None = None, *,
-           split_k: int = 1, config: tuple[int, int, int, int] = (64, 128, 4, 3)) -> torch.Tensor:
+           split_k: int = 1, config: tuple[int, int, int, int] = (64, 128, 4, 3),
+           premask: bool = False) -> torch.Tensor:
     """Activation-sparse y = mask(x) W^T + b for x [..., K] with at most 16 rows.
 
-    ``config`` = (BLOCK_K, BLOCK_N, warps, stages); ``split_k`` programs share K.
+    ``config`` = (BLOCK_K, BLOCK_N, warps, stages); ``split_k`` programs share K. ``premask``:
+    each program first writes its inputs' keep flags, then streams weight rows gated by them.
     """
     k, n = weight_t.shape
     x2, lead = as_rows(x, k)
@@ -95,8 +116,9 @@ def linear(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tensor, bi
         partials = torch.empty(split_k, m, n, device=x.device, dtype=torch.float32)
         counters = _split_counters(x.device, triton.cdiv(n, 16))
     grid = (triton.cdiv(n, block_n), split_k)
-    _colskip_kernel[grid](x2, weight_t, thresholds, bias if bias is not None else x2, out, partials, counters, m, n, k,
-                          x2.stride(0), weight_t.stride(0), out.stride(0), per_split, split_k,
-                          HAS_BIAS=bias is not None, BLOCK_M=16, BLOCK_K=block_k, STAGES=stages,
+    alive = torch.empty(k, device=x.device, dtype=torch.int8) if premask else out
+    _colskip_kernel[grid](x2, weight_t, thresholds, bias if bias is not None else x2, out, partials, counters, alive,
+                          m, n, k, x2.stride(0), weight_t.stride(0), out.stride(0), per_split, split_k,
+                          HAS_BIAS=bias is not None, BLOCK_M=16, BLOCK_K=block_k, STAGES=stages, PREMASK=premask,
                           BLOCK_N=block_n, num_warps=warps, num_stages=stages)
     return out.reshape(*lead, n)

@@ -24,14 +24,14 @@ class ActivationSparseLinear(nn.Module):
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, thresholds: torch.Tensor, *,
-                 split_k: int = 4, config: tuple[int, int, int, int] = (64, 128, 4, 3)):
+                 split_k: int = 4, config: tuple[int, int, int, int] = (64, 128, 4, 3), premask: bool = False):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight_t", triton_colskip.transpose_weight(weight.detach()))
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.register_buffer("thresholds", triton_colskip.column_thresholds(thresholds, self.in_features,
                                                                             device=weight.device))
-        self.split_k, self.config = split_k, config
+        self.split_k, self.config, self.premask = split_k, config, premask
         # nothing to skip (every threshold below 0): cuBLAS on the transposed view, no mask cost
         self.keeps_all = bool((self.thresholds < 0).all())
 
@@ -48,7 +48,7 @@ class ActivationSparseLinear(nn.Module):
             return F.linear(x, self.weight_t.t(), self.bias)
         if x.is_cuda and rows <= triton_colskip.MAX_ROWS:
             return triton_colskip.linear(x, self.weight_t, self.thresholds, self.bias, split_k=self.split_k,
-                                         config=self.config)
+                                         config=self.config, premask=self.premask)
         kept = torch.where(x.abs().float() > self.thresholds, x, torch.zeros((), dtype=x.dtype, device=x.device))
         return F.linear(kept, self.weight_t.t(), self.bias)
 
