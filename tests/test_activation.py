@@ -255,6 +255,38 @@ def test_accelerated_activation_linears_compute_what_the_hooks_did(method):
     assert handle.hooks  # the handle still describes the sites
 
 
+def _pruned_tiny_llama():
+    from sparsewise.patterns import unstructured_mask
+
+    model = build_tiny("llama")
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module is not model.lm_head:
+                module.weight.mul_(unstructured_mask(module.weight.abs(), 0.5))
+    return model
+
+
+def test_activation_sparse_linears_over_pruned_weights_store_only_survivors():
+    from sparsewise.runtime import ActivationSparseLinear, accelerate_activations
+
+    model = _pruned_tiny_llama()
+    held_out = _ids(2, seed=5)
+    sw.sparsify_activations(model, "teal", 0.5, _ids(8))
+    with torch.no_grad():
+        expected = model(held_out).logits
+    accelerate_activations(model)
+    swapped = [module for module in model.modules() if isinstance(module, ActivationSparseLinear)]
+    assert swapped and all(module.packed for module in swapped)  # "auto": 50% pruned -> bitmask W^T
+    for module in swapped:
+        dense_bytes = module.in_features * module.out_features * 4
+        assert module.layout_t.nbytes < 0.7 * dense_bytes  # fp32 values of half the weights + 1 bit each
+    with torch.no_grad():
+        got = model(held_out).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="weight_layout"):
+        ActivationSparseLinear(torch.zeros(4, 4), None, torch.tensor(0.0), weight_layout="csr")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_accelerated_activations_on_gpu_match_the_hooks_and_graph_capture():
@@ -298,3 +330,31 @@ def test_ppl_p_sparsity_grows_with_the_allowed_loss_and_is_near_zero_without():
     assert loose.activation_ratio == pytest.approx(1 - loose.sparsity)
     assert len(loose.per_layer) == 2 and len(loose.steps) == 6
     assert all(len(list(m._forward_pre_hooks)) == 0 for m in model.modules())  # nothing left attached
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 8])
+def test_packed_colskip_on_gpu_matches_float64_and_reads_only_surviving_weights(dtype, m):
+    from conftest import poison_rows
+
+    from sparsewise.kernels import triton_colskip as colskip
+    from sparsewise.patterns import unstructured_mask
+
+    generator = torch.Generator(device="cuda").manual_seed(m)
+    n, k = 1000, 4096
+    weight = torch.randn(n, k, device="cuda", dtype=dtype, generator=generator) / k**0.5
+    weight = weight * unstructured_mask(weight.abs().float(), 0.5).to(dtype)
+    x = torch.randn(m, k, device="cuda", dtype=dtype, generator=generator)
+    bias = torch.randn(n, device="cuda", dtype=dtype, generator=generator)
+    thresholds = colskip.column_thresholds(0.8, k, device="cuda")
+    kept = torch.where(x.abs().float() > thresholds, x, torch.zeros((), dtype=dtype, device="cuda"))
+    ref = torch.nn.functional.linear(kept.double(), weight.double(), bias.double())
+    layout = colskip.pack_transposed(weight)
+    dead = (kept == 0).all(0)
+    for split_k in (1, 4):
+        for packed in (layout, poison_rows(layout, dead)):
+            out = colskip.linear_packed(x, packed, thresholds, bias, split_k=split_k)
+            error = ((out.double() - ref).norm() / ref.norm()).item()
+            assert error < (1e-2 if dtype == torch.bfloat16 else 2e-3)

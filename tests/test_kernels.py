@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -152,6 +154,20 @@ ref = colskip.reference_linear(x, wt, colskip.column_thresholds(0.7, 300), b)
 for premask in (False, True):
     clean = colskip.linear(x, poisoned, colskip.column_thresholds(0.7, 300), b, config=(32, 32, 4, 1), premask=premask)
     errors.append(((clean - ref).norm() / ref.norm()).item())
+from conftest import poison_rows
+from sparsewise.patterns import unstructured_mask as umask
+for n, k, m in ((300, 200, 1), (130, 64, 3)):
+    w = torch.randn(n, k, generator=g)
+    w = w * umask(w.abs(), 0.6)
+    x = torch.randn(m, k, generator=g)
+    t = colskip.column_thresholds(0.6, k)
+    ref = colskip.reference_linear(x, colskip.transpose_weight(w), t, b[:1].expand(n))
+    layout = colskip.pack_transposed(w)
+    dead = (x.abs() <= 0.6).all(0)
+    for split in (1, 3):
+        for packed in (layout, poison_rows(layout, dead)):
+            out = colskip.linear_packed(x, packed, t, b[:1].expand(n).contiguous(), split_k=split)
+            errors.append(((out - ref).norm() / ref.norm()).item())
 print("colskip", max(errors) < 1e-5, bool(dead.any()))
 from sparsewise.kernels.transpose import transpose_bias
 yt, bias = torch.randn(70, 130), torch.randn(70)
@@ -159,10 +175,13 @@ print("transpose", torch.allclose(transpose_bias(yt[:, :100], bias), yt[:, :100]
       torch.equal(transpose_bias(yt), yt.t()))
 """
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                            cwd=Path(__file__).parent)  # the test helpers (conftest) import from here
     assert result.returncode == 0, result.stderr[-3000:]
     *lines, counters, decoded, skipped, transpose = result.stdout.strip().splitlines()
-    assert skipped == "colskip True True"  # activation-sparse GEMV (split-K, per-column thresholds) = reference
+    # activation-sparse GEMV (split-K, per-column thresholds, dense or bitmask W^T) = reference, and
+    # weight rows of inputs no activation row keeps are never read (poisoned, result unchanged)
+    assert skipped == "colskip True True"
     assert decoded == "unpack True"  # the Triton decode of both layouts (padded K) equals the reference
     assert counters == "counters 0 1"  # split-K cases ran, and left their counters at zero
     assert transpose == "transpose True True"  # cuSPARSELt's y^T epilogue: odd tiles, a strided view, bias

@@ -116,9 +116,10 @@ def _word_starts(words, tile_start, GROUP_AXIS: tl.constexpr, PORTABLE_POPCOUNT:
 
 
 @triton.jit
-def _bitmask_planes(words, word_start, values_ptr, J: tl.constexpr, PORTABLE_POPCOUNT: tl.constexpr):
+def _bitmask_planes(words, word_start, values_ptr, J, PORTABLE_POPCOUNT: tl.constexpr):
     """The four weight planes of nibble position J: masked loads at popcount-derived addresses
-    (word start + kept entries of earlier nibbles of the word + rank inside the group)."""
+    (word start + kept entries of earlier nibbles of the word + rank inside the group). J is a
+    constant in the unrolled kernels here, a program index in the column-skipping one."""
     nib = (words >> (4 * J)) & 15
     if J == 0:
         start = word_start

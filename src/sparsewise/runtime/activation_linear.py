@@ -14,6 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import triton_colskip
+from ..kernels.layouts import Bitmask, unpack
+
+PACK_MIN_SPARSITY = 0.3  # below it the bitmask's 1/16 byte per weight buys too little
 
 
 class ActivationSparseLinear(nn.Module):
@@ -21,13 +24,28 @@ class ActivationSparseLinear(nn.Module):
 
     ``thresholds`` [K] float32: x_j is kept where |x_j| > thresholds[j]. Up to 16 rows on CUDA
     run the column-skipping Triton kernel; more rows (prefill) and CPU use the PyTorch reference.
+    ``weight_layout``: "dense" (W^T as is), "bitmask" (W^T compressed, for a pruned weight: the
+    kernel then reads only the surviving weights of the kept inputs) or "auto" (bitmask when at
+    least 30% of the weight is zero).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, thresholds: torch.Tensor, *,
-                 split_k: int = 4, config: tuple[int, int, int, int] = (64, 128, 4, 3), premask: bool = False):
+                 split_k: int = 4, config: tuple[int, int, int, int] = (64, 128, 4, 3), premask: bool = False,
+                 weight_layout: str = "auto"):
         super().__init__()
+        if weight_layout not in ("auto", "dense", "bitmask"):
+            raise ValueError(f"weight_layout must be 'auto', 'dense' or 'bitmask', got {weight_layout!r}.")
         self.out_features, self.in_features = weight.shape
-        self.register_buffer("weight_t", triton_colskip.transpose_weight(weight.detach()))
+        weight = weight.detach()
+        if weight_layout == "auto":
+            weight_layout = "bitmask" if float((weight == 0).float().mean()) >= PACK_MIN_SPARSITY else "dense"
+        self.packed = weight_layout == "bitmask"
+        layout = triton_colskip.pack_transposed(weight) if self.packed else None
+        self.register_buffer("weight_t", None if self.packed else triton_colskip.transpose_weight(weight))
+        self.register_buffer("values", layout.values if self.packed else None)
+        self.register_buffer("meta", layout.meta if self.packed else None)
+        self.register_buffer("tile_offsets", layout.tile_offsets if self.packed else None)
+        self._layout_shape, self._layout_width = (layout.shape, layout.width) if self.packed else (None, None)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.register_buffer("thresholds", triton_colskip.column_thresholds(thresholds, self.in_features,
                                                                             device=weight.device))
@@ -42,18 +60,35 @@ class ActivationSparseLinear(nn.Module):
         weight = linear.weight.t() if _is_conv1d(linear) else linear.weight  # GPT-2 Conv1D stores [in, out]
         return cls(weight, getattr(linear, "bias", None), torch.as_tensor(thresholds, dtype=torch.float32), **options)
 
+    @property
+    def layout_t(self) -> Bitmask:
+        return Bitmask(self.values, self.meta, self.tile_offsets, self._layout_shape, self._layout_width)
+
+    def dense_weight_t(self) -> torch.Tensor:
+        """W^T [K, N]: the stored one, or decoded from the bitmask (one Triton pass on CUDA)."""
+        if not self.packed:
+            return self.weight_t
+        if self.meta.is_cuda:
+            from ..kernels import triton_planes
+
+            return triton_planes.unpack(self.layout_t)
+        return unpack(self.layout_t)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         if self.keeps_all:
-            return F.linear(x, self.weight_t.t(), self.bias)
+            return F.linear(x, self.dense_weight_t().t().to(x.dtype), self.bias)
         if x.is_cuda and rows <= triton_colskip.MAX_ROWS:
+            if self.packed:
+                return triton_colskip.linear_packed(x, self.layout_t, self.thresholds, self.bias, split_k=self.split_k)
             return triton_colskip.linear(x, self.weight_t, self.thresholds, self.bias, split_k=self.split_k,
                                          config=self.config, premask=self.premask)
         kept = torch.where(x.abs().float() > self.thresholds, x, torch.zeros((), dtype=x.dtype, device=x.device))
-        return F.linear(kept, self.weight_t.t(), self.bias)
+        return F.linear(kept, self.dense_weight_t().t().to(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, split_k={self.split_k}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, split_k={self.split_k}, "
+                f"weight={'bitmask' if self.packed else 'dense'}")
 
 
 def _column_thresholds(hook) -> torch.Tensor | None:
