@@ -71,6 +71,9 @@ def test_default_job_self_calibration_with_recipe(tmp_path, capsys, smollm2):
     (["prune", "--sparsity", "1.5", "--self-n", "1"], "sparsity must be in"),
     (["prune", "--pattern", "3:2"], "0 < N < M"),
     (["prune", "--option", "nonsense"], "KEY=VALUE"),
+    (["prune", "--allocation-option", "nonsense"], "--allocation-option expects KEY=VALUE"),
+    (["prune", "--pattern", "2:4", "--allocation", "owl", "--self-n", "1", "--self-seqlen", "8",
+      "--fidelity-n", "1", "--fidelity-seqlen", "8"], "fixes every layer's sparsity"),
 ])
 def test_bad_input_exits_2_with_message(argv, message, capsys):
     assert main(argv) == 2
@@ -90,7 +93,7 @@ def test_every_config_field_has_a_flag():
     parser = build_parser()
     prune = parser._subparsers._group_actions[0].choices["prune"]
     dests = {action.dest for action in prune._actions}
-    missing = set(PruneConfig.field_names()) - dests - {"method_options"}
+    missing = set(PruneConfig.field_names()) - dests - {"method_options", "allocation_options"}
     assert not missing
 
 

@@ -34,6 +34,7 @@ _LAZY = {
     "metrics": ("metrics", None),
     "runtime": ("runtime", None),
     "activation": ("activation", None),
+    "allocation": ("allocation", None),
     "sparsify_activations": ("activation", "sparsify_activations"),
     "remove_activation_sparsity": ("activation", "remove_activation_sparsity"),
     "PruneConfig": ("config", "PruneConfig"),

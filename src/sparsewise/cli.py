@@ -37,6 +37,10 @@ def _prune_parser(sub) -> None:
     add("--resume-dir", help="checkpoint progress after every block here; rerun the same command to resume")
     add("--option", action="append", metavar="KEY=VALUE",
         help="method option, e.g. --option damp_ratio=0.1 --option block_size=64 (recipe: method_options)")
+    add("--allocation", help="per-layer ratios under the global sparsity: uniform (default) | er | erk | owl | ecoflap")
+    add("--allocation-option", action="append", metavar="KEY=VALUE",
+        help="allocator option, e.g. --allocation-option m=5 --allocation-option lam=0.08 (recipe: "
+             "allocation_options)")
     add("--include", nargs="+", help="regexes of module names to prune (default: every linear in the blocks)")
     add("--exclude", nargs="+", help="regexes of module names to skip")
     add("--device", help="auto | cpu | cuda (default auto)")
@@ -93,9 +97,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
     config = PruneConfig.from_yaml(args.recipe) if args.recipe else PruneConfig()
     overrides = {name: getattr(args, name, None) for name in PruneConfig.field_names()}
     overrides.pop("method_options")
+    overrides.pop("allocation_options")
     config = config.merged(overrides)
     if args.option:
         config.method_options = {**config.method_options, **_parse_options(args.option)}
+    if args.allocation_option:
+        config.allocation_options = {**config.allocation_options,
+                                     **_parse_options(args.allocation_option, "--allocation-option")}
     if config.max_windows == 0:
         config.max_windows = None
     report = prune_job(config, progress=not args.no_progress)
@@ -103,14 +111,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_options(items: list[str]) -> dict:
+def _parse_options(items: list[str], flag: str = "--option") -> dict:
     import yaml
 
     options = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"--option expects KEY=VALUE, got {item!r} (e.g. --option damp_ratio=0.1).")
+            raise ConfigError(f"{flag} expects KEY=VALUE, got {item!r} (e.g. {flag} damp_ratio=0.1).")
         options[key.strip()] = yaml.safe_load(value)
     return options
 

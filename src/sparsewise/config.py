@@ -40,6 +40,8 @@ class PruneConfig:
     batch_size: int = 8
     resume_dir: str | None = None
     method_options: dict[str, Any] = field(default_factory=dict)
+    allocation: str = "uniform"
+    allocation_options: dict[str, Any] = field(default_factory=dict)
     out: str | None = None
     save_format: str = "sparsewise"
     overwrite: bool = False

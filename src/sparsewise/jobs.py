@@ -106,6 +106,7 @@ def prune_job(config: PruneConfig, *, progress: bool = True, log=print) -> JobRe
         include=config.include or None, exclude=config.exclude or None, device=config.device,
         seed=config.seed, sequential=config.sequential, batch_size=config.batch_size,
         method_options=config.method_options, resume_dir=config.resume_dir, progress=progress,
+        allocation=config.allocation, allocation_options=config.allocation_options,
     )
     report.prune = result
 

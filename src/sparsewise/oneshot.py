@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .calibration.distributed import shard_samples, world
 from .calibration.engine import SEQUENTIAL_MODES, sequential_calibration
 from .calibration.progress import RunProgress, fingerprint
 from .errors import ConfigError
@@ -40,6 +41,7 @@ class PruneResult:
     device: str
     sequential: str = "layer"
     calibration: dict[str, Any] = field(default_factory=dict)
+    allocation: str = "uniform"
 
     @property
     def counted_params(self) -> int:
@@ -67,6 +69,8 @@ class PruneResult:
             + (f"  peak GPU {self.peak_gpu_mb:.0f} MB" if self.peak_gpu_mb is not None else "")
             + f"  device {self.device}  sequential-{self.sequential}",
         ]
+        if self.allocation != "uniform":
+            lines.append(self.allocation)
         lines += [f"warning: {note}" for note in self.warnings]
         return "\n".join(lines)
 
@@ -105,6 +109,8 @@ def prune(
     method_options: dict[str, Any] | None = None,
     resume_dir: str | Path | None = None,
     progress: bool = True,
+    allocation: str | dict[str, float] | None = None,
+    allocation_options: dict[str, Any] | None = None,
 ) -> PruneResult:
     """Prune ``model`` in place and return a :class:`PruneResult`.
 
@@ -124,6 +130,10 @@ def prune(
     ``resume_dir``: after every block the finished weights and the next block's inputs are
     written there; calling ``prune`` again with the same settings continues after the last
     finished block (the directory is removed on success).
+
+    ``allocation``: per-layer ratios under the global ``sparsity`` (see :mod:`sparsewise.allocation`):
+    "uniform" (default), "er", "erk", "owl", "ecoflap", or an explicit {layer name: sparsity};
+    ``allocation_options`` go to the allocator (e.g. ``{"m": 5, "lam": 0.08}`` for OWL).
     """
     pattern = Pattern.parse(pattern)
     sparsity = pattern.resolve_sparsity(sparsity)
@@ -156,6 +166,10 @@ def prune(
     run = _LayerPruner(pruner, pattern, sparsity, compute_device, torch.Generator().manual_seed(seed),
                        dict(method_options or {}))
     start = time.perf_counter()
+    plan = _allocate(allocation, allocation_options, pattern, sparsity, model, adapter, layers, calibration,
+                     compute_device, seed)
+    if plan is not None:
+        run.sparsities = plan.sparsities
     bar = _progress_bar(len(adapter.blocks), f"{pruner.name} {pattern}", progress)
     try:
         with torch.no_grad():
@@ -195,7 +209,27 @@ def prune(
         device=str(compute_device),
         sequential=sequential,
         calibration=_calibration_facts(calibration),
+        allocation=plan.summary() if plan is not None else "uniform",
     )
+
+
+def _allocate(allocation, options, pattern: Pattern, sparsity: float, model, adapter, layers, calibration,
+              device: torch.device, seed: int):
+    """The per-layer plan, or None for the uniform default (every layer at ``sparsity``)."""
+    if allocation is None or (isinstance(allocation, str) and allocation.strip().lower() == "uniform"):
+        if options:
+            raise ConfigError("allocation_options given without an allocation: pass allocation='owl' (or another).")
+        return None
+    if pattern.kind == "nm":
+        raise ConfigError(f"{pattern} fixes every layer's sparsity at {sparsity:.3f}: a layer-wise allocation needs "
+                          "an unstructured (or block) pattern; mixed N:M choices per layer are not supported.")
+    if pattern.scope == "global":
+        raise ConfigError("a global ranking already decides each layer's share: drop the allocation or use scope "
+                          "row/layer.")
+    from .allocation import allocate, layer_shapes
+
+    return allocate(allocation, target=sparsity, shapes=layer_shapes(adapter, layers), model=model, adapter=adapter,
+                    layers=layers, calibration=calibration, device=device, seed=seed, **dict(options or {}))
 
 
 class _LayerPruner:
@@ -205,6 +239,7 @@ class _LayerPruner:
                  generator: torch.Generator, options: dict[str, Any]):
         self.pruner, self.pattern, self.sparsity, self.device = pruner, pattern, sparsity, device
         self.generator, self.options = generator, options
+        self.sparsities: dict[str, float] = {}  # per-layer ratios of an allocation (else ``sparsity``)
         self.backup: dict[str, torch.Tensor] = {}
         self.records: dict[str, LayerRecord] = {}
 
@@ -215,7 +250,8 @@ class _LayerPruner:
         if keep is not None:  # mask decided globally beforehand
             new_weight, mask, info = work * keep, keep, {}
         else:
-            task = LayerTask(name, work, self.sparsity, self.pattern, stats, self.generator, self.options)
+            task = LayerTask(name, work, self.sparsities.get(name, self.sparsity), self.pattern, stats,
+                             self.generator, self.options)
             result = self.pruner.prune_layer(task)
             new_weight, mask, info = result.weight, result.mask, result.info
         layer.set_weight(new_weight.to(weight.dtype))
@@ -230,7 +266,7 @@ class _LayerPruner:
     def record(self, name: str, layer: PrunableLayer, info: dict[str, Any], mask: torch.Tensor) -> None:
         zeros = (layer.get_weight() == 0).sum().item()
         self.records[name] = LayerRecord(
-            name=name, pattern=str(self.pattern), sparsity=self.sparsity,
+            name=name, pattern=str(self.pattern), sparsity=self.sparsities.get(name, self.sparsity),
             achieved=zeros / (layer.out_features * layer.in_features), method=self.pruner.name,
             shape=(layer.out_features, layer.in_features), info=info, mask=mask.cpu(),
         )
@@ -273,15 +309,29 @@ def _prune_calibrated(model, adapter, layers, run: _LayerPruner, calibration, se
 
 
 def calibration_batches(calibration, batch_size: int | None) -> list[dict]:
-    """Calibration as model-input dicts; batch_size None = everything in one batch."""
+    """Calibration as model-input dicts; batch_size None = everything in one batch.
+
+    Under torch.distributed (torchrun) each rank keeps only its share of the samples
+    (:func:`~sparsewise.calibration.distributed.shard_samples`), re-batched by ``batch_size``:
+    the engine all-reduces the statistics, so together the ranks calibrate on every sample once.
+    """
+    world_size = world()[1]
+    join = batch_size is None or world_size > 1
     if hasattr(calibration, "batches"):
-        return list(calibration.batches(batch_size or max(len(calibration), 1)))
-    batches = list(calibration)
-    if batch_size is None and len(batches) > 1:
+        batches = list(calibration.batches(max(len(calibration), 1) if join else batch_size))
+    else:
+        batches = list(calibration)
+    if join and len(batches) > 1:
         keys = batches[0].keys()
         if any(batch.keys() != keys for batch in batches):
             raise ConfigError("calibration batches must all hold the same inputs to be joined into one batch.")
         batches = [{key: torch.cat([batch[key] for batch in batches]) for key in keys}]
+    if world_size > 1:
+        share = shard_samples(batches[0] if batches else {})
+        count = next(value.shape[0] for value in share.values() if isinstance(value, torch.Tensor))
+        step = batch_size or count
+        batches = [{key: value[start : start + step] if isinstance(value, torch.Tensor) else value
+                    for key, value in share.items()} for start in range(0, count, step)]
     return batches
 
 
