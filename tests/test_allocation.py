@@ -133,3 +133,28 @@ def test_explicit_allocation_and_errors():
         sw.prune(build_tiny("llama"), "magnitude", 0.5, allocation="nope", progress=False)
     with pytest.raises(ConfigError, match="missing"):
         sw.prune(build_tiny("llama"), "magnitude", 0.5, allocation={names[0]: 0.5}, progress=False)
+
+
+def test_evolutionary_search_keeps_the_total_and_beats_uniform_on_its_proxy():
+    from sparsewise.allocation.search import evolve_levels
+
+    generator = torch.Generator().manual_seed(0)
+    costs = torch.rand(4, 5, generator=generator, dtype=torch.float64).cumsum(1)  # error grows with sparsity
+    costs[2] *= 10  # one fragile block
+    sizes = torch.full((4,), 100.0, dtype=torch.float64)
+    choice = evolve_levels(costs, sizes, generations=30, offspring=16, seed=1)
+    assert int((choice - 2).sum()) == 0  # level offsets balance: the parameter total is unchanged
+    fitness = lambda c: float((sizes * costs[torch.arange(4), c]).sum())  # noqa: E731
+    assert fitness(choice) <= fitness(torch.full((4,), 2))
+    assert choice[2] < 2  # the fragile block is pruned less
+    assert torch.equal(choice, evolve_levels(costs, sizes, generations=30, offspring=16, seed=1))  # seeded
+
+
+def test_prune_with_the_tyr_search_hits_the_budget():
+    model = build_tiny("llama")
+    result = sw.prune(model, "wanda", 0.5, calibration=_calibration(), allocation="tyr",
+                      allocation_options={"levels": 1, "step": 0.1, "generations": 5, "offspring": 4},
+                      progress=False)
+    largest_row = max(record.shape[1] for record in result.records.values())
+    assert abs(result.achieved_sparsity - 0.5) * result.counted_params <= largest_row
+    assert "tyr" in result.allocation

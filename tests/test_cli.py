@@ -93,7 +93,7 @@ def test_every_config_field_has_a_flag():
     parser = build_parser()
     prune = parser._subparsers._group_actions[0].choices["prune"]
     dests = {action.dest for action in prune._actions}
-    missing = set(PruneConfig.field_names()) - dests - {"method_options", "allocation_options"}
+    missing = set(PruneConfig.field_names()) - dests - {"method_options", "allocation_options", "refine_options"}
     assert not missing
 
 

@@ -41,6 +41,9 @@ def _prune_parser(sub) -> None:
     add("--allocation-option", action="append", metavar="KEY=VALUE",
         help="allocator option, e.g. --allocation-option m=5 --allocation-option lam=0.08 (recipe: "
              "allocation_options)")
+    add("--refine", help="mask refiner run after the method on every layer: dsnot")
+    add("--refine-option", action="append", metavar="KEY=VALUE",
+        help="refiner option, e.g. --refine-option skip_modules=[mlp] (recipe: refine_options)")
     add("--include", nargs="+", help="regexes of module names to prune (default: every linear in the blocks)")
     add("--exclude", nargs="+", help="regexes of module names to skip")
     add("--device", help="auto | cpu | cuda (default auto)")
@@ -98,16 +101,38 @@ def cmd_prune(args: argparse.Namespace) -> int:
     overrides = {name: getattr(args, name, None) for name in PruneConfig.field_names()}
     overrides.pop("method_options")
     overrides.pop("allocation_options")
+    overrides.pop("refine_options")
     config = config.merged(overrides)
     if args.option:
         config.method_options = {**config.method_options, **_parse_options(args.option)}
     if args.allocation_option:
         config.allocation_options = {**config.allocation_options,
                                      **_parse_options(args.allocation_option, "--allocation-option")}
+    if args.refine_option:
+        config.refine_options = {**config.refine_options, **_parse_options(args.refine_option, "--refine-option")}
     if config.max_windows == 0:
         config.max_windows = None
-    report = prune_job(config, progress=not args.no_progress)
-    print(report.summary())
+    import torch
+
+    from .calibration.distributed import init_from_env, world
+
+    joined = init_from_env()  # torchrun: ranks share the calibration samples, all-reduce statistics
+    rank, world_size = world()
+    try:
+        if world_size > 1:
+            if config.resume_dir:
+                raise ConfigError("--resume-dir is per process: run without it under torchrun.")
+            if torch.cuda.is_available() and config.device in ("auto", "cuda"):
+                config.device = f"cuda:{torch.cuda.current_device()}"
+            if rank != 0:  # every rank prunes the same masks; one writes and reports
+                config.out, config.eval = None, None
+        report = prune_job(config, progress=not args.no_progress and rank == 0,
+                           log=print if rank == 0 else (lambda *_args, **_kwargs: None))
+        if rank == 0:
+            print(report.summary())
+    finally:
+        if joined:
+            torch.distributed.destroy_process_group()
     return 0
 
 

@@ -42,6 +42,8 @@ class PruneConfig:
     method_options: dict[str, Any] = field(default_factory=dict)
     allocation: str = "uniform"
     allocation_options: dict[str, Any] = field(default_factory=dict)
+    refine: str | None = None
+    refine_options: dict[str, Any] = field(default_factory=dict)
     out: str | None = None
     save_format: str = "sparsewise"
     overwrite: bool = False

@@ -107,6 +107,7 @@ def prune_job(config: PruneConfig, *, progress: bool = True, log=print) -> JobRe
         seed=config.seed, sequential=config.sequential, batch_size=config.batch_size,
         method_options=config.method_options, resume_dir=config.resume_dir, progress=progress,
         allocation=config.allocation, allocation_options=config.allocation_options,
+        refine=config.refine, refine_options=config.refine_options,
     )
     report.prune = result
 

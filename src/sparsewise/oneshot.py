@@ -111,6 +111,8 @@ def prune(
     progress: bool = True,
     allocation: str | dict[str, float] | None = None,
     allocation_options: dict[str, Any] | None = None,
+    refine: str | None = None,
+    refine_options: dict[str, Any] | None = None,
 ) -> PruneResult:
     """Prune ``model`` in place and return a :class:`PruneResult`.
 
@@ -134,13 +136,26 @@ def prune(
     ``allocation``: per-layer ratios under the global ``sparsity`` (see :mod:`sparsewise.allocation`):
     "uniform" (default), "er", "erk", "owl", "ecoflap", or an explicit {layer name: sparsity};
     ``allocation_options`` go to the allocator (e.g. ``{"m": 5, "lam": 0.08}`` for OWL).
+
+    ``refine``: a mask refiner run on every layer right after the method (see
+    :mod:`sparsewise.correction`), e.g. "dsnot" with ``refine_options={"skip_modules": ["mlp"]}``
+    for the reference code's attention-only default. The refined weight is the dense weight
+    times the refined mask (for SparseGPT this drops its weight update, as the DSnoT code does).
     """
     pattern = Pattern.parse(pattern)
     sparsity = pattern.resolve_sparsity(sparsity)
     pruner = get_method(method)
+    refiner = None
+    if refine is not None:
+        from .correction import get_refiner
+
+        refiner = get_refiner(refine, **dict(refine_options or {}))
+    elif refine_options:
+        raise ConfigError("refine_options given without refine: pass refine='dsnot'.")
+    needs = pruner.needs | (refiner.needs if refiner is not None else frozenset())
     adapter = ModelAdapter(model, include=include, exclude=exclude, blocks=blocks)
     extra = adapter.extra_layers()
-    if pruner.needs and extra:
+    if needs and extra:
         raise ConfigError(
             f"{sorted(extra)} lie outside the repeated blocks, but {pruner.name} calibrates block by block: "
             "prune them with magnitude in a second call, or drop them from include."
@@ -150,9 +165,9 @@ def prune(
         raise ConfigError("no layer matched: check include/exclude patterns against the model's module names.")
     for name, layer in layers.items():
         pattern.check_shape((layer.out_features, layer.in_features), name)
-    if pruner.needs and calibration is None:
+    if needs and calibration is None:
         raise ConfigError(
-            f"method {pruner.name!r} needs calibration data: pass calibration=sw.data.calibration(...) "
+            f"method {pruner.name!r}{' with refiner ' + refiner.name if refiner else ''} needs calibration data: pass calibration=sw.data.calibration(...) "
             "(a text/jsonl path, a dataset name, or 'self' to sample from the model)."
         )
     if sequential not in SEQUENTIAL_MODES:
@@ -164,7 +179,7 @@ def prune(
     if compute_device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(compute_device)
     run = _LayerPruner(pruner, pattern, sparsity, compute_device, torch.Generator().manual_seed(seed),
-                       dict(method_options or {}))
+                       dict(method_options or {}), refiner=refiner, needs=needs)
     start = time.perf_counter()
     plan = _allocate(allocation, allocation_options, pattern, sparsity, model, adapter, layers, calibration,
                      compute_device, seed)
@@ -181,13 +196,15 @@ def prune(
                 }
                 for name, keep in global_masks(scores, sparsity).items():
                     run.apply(name, layers[name], keep=keep.to(compute_device))
-            elif not pruner.needs:
+            elif not needs:
                 for name, layer in layers.items():
                     run.apply(name, layer)
                 bar.update(len(adapter.blocks))
             else:
                 settings = {"method": pruner.name, "pattern": str(pattern), "sparsity": sparsity, "seed": seed,
-                            "sequential": sequential, "batch_size": batch_size, "options": run.options}
+                            "sequential": sequential, "batch_size": batch_size, "options": run.options,
+                            "refine": refiner.name if refiner else None, "refine_options": dict(refine_options or {}),
+                            "allocation": run.sparsities}
                 _prune_calibrated(model, adapter, layers, run, calibration, sequential, batch_size, resume_dir,
                                   settings, bar)
     except BaseException:
@@ -236,8 +253,11 @@ class _LayerPruner:
     """Prunes one layer at a time, keeping its original weights until the whole run succeeds."""
 
     def __init__(self, pruner, pattern: Pattern, sparsity: float, device: torch.device,
-                 generator: torch.Generator, options: dict[str, Any]):
+                 generator: torch.Generator, options: dict[str, Any], refiner=None,
+                 needs: frozenset[str] | None = None):
         self.pruner, self.pattern, self.sparsity, self.device = pruner, pattern, sparsity, device
+        self.refiner = refiner
+        self.needs = pruner.needs if needs is None else needs
         self.generator, self.options = generator, options
         self.sparsities: dict[str, float] = {}  # per-layer ratios of an allocation (else ``sparsity``)
         self.backup: dict[str, torch.Tensor] = {}
@@ -254,6 +274,11 @@ class _LayerPruner:
                              self.generator, self.options)
             result = self.pruner.prune_layer(task)
             new_weight, mask, info = result.weight, result.mask, result.info
+            if self.refiner is not None:
+                from .correction import RefineTask
+
+                refined = self.refiner.refine(RefineTask(name, work, mask, self.pattern, stats))
+                new_weight, mask, info = refined.weight, refined.mask, {**info, "refine": refined.info}
         layer.set_weight(new_weight.to(weight.dtype))
         self.record(name, layer, info, mask)
 
@@ -301,7 +326,7 @@ def _prune_calibrated(model, adapter, layers, run: _LayerPruner, calibration, se
     sequential_calibration(
         model, adapter.blocks, adapter.block_layers, batches,
         lambda name, stats: run.apply(name, layers[name], stats),
-        wanted=run.pruner.needs, device=run.device, mode=sequential,
+        wanted=run.needs, device=run.device, mode=sequential,
         start_block=start_block, hidden_states=hidden_states, after_block=after_block,
     )
     if run_progress is not None:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from . import ecoflap, erk, owl  # noqa: F401  (registration)
+from . import ecoflap, erk, owl, search  # noqa: F401  (registration)
 from .base import AllocationContext, Allocator, available_allocators, get_allocator
 from .budget import LayerShape, round_to_rows, shift_to_budget, weighted_sparsity
 

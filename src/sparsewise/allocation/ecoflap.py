@@ -18,6 +18,7 @@ from typing import ClassVar
 
 import torch
 
+from ..calibration.distributed import sum_across_ranks_
 from ..errors import ConfigError
 from .base import AllocationContext, register
 
@@ -96,7 +97,10 @@ class ECoFLaP:
                 self._first(context, scores)
         finally:
             model.to(home)
-        return scores
+        # under torchrun each rank saw its share of the batches: the sums over all of them
+        names = list(scores)
+        total = sum_across_ranks_(torch.tensor([scores[name] for name in names], dtype=torch.float64))
+        return dict(zip(names, total.tolist(), strict=True))
 
     @torch.no_grad()
     def _zeroth(self, context: AllocationContext, scores: dict[str, float]) -> None:

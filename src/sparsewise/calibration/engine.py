@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import NumericalError, UnsupportedModelError
+from .distributed import all_reduce_stats, any_rank
 from .stats import LayerStats
 
 
@@ -92,9 +93,9 @@ def capture_block_inputs(
                 )
     finally:
         handle.remove()
-    for call in captured:
-        if not torch.isfinite(call.hidden_states).all():
-            raise NumericalError("non-finite hidden states entering the first block: check the model weights.")
+    # decided on every rank alike: one rank raising while the others wait in a collective would hang
+    if any_rank(any(not torch.isfinite(call.hidden_states).all() for call in captured)):
+        raise NumericalError("non-finite hidden states entering the first block: check the model weights.")
     return captured
 
 
@@ -130,6 +131,10 @@ def collect_block_stats(
 
     Layers that read the very same input tensor (q/k/v, gate/up) share one accumulator: X^T X
     is the costliest statistic and is identical for them.
+
+    Under torch.distributed the sums are all-reduced across ranks (each distinct accumulator
+    once, in ``layers`` order) before they are checked, so every rank returns the statistics of
+    all ranks' samples and every rank raises, or none does.
     """
     stats: dict[str, LayerStats] = {}
     seen: list[tuple[str, torch.Tensor]] = []
@@ -155,15 +160,45 @@ def collect_block_stats(
                 if name not in stats:
                     stats[name] = LayerStats(in_features[name], wanted)
                 stats[name].update(tensor)
-                if not stats[name].is_finite():
-                    raise NumericalError(f"non-finite activations at the input of {name}: check the model weights.")
     finally:
         for handle in handles:
             handle.remove()
-    missing = [name for name in layers if name not in stats]
+    _reduce_block_stats(stats, layers, in_features, wanted, _module_device(block))
+    for name, layer_stats in _distinct(stats).items():  # execution order: the first bad input is the cause
+        if not layer_stats.is_finite():
+            raise NumericalError(f"non-finite activations at the input of {name}: check the model weights.")
+    missing = [name for name in layers if stats[name].tokens == 0]
     if missing:
         raise UnsupportedModelError(f"layers never ran during calibration: {missing}; exclude them.")
     return stats
+
+
+def _distinct(stats: dict[str, LayerStats]) -> dict[str, LayerStats]:
+    """Each accumulator once, under the first name that holds it."""
+    seen: set[int] = set()
+    out = {}
+    for name, layer_stats in stats.items():
+        if id(layer_stats) not in seen:
+            seen.add(id(layer_stats))
+            out[name] = layer_stats
+    return out
+
+
+def _reduce_block_stats(stats: dict[str, LayerStats], layers: dict[str, nn.Module], in_features: dict[str, int],
+                        wanted: frozenset[str], device: torch.device) -> None:
+    """All-reduce every accumulator of a block once (no-op on one process).
+
+    Walks ``layers`` (the same on every rank) rather than ``stats`` (what ran here), so a layer
+    that saw no tokens on this rank (e.g. an MoE expert its samples never routed to) still
+    joins the collective with zero sums instead of leaving the other ranks waiting. Layers
+    that never ran get empty accumulators (tokens 0), which the caller reports.
+    """
+    reduced: set[int] = set()
+    for name in layers:
+        layer_stats = stats.setdefault(name, LayerStats(in_features[name], wanted))
+        if id(layer_stats) not in reduced:
+            reduced.add(id(layer_stats))
+            all_reduce_stats(layer_stats, device)
 
 
 LayerPruner = Callable[[str, "LayerStats | None"], None]
@@ -194,6 +229,7 @@ def prune_block_in_forward(
             if stats is None and wanted:
                 stats = LayerStats(in_features, wanted)
                 stats.update(x)
+                all_reduce_stats(stats, x.device)  # once per shared input, before the check and the decision
                 if not stats.is_finite():
                     raise NumericalError(f"non-finite activations at the input of {name}: check the model weights.")
                 stats_by_input[x.data_ptr()] = (weakref.ref(x), stats)
