@@ -39,10 +39,18 @@ def run_one(method: str, pattern: str, sparsity: float | None, sequential: str, 
     row = {"method": method, "pattern": pattern, "sequential": sequential}
     if method != "dense":
         calib = sw.data.calibration(C4, tok, n=args.calib_n, seqlen=args.calib_seqlen, seed=0)
+        allocation = getattr(args, "allocation", None)
+        options = json.loads(getattr(args, "allocation_options", None) or "{}")
+        refine = getattr(args, "refine", None)
         result = sw.prune(model, method=method, sparsity=sparsity, pattern=pattern, calibration=calib,
-                          sequential=sequential, batch_size=args.batch_size, progress=False)
+                          sequential=sequential, batch_size=args.batch_size, progress=False,
+                          allocation=allocation, allocation_options=options or None, refine=refine)
+        layer_targets = [record.sparsity for record in result.records.values()]
         row.update(prune_wall_s=result.wall_s, peak_rss_mb=result.peak_rss_mb, rss_after_load_mb=rss_loaded,
-                   achieved=result.achieved_sparsity, warnings=result.warnings)
+                   achieved=result.achieved_sparsity, warnings=result.warnings, allocation=result.allocation,
+                   refine=refine, allocation_options=options, layer_min=min(layer_targets),
+                   layer_max=max(layer_targets),
+                   swaps=sum(record.info.get("refine", {}).get("swaps", 0) for record in result.records.values()))
     clock = time.perf_counter()
     ppl = sw.evaluate.perplexity(model, tok, WIKI, seqlen=args.seqlen, max_windows=args.windows, progress=False)
     row.update(ppl=ppl.ppl, eval_wall_s=time.perf_counter() - clock, windows=ppl.n_windows,
@@ -76,12 +84,16 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--json-out", type=Path, default=REPO / ".bench" / "oneshot_smollm2.json")
+    parser.add_argument("--sparsity", type=float, default=0.5, help="for unstructured rows of --only")
+    parser.add_argument("--allocation", help="layer-wise allocation for --only (owl, erk, tyr, ecoflap, ...)")
+    parser.add_argument("--allocation-options", help="JSON options of the allocation")
+    parser.add_argument("--refine", help="mask refiner for --only (dsnot)")
     args = parser.parse_args()
 
     if args.only:
         spec, _, sequential = args.only.partition("@")
         method, _, pattern = spec.partition(":")
-        sparsity = 0.5 if pattern == "unstructured" else None
+        sparsity = args.sparsity if pattern == "unstructured" else None
         print(json.dumps(run_one(method, pattern, sparsity, sequential or "layer", args)), flush=True)
         return
 
