@@ -44,3 +44,18 @@ def test_non_finite_activations_name_the_layer(sequential):
     calib = [{"input_ids": torch.randint(0, VOCAB, (2, 16))}]
     with pytest.raises(sw.NumericalError, match=r"layers\.1\.self_attn\.q_proj"):
         sw.prune(model, method="wanda", sparsity=0.5, calibration=calib, sequential=sequential, progress=False)
+
+
+def test_stats_in_token_chunks_equal_one_pass(monkeypatch):
+    from sparsewise.calibration import stats as stats_module
+    from sparsewise.calibration.stats import KNOWN_STATS, LayerStats
+
+    x = torch.randn(3, 50, 24, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    whole = LayerStats(24, KNOWN_STATS)
+    whole.update(x)
+    monkeypatch.setattr(stats_module, "CHUNK_ROWS", 7)  # 150 tokens in 22 chunks
+    chunked = LayerStats(24, KNOWN_STATS)
+    chunked.update(x)
+    assert chunked.tokens == whole.tokens == 150
+    for name, value in whole.tensors().items():
+        torch.testing.assert_close(chunked.tensors()[name], value, rtol=1e-5, atol=1e-4)

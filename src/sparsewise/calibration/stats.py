@@ -14,6 +14,7 @@ STAT_NORMS = "norms"  # sum_t x_tj^2       (Wanda's ||X_j||_2^2)
 STAT_HESSIAN = "hessian"  # X^T X           (SparseGPT's H before scaling/damping)
 STAT_MOMENTS = "moments"  # sum_t x_tj, sum_t x_tj^2 (means and variances, DSnoT)
 KNOWN_STATS = frozenset({STAT_NORMS, STAT_HESSIAN, STAT_MOMENTS})
+CHUNK_ROWS = 16384  # tokens converted to float32 at a time (bounds the temporary copy)
 
 
 def add_gram_(acc: torch.Tensor, x: torch.Tensor, tile: int = 384) -> None:
@@ -48,19 +49,25 @@ class LayerStats:
     _device: torch.device | None = field(default=None, repr=False)
 
     def update(self, inputs: torch.Tensor) -> None:
-        """Add a batch of inputs of shape [..., in_features]."""
-        x = inputs.detach().reshape(-1, inputs.shape[-1]).to(torch.float32)
-        if x.shape[1] != self.in_features:
-            raise ValueError(f"expected inputs with {self.in_features} features, got {x.shape[1]}")
+        """Add a batch of inputs of shape [..., in_features].
+
+        The float32 copy is made ``CHUNK_ROWS`` tokens at a time: at 7B scale one block's
+        calibration input to down_proj is 262k x 11008 values, whose float32 copy alone would be
+        11.5 GB (plus as much again for x * x)."""
+        rows = inputs.detach().reshape(-1, inputs.shape[-1])
+        if rows.shape[1] != self.in_features:
+            raise ValueError(f"expected inputs with {self.in_features} features, got {rows.shape[1]}")
         if self.tokens == 0:
-            self._init(x.device)
-        self.tokens += x.shape[0]
-        if STAT_NORMS in self.wanted or STAT_MOMENTS in self.wanted:
-            self.sq_sum += (x * x).sum(0)
-        if STAT_MOMENTS in self.wanted:
-            self.col_sum += x.sum(0)
-        if STAT_HESSIAN in self.wanted:
-            add_gram_(self.xtx, x)
+            self._init(rows.device)
+        self.tokens += rows.shape[0]
+        for start in range(0, rows.shape[0], CHUNK_ROWS):
+            x = rows[start:start + CHUNK_ROWS].to(torch.float32)
+            if STAT_NORMS in self.wanted or STAT_MOMENTS in self.wanted:
+                self.sq_sum += (x * x).sum(0)
+            if STAT_MOMENTS in self.wanted:
+                self.col_sum += x.sum(0)
+            if STAT_HESSIAN in self.wanted:
+                add_gram_(self.xtx, x)
 
     def is_finite(self) -> bool:
         """False if any input seen so far was NaN/Inf (they propagate into every sum)."""
