@@ -379,9 +379,9 @@ class _NoBar:
         pass
 
 
-def _progress_bar(total: int, desc: str, enabled: bool):
+def _progress_bar(total: int, desc: str, enabled: bool, unit: str = "block"):
     if not enabled:
         return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="block", leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, leave=False)

@@ -673,7 +673,9 @@ def armor(
                "rtol": rtol, "select": select}
     replaced: list[tuple[nn.Module, str, nn.Module]] = []
     infos: dict[str, dict[str, Any]] = {}
-    bar = _progress_bar(len(names), progress)
+    from ..oneshot import _progress_bar
+
+    bar = _progress_bar(len(names), "armor 2:4", progress, unit="layer")
 
     def factorize_layer(name: str, stats) -> None:
         original = model.get_submodule(name)
@@ -699,18 +701,3 @@ def armor(
         bar.close()
     return infos
 
-
-class _NoBar:
-    def update(self, _count: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress_bar(total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="armor 2:4", unit="layer", leave=False)
