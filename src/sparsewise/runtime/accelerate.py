@@ -82,8 +82,8 @@ def accelerate(model: nn.Module, *, device: torch.device | str | None = None, mi
 
 
 def _candidates(layer: SparseLinear, rows: int) -> list[dict]:
-    # bitmask decompression indexes by a boolean mask (a host sync): never a candidate where a
-    # CUDA graph may capture the call (decode-sized rows), only as the long-prompt fallback
+    # decompressing a bitmask weight per call writes the whole dense weight: never worth timing
+    # for decode-sized rows (the planes kernels serve those), only as the long-prompt fallback
     found = [] if layer.kind == "bitmask" and rows <= PLANES_MAX_ROWS else [{"backend": "decompress"}]
     if layer.dense_weight is not None:
         found.append({"backend": "dense"})
