@@ -179,7 +179,7 @@ def prune(
     if compute_device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(compute_device)
     run = _LayerPruner(pruner, pattern, sparsity, compute_device, torch.Generator().manual_seed(seed),
-                       dict(method_options or {}), refiner=refiner, needs=needs)
+                       dict(method_options or {}), refiner, needs)
     start = time.perf_counter()
     plan = _allocate(allocation, allocation_options, pattern, sparsity, model, adapter, layers, calibration,
                      compute_device, seed)
@@ -253,11 +253,10 @@ class _LayerPruner:
     """Prunes one layer at a time, keeping its original weights until the whole run succeeds."""
 
     def __init__(self, pruner, pattern: Pattern, sparsity: float, device: torch.device,
-                 generator: torch.Generator, options: dict[str, Any], refiner=None,
-                 needs: frozenset[str] | None = None):
+                 generator: torch.Generator, options: dict[str, Any], refiner, needs: frozenset[str]):
         self.pruner, self.pattern, self.sparsity, self.device = pruner, pattern, sparsity, device
         self.refiner = refiner
-        self.needs = pruner.needs if needs is None else needs
+        self.needs = needs  # the statistics of the method and the refiner, collected once for both
         self.generator, self.options = generator, options
         self.sparsities: dict[str, float] = {}  # per-layer ratios of an allocation (else ``sparsity``)
         self.backup: dict[str, torch.Tensor] = {}

@@ -26,12 +26,13 @@ class Allocation:
     method: str
     target: float
     sparsities: dict[str, float]
+    shapes: dict[str, LayerShape]
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def achieved(self) -> float:
         """Parameter-weighted mean of the per-layer ratios (equals ``target`` up to one row)."""
-        return weighted_sparsity(self.sparsities, self.info["shapes"]) if "shapes" in self.info else self.target
+        return weighted_sparsity(self.sparsities, self.shapes)
 
     def summary(self) -> str:
         values = list(self.sparsities.values())
@@ -66,8 +67,8 @@ def allocate(method: str | Allocator | dict[str, float], *, target: float, shape
         bad = {name: value for name, value in method.items() if not 0.0 <= value < 1.0}
         if bad:
             raise ConfigError(f"layer sparsities must lie in [0, 1): {bad}.")
-        sparsities = round_to_rows(dict(method), shapes, weighted_sparsity(method, shapes))
-        return Allocation("explicit", weighted_sparsity(method, shapes), sparsities, {"shapes": shapes})
+        target = weighted_sparsity(method, shapes)
+        return Allocation("explicit", target, round_to_rows(dict(method), shapes, target), shapes)
     allocator = get_allocator(method, **options)
     if allocator.needs_calibration and calibration is None:
         raise ConfigError(f"allocation {allocator.name!r} needs calibration data: pass calibration=...")
@@ -79,8 +80,7 @@ def allocate(method: str | Allocator | dict[str, float], *, target: float, shape
     else:
         balanced = shift_to_budget(preferred, shapes, target, low=0.0, high=max(max_sparsity, target))
     sparsities = round_to_rows(balanced, shapes, target)
-    info = {"shapes": shapes, **getattr(allocator, "info", {})}
-    return Allocation(allocator.name, target, sparsities, info)
+    return Allocation(allocator.name, target, sparsities, shapes, dict(getattr(allocator, "info", {})))
 
 
 __all__ = ["Allocation", "AllocationContext", "LayerShape", "allocate", "available_allocators", "get_allocator",

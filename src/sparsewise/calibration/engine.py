@@ -193,12 +193,10 @@ def _reduce_block_stats(stats: dict[str, LayerStats], layers: dict[str, nn.Modul
     joins the collective with zero sums instead of leaving the other ranks waiting. Layers
     that never ran get empty accumulators (tokens 0), which the caller reports.
     """
-    reduced: set[int] = set()
     for name in layers:
-        layer_stats = stats.setdefault(name, LayerStats(in_features[name], wanted))
-        if id(layer_stats) not in reduced:
-            reduced.add(id(layer_stats))
-            all_reduce_stats(layer_stats, device)
+        stats.setdefault(name, LayerStats(in_features[name], wanted))
+    for layer_stats in _distinct({name: stats[name] for name in layers}).values():
+        all_reduce_stats(layer_stats, device)
 
 
 LayerPruner = Callable[[str, "LayerStats | None"], None]

@@ -9,7 +9,6 @@ caller's choice (``oneshot``); a refiner only sees one layer.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -59,19 +58,6 @@ def get_refiner(name: str | MaskRefiner, **options: Any) -> MaskRefiner:
 
 def available_refiners() -> list[str]:
     return _REFINERS.names()
-
-
-def check_refine_options(task: RefineTask, refiner: str, allowed: Iterable[str]) -> dict[str, Any]:
-    """The task's options, refusing names this refiner does not know (catches typos).
-
-    Same contract as ``methods._common.check_options``, typed for :class:`RefineTask`.
-    """
-    allowed = set(allowed)
-    unknown = sorted(set(task.options) - allowed)
-    if unknown:
-        known = ", ".join(sorted(allowed)) or "none"
-        raise ConfigError(f"{refiner} does not take option(s) {unknown}; its options are: {known}.")
-    return dict(task.options)
 
 
 def require_refine_stats(task: RefineTask, refiner: str, attributes: dict[str, str]) -> LayerStats:

@@ -37,8 +37,9 @@ import torch
 
 from ..calibration.stats import STAT_MOMENTS, STAT_NORMS
 from ..errors import ConfigError, NumericalError
+from ..methods._common import check_options
 from ..patterns import check_mask
-from .base import RefineResult, RefineTask, check_refine_options, register, require_refine_stats
+from .base import RefineResult, RefineTask, register, require_refine_stats
 
 # The reference code's --skip_layer default: refine attention projections, leave MLP sublayers as
 DEFAULT_THRESHOLD = 0.1 / 2048  # the reference's 0.1 on its per-sample token sums, seqlen 2048
@@ -300,7 +301,7 @@ class DSnoT:
         }
 
     def refine(self, task: RefineTask) -> RefineResult:
-        options = {**self.defaults, **check_refine_options(task, self.name, self.defaults)}
+        options = {**self.defaults, **check_options(task, self.name, self.defaults)}
         skip_modules = options.pop("skip_modules")
         if isinstance(skip_modules, str):
             skip_modules = (skip_modules,)

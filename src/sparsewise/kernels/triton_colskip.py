@@ -128,6 +128,29 @@ def reference_linear(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.
     return out + bias if bias is not None else out
 
 
+def _decode_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Size]:
+    """x as [rows, K] with unit stride, refusing more rows than the decode kernels serve."""
+    x2, lead = as_rows(x, k)
+    if x2.shape[0] > MAX_ROWS:
+        raise ValueError(f"the column-skipping kernel serves decode (M <= {MAX_ROWS} rows), got {x2.shape[0]}; "
+                         "use the dense product for prefill.")
+    return x2, lead
+
+
+def _split_outputs(x2: torch.Tensor, n: int, k: int, block_k: int, split_k: int, counter_blocks: int):
+    """K split into whole BLOCK_K steps: (split_k, K per split, output, fp32 partials, arrival
+    counters); partials and counters are the output itself (unused) without a split."""
+    m = x2.shape[0]
+    split_k = max(1, min(split_k, triton.cdiv(k, block_k)))
+    per_split = triton.cdiv(triton.cdiv(k, block_k), split_k) * block_k
+    out = torch.empty(m, n, device=x2.device, dtype=x2.dtype)
+    partials, counters = out, out
+    if split_k > 1:
+        partials = torch.empty(split_k, m, n, device=x2.device, dtype=torch.float32)
+        counters = _split_counters(x2.device, counter_blocks)
+    return split_k, per_split, out, partials, counters
+
+
 def linear(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tensor, bias: torch.Tensor | None = None, *,
            split_k: int = 1, config: tuple[int, int, int, int] = (64, 128, 4, 3),
            premask: bool = False) -> torch.Tensor:
@@ -137,21 +160,12 @@ def linear(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tensor, bi
     each program first writes its inputs' keep flags, then streams weight rows gated by them.
     """
     k, n = weight_t.shape
-    x2, lead = as_rows(x, k)
+    x2, lead = _decode_rows(x, k)
     m = x2.shape[0]
-    if m > MAX_ROWS:
-        raise ValueError(f"the column-skipping kernel serves decode (M <= {MAX_ROWS} rows), got {m}; "
-                         "use the dense product for prefill.")
     if weight_t.stride(1) != 1:
         raise ValueError("weight_t must be W^T [K, N] with unit stride along N (transpose_weight(W)).")
     block_k, block_n, warps, stages = config
-    split_k = max(1, min(split_k, triton.cdiv(k, block_k)))
-    per_split = triton.cdiv(triton.cdiv(k, block_k), split_k) * block_k
-    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    partials, counters = out, out
-    if split_k > 1:
-        partials = torch.empty(split_k, m, n, device=x.device, dtype=torch.float32)
-        counters = _split_counters(x.device, triton.cdiv(n, 16))
+    split_k, per_split, out, partials, counters = _split_outputs(x2, n, k, block_k, split_k, triton.cdiv(n, 16))
     grid = (triton.cdiv(n, block_n), split_k)
     alive = torch.empty(k, device=x.device, dtype=torch.int8) if premask else out
     _colskip_kernel[grid](x2, weight_t, thresholds, bias if bias is not None else x2, out, partials, counters, alive,
@@ -173,22 +187,13 @@ def linear_packed(x: torch.Tensor, layout_t: Bitmask, thresholds: torch.Tensor, 
     """Activation-sparse y = mask(x) W^T + b over a weight-sparse W^T (:func:`pack_transposed`):
     reads only the surviving weights of the inputs some row keeps; x [..., K], at most 16 rows."""
     k, n = layout_t.shape
-    x2, lead = as_rows(x, k)
+    x2, lead = _decode_rows(x, k)
     m = x2.shape[0]
-    if m > MAX_ROWS:
-        raise ValueError(f"the column-skipping kernel serves decode (M <= {MAX_ROWS} rows), got {m}; "
-                         "use the dense product for prefill.")
     if layout_t.width < 4:
         raise ValueError(f"linear_packed needs a layout of width >= 4 (>= 128 outputs), got width {layout_t.width}.")
     width = layout_t.width
     tiles = layout_t.meta.shape[1] // width
-    split_k = max(1, min(split_k, triton.cdiv(k, block_k)))
-    per_split = triton.cdiv(triton.cdiv(k, block_k), split_k) * block_k
-    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    partials, counters = out, out
-    if split_k > 1:
-        partials = torch.empty(split_k, m, n, device=x.device, dtype=torch.float32)
-        counters = _split_counters(x.device, tiles * 8)
+    split_k, per_split, out, partials, counters = _split_outputs(x2, n, k, block_k, split_k, tiles * 8)
     values = layout_t.values if layout_t.values.numel() else layout_t.values.new_zeros(1)
     _colskip_bitmask_kernel[(tiles * 8, split_k)](
         x2, values, layout_t.meta, layout_t.tile_offsets, thresholds, bias if bias is not None else x2, out, partials,

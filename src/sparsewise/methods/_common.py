@@ -10,8 +10,9 @@ from ..errors import ConfigError, DataError
 from .base import LayerTask
 
 
-def check_options(task: LayerTask, method: str, allowed: Iterable[str]) -> dict[str, Any]:
-    """The task's options, refusing names this method does not know (catches typos)."""
+def check_options(task: LayerTask | Any, method: str, allowed: Iterable[str]) -> dict[str, Any]:
+    """The task's options (any task with ``.options``: a method's LayerTask, a refiner's
+    RefineTask), refusing names this method does not know (catches typos)."""
     allowed = set(allowed)
     unknown = sorted(set(task.options) - allowed)
     if unknown:
