@@ -30,6 +30,14 @@ for stage in "$@"; do
       python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry2/gguf-*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
       timeout 200 python3 benchmarks/runtime_smollm2.py --gguf /tmp/smol.gguf --wiki .carry2/wiki.test.raw \
         --c4 .carry2/c4-train.00000-of-01024.first1000.jsonl 2>&1 | grep -v Warn | tail -8 | tee "$OUT/smol.txt" ;;
+    scale)  timeout 330 python3 benchmarks/prune_scale.py --json-out "$OUT/prune_layer.json" 2>&1 | grep -v Warn | tee "$OUT/scale.txt"
+            timeout 260 python3 benchmarks/prune_scale.py --sequential block --json-out "$OUT/prune_block.json" 2>&1 \
+              | grep -v Warn | tee -a "$OUT/scale.txt" ;;
+    smolprune)
+      cat /tmp/sw_stage/smol.part1 .carry2/smol.part2 > /tmp/smol.gguf || exit 1
+      python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry2/gguf-*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+      timeout 300 python3 benchmarks/prune_smollm2_gpu.py --gguf /tmp/smol.gguf --wiki .carry2/wiki.test.raw \
+        --c4 .carry2/c4-train.00000-of-01024.first1000.jsonl 2>&1 | grep -v Warn | tail -8 | tee "$OUT/smolprune.txt" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done

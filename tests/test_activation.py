@@ -274,9 +274,9 @@ def test_activation_sparse_linears_over_pruned_weights_store_only_survivors():
     sw.sparsify_activations(model, "teal", 0.5, _ids(8))
     with torch.no_grad():
         expected = model(held_out).logits
-    accelerate_activations(model)
+    accelerate_activations(model, weight_layout="bitmask")
     swapped = [module for module in model.modules() if isinstance(module, ActivationSparseLinear)]
-    assert swapped and all(module.packed for module in swapped)  # "auto": 50% pruned -> bitmask W^T
+    assert swapped and all(module.packed for module in swapped)
     for module in swapped:
         dense_bytes = module.in_features * module.out_features * 4
         assert module.layout_t.nbytes < 0.7 * dense_bytes  # fp32 values of half the weights + 1 bit each

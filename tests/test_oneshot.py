@@ -287,3 +287,27 @@ def test_layer_mode_every_layer_saw_its_final_input(family, recorder):
     final = _input_norms(model, calib, names)
     for name in names:
         torch.testing.assert_close(recorder.seen[name], final[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_onloaded_blocks_keep_their_originals_without_a_copy(tiny_llama):
+    """Weights onloaded from elsewhere are backed up by reference: module.to() leaves them behind untouched."""
+    from sparsewise.oneshot import _LayerPruner
+    from sparsewise.patterns import Pattern
+
+    adapter = ModelAdapter(tiny_llama)
+    layers = adapter.block_layers(0)
+    run = _LayerPruner(get_method("wanda"), Pattern.parse("unstructured"), 0.5, torch.device("cuda"),
+                       torch.Generator(), {}, None, frozenset())
+    originals = {name: layer.get_weight().clone() for name, layer in layers.items()}
+    run.keep_originals(layers)
+    for name, layer in layers.items():
+        assert run.backup[name].data_ptr() == layer.get_weight().data_ptr()  # a reference, not a copy
+        layer.module.weight.data = layer.module.weight.data.clone()  # what moving the module does
+        layer.module.weight.data.zero_()  # pruning writes in place on the "device"
+    run.restore(layers)
+    for name, layer in layers.items():
+        assert torch.equal(layer.get_weight(), originals[name])
+    same_device = _LayerPruner(get_method("wanda"), Pattern.parse("unstructured"), 0.5, torch.device("cpu"),
+                               torch.Generator(), {}, None, frozenset())
+    same_device.keep_originals(layers)
+    assert same_device.backup == {}  # pruned in place where it lives: apply() copies instead

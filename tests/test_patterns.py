@@ -190,13 +190,16 @@ def test_nm_shape_error_names_layer_and_fix():
         Pattern.parse("unstructured").check_shape((8, 6, 3), layer)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("count", [0, 1, 7, 50, 99, 100])
-def test_lowest_mask_equals_stable_sort_with_ties(seed, count):
+def test_lowest_mask_equals_stable_sort_with_ties(seed, count, device):
     from sparsewise.patterns import lowest_mask
 
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
     generator = torch.Generator().manual_seed(seed)
     scores = torch.randint(0, 10, (100,), generator=generator).float()  # many ties
     expected = torch.zeros(100, dtype=torch.bool)
     expected[torch.sort(scores, stable=True).indices[:count]] = True
-    assert torch.equal(lowest_mask(scores, count), expected)
+    assert torch.equal(lowest_mask(scores.to(device), count).cpu(), expected)

@@ -262,9 +262,23 @@ class _LayerPruner:
         self.backup: dict[str, torch.Tensor] = {}
         self.records: dict[str, LayerRecord] = {}
 
+    def keep_originals(self, layers: dict[str, PrunableLayer]) -> None:
+        """Hold the weights of a block about to be onloaded to the compute device, without a copy.
+
+        Moving a module replaces its parameters' tensors, so the ones it leaves behind are the
+        untouched originals: keeping a reference saves a device-to-host copy per layer (at 7B
+        scale about a tenth of Wanda's time). Weights already on the compute device are copied in
+        :meth:`apply` instead, since pruning writes into them in place.
+        """
+        for name, layer in layers.items():
+            weight = layer.get_weight()
+            if weight.device.type != self.device.type and name not in self.backup:  # same type: maybe in place
+                self.backup[name] = weight.detach()
+
     def apply(self, name: str, layer: PrunableLayer, stats=None, keep: torch.Tensor | None = None) -> None:
         weight = layer.get_weight()
-        self.backup[name] = weight.detach().to("cpu", copy=True)
+        if name not in self.backup:
+            self.backup[name] = weight.detach().to("cpu", copy=True)
         work = weight.detach().to(self.device, torch.float32)
         if keep is not None:  # mask decided globally beforehand
             new_weight, mask, info = work * keep, keep, {}
@@ -327,6 +341,7 @@ def _prune_calibrated(model, adapter, layers, run: _LayerPruner, calibration, se
         lambda name, stats: run.apply(name, layers[name], stats),
         wanted=run.needs, device=run.device, mode=sequential,
         start_block=start_block, hidden_states=hidden_states, after_block=after_block,
+        before_block=lambda index: run.keep_originals(adapter.block_layers(index)),
     )
     if run_progress is not None:
         run_progress.clear()

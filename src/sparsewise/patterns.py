@@ -139,14 +139,18 @@ def prune_count(total: int, sparsity: float) -> int:
 def lowest_mask(flat_scores: torch.Tensor, count: int) -> torch.Tensor:
     """Bool mask of exactly the ``count`` lowest entries of a 1-D tensor; ties go to earlier positions.
 
-    Same result as the first ``count`` indices of a stable ascending sort, found in linear time
-    with one k-th value selection (a full sort dominated SparseGPT's per-block mask choice).
+    Same result as the first ``count`` indices of a stable ascending sort. On a CPU it is found
+    in linear time with one k-th value selection (a full sort dominated SparseGPT's per-block mask
+    choice); on CUDA the sort is the faster of the two (kthvalue took 3.5 ms per 1.4M scores).
     """
     total = flat_scores.numel()
     if count <= 0:
         return torch.zeros_like(flat_scores, dtype=torch.bool)
     if count >= total:
         return torch.ones_like(flat_scores, dtype=torch.bool)
+    if flat_scores.is_cuda:
+        mask = torch.zeros_like(flat_scores, dtype=torch.bool)
+        return mask.index_fill_(0, torch.sort(flat_scores, stable=True).indices[:count], True)
     threshold = torch.kthvalue(flat_scores, count).values
     below = flat_scores < threshold
     at_threshold = flat_scores == threshold

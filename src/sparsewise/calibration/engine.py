@@ -279,6 +279,7 @@ def sequential_calibration(
     start_block: int = 0,
     hidden_states: list[torch.Tensor] | None = None,
     after_block: Callable[[int, str, list[torch.Tensor]], None] | None = None,
+    before_block: Callable[[int], None] | None = None,
 ) -> None:
     """Call ``prune_layer(name, stats)`` for every layer, block by block, propagating pruned outputs.
 
@@ -290,7 +291,8 @@ def sequential_calibration(
 
     Resuming: ``start_block`` skips blocks already done, whose outputs are given as
     ``hidden_states`` (one tensor per batch); ``after_block(index, name, outputs)`` sees every
-    finished block's outputs so a caller can checkpoint them.
+    finished block's outputs so a caller can checkpoint them. ``before_block(index)`` runs
+    while the block is still at home, before it is moved to ``device``.
     """
     if mode not in SEQUENTIAL_MODES:
         raise ValueError(f"mode must be one of {SEQUENTIAL_MODES}, got {mode!r}")
@@ -305,6 +307,8 @@ def sequential_calibration(
         if index < start_block:
             continue
         home = _module_device(block)
+        if before_block is not None:
+            before_block(index)
         block.to(device)
         try:
             outputs = _process_block(block, block_layers(index), calls, wanted, prune_layer, mode)

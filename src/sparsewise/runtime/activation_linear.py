@@ -16,29 +16,27 @@ from torch import nn
 from ..kernels import triton_colskip
 from ..kernels.layouts import Bitmask, unpack
 
-PACK_MIN_SPARSITY = 0.3  # below it the bitmask's 1/16 byte per weight buys too little
-
 
 class ActivationSparseLinear(nn.Module):
     """y = mask(x) W^T + b with W stored transposed ([K, N]: one contiguous row per input).
 
     ``thresholds`` [K] float32: x_j is kept where |x_j| > thresholds[j]. Up to 16 rows on CUDA
     run the column-skipping Triton kernel; more rows (prefill) and CPU use the PyTorch reference.
-    ``weight_layout``: "dense" (W^T as is), "bitmask" (W^T compressed, for a pruned weight: the
-    kernel then reads only the surviving weights of the kept inputs) or "auto" (bitmask when at
-    least 30% of the weight is zero).
+    ``weight_layout``: "dense" (W^T as is, the default) or "bitmask" (W^T compressed, for a pruned
+    weight: the kernel then reads only the surviving weights of the kept inputs). The bitmask
+    layout saves memory (0.57x at 50% weight sparsity) but is slower: on the H200 it ran at
+    0.16-0.36x of dense cuBLAS per LLaMA-3-8B layer and 0.26-0.30x end to end (RESULTS.md,
+    session 11), so it is never chosen for you.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, thresholds: torch.Tensor, *,
                  split_k: int = 4, config: tuple[int, int, int, int] = (64, 128, 4, 3), premask: bool = False,
-                 weight_layout: str = "auto"):
+                 weight_layout: str = "dense"):
         super().__init__()
-        if weight_layout not in ("auto", "dense", "bitmask"):
-            raise ValueError(f"weight_layout must be 'auto', 'dense' or 'bitmask', got {weight_layout!r}.")
+        if weight_layout not in ("dense", "bitmask"):
+            raise ValueError(f"weight_layout must be 'dense' or 'bitmask', got {weight_layout!r}.")
         self.out_features, self.in_features = weight.shape
         weight = weight.detach()
-        if weight_layout == "auto":
-            weight_layout = "bitmask" if float((weight == 0).float().mean()) >= PACK_MIN_SPARSITY else "dense"
         self.packed = weight_layout == "bitmask"
         layout = triton_colskip.pack_transposed(weight) if self.packed else None
         self.register_buffer("weight_t", None if self.packed else triton_colskip.transpose_weight(weight))
