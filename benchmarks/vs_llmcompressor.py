@@ -57,19 +57,21 @@ OWL_NOTE = ("llm-compressor OWL: its _infer_owl_layer_sparsity on activation sta
 
 # --------------------------------------------------------------------------- configurations
 def parse_config(spec: str) -> dict:
-    """'wanda:0.5' | 'sparsegpt:2:4' | 'sparsegpt+owl:0.7' -> method, owl, pattern, sparsity."""
+    """'wanda:0.5' | 'sparsegpt:2:4' | 'sparsegpt+owl:0.7' | 'sparsegpt+owl+dsnot:0.7' (sparsewise only)
+    -> method, owl, dsnot, pattern, sparsity."""
     method, _, rest = spec.strip().partition(":")
-    base, plus, extra = method.partition("+")
-    if base not in ("wanda", "sparsegpt") or (plus and extra != "owl") or not rest:
-        raise SystemExit(f"bad config {spec!r}: expected wanda|sparsegpt[+owl]:SPARSITY|N:M")
+    base, *extras = method.split("+")
+    if base not in ("wanda", "sparsegpt") or set(extras) - {"owl", "dsnot"} or not rest:
+        raise SystemExit(f"bad config {spec!r}: expected wanda|sparsegpt[+owl][+dsnot]:SPARSITY|N:M")
     if ":" in rest:
         n, m = (int(part) for part in rest.split(":"))
         pattern, sparsity = f"{n}:{m}", 1 - n / m
     else:
         pattern, sparsity = "unstructured", float(rest)
-    if extra == "owl" and pattern != "unstructured":
+    if "owl" in extras and pattern != "unstructured":
         raise SystemExit(f"{spec}: OWL allocates per-layer ratios, only with unstructured sparsity")
-    return {"method": method, "base": base, "owl": extra == "owl", "pattern": pattern, "sparsity": sparsity,
+    return {"method": method, "base": base, "owl": "owl" in extras, "dsnot": "dsnot" in extras,
+            "pattern": pattern, "sparsity": sparsity,
             "label": f"{pattern}" if pattern != "unstructured" else f"{sparsity:.0%}"}
 
 
@@ -169,7 +171,8 @@ def sparsewise_worker(args) -> dict:
     cpu = time.process_time()
     result = sw.prune(model, method=config["base"], sparsity=config["sparsity"], pattern=config["pattern"],
                       calibration=calib, sequential=args.sequential, batch_size=args.batch_size, progress=False,
-                      allocation=allocation, allocation_options=options)
+                      allocation=allocation, allocation_options=options,
+                      refine="dsnot" if config["dsnot"] else None)
     row = {"prune_wall_s": result.wall_s, "prune_cpu_s": time.process_time() - cpu,
            "sw_achieved": result.achieved_sparsity, "warnings": result.warnings,
            "allocation": result.allocation, **layer_sparsity(model), "peak_rss_mb_prune": peak_rss_mb()}
@@ -410,6 +413,8 @@ def main() -> None:
     tools = [tool.strip() for tool in args.tools.split(",") if tool.strip()]
     if set(tools) - {"sparsewise", "llmc"}:
         raise SystemExit(f"--tools takes sparsewise and/or llmc, got {args.tools}")
+    if "llmc" in tools and any(config["dsnot"] for config in configs):
+        raise SystemExit("llm-compressor has no DSnoT: run +dsnot configurations with --tools sparsewise")
     modes = {"sparsewise": args.sequential, "llmc": f"sequential (batch {args.llmc_batch_size})"}
     keys = [row_key(tool, config, modes[tool]) for config in configs for tool in tools]
     data = load_results(args.json_out)
