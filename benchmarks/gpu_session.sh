@@ -38,6 +38,12 @@ for stage in "$@"; do
       python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry2/gguf-*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
       timeout 300 python3 benchmarks/prune_smollm2_gpu.py --gguf /tmp/smol.gguf --wiki .carry2/wiki.test.raw \
         --c4 .carry2/c4-train.00000-of-01024.first1000.jsonl 2>&1 | grep -v Warn | tail -8 | tee "$OUT/smolprune.txt" ;;
+    armor)
+      cat /tmp/sw_stage/smol.part1 .carry2/smol.part2 > /tmp/smol.gguf || exit 1
+      python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry2/gguf-*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+      timeout ${ARMOR_TIMEOUT:-420} python3 benchmarks/armor_smollm2.py --gguf /tmp/smol.gguf --wiki .carry2/wiki.test.raw \
+        --c4 .carry2/c4-train.00000-of-01024.first1000.jsonl --iterations ${ARMOR_ITERS:-300} 2>&1 | grep -v Warn \
+        | tail -4 | tee "$OUT/armor.txt" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done
