@@ -11,13 +11,13 @@ from torch import nn
 
 from sparsewise.correction.armor import (
     ARMORLinear,
-    armor,
     armor_factorize,
     block_diag_apply,
     nowag_mask,
     nowag_normalize,
     proxy_loss,
 )
+from sparsewise.correction.armor_model import armor
 from sparsewise.data import CalibrationSet
 from sparsewise.errors import ConfigError, NumericalError, PatternError
 from sparsewise.patterns import nm_mask
@@ -192,3 +192,33 @@ def test_armor_restores_modules_on_failure(monkeypatch):
     assert not any(isinstance(m, ARMORLinear) for m in model.modules())
     with pytest.raises(ConfigError, match="block_size"):
         armor(model, calibration, block_size=48, iterations=2, progress=False)
+
+
+def test_prune_armor_records_saves_and_loads(tmp_path):
+    """prune(method="armor") records each 2:4 core; save stores it N:M, load rebuilds the factorized modules."""
+    import sparsewise as sw
+    from sparsewise.formats import checkpoint_size
+
+    model = build_tiny("llama")
+    calibration = CalibrationSet(input_ids=torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(0)))
+    result = sw.prune(model, method="armor", pattern="2:4", calibration=calibration,
+                      method_options={"block_size": 16, "iterations": 3}, progress=False)
+    assert len(result.records) == 14 and result.achieved_sparsity == pytest.approx(0.5)
+    assert all(name.endswith(".sparse") and rec.method == "armor" for name, rec in result.records.items())
+    tokens = calibration.input_ids
+    with torch.no_grad():
+        expected = model(tokens).logits
+    sw.save(model, tmp_path / "ckpt")
+    assert checkpoint_size(tmp_path / "ckpt")["storage_counts"]["nm"] == 14  # every core stored as 2:4 values + indices
+    loaded = sw.load(tmp_path / "ckpt")
+    assert sum(isinstance(module, ARMORLinear) for module in loaded.modules()) == 14
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens).logits, expected)
+    assert sorted(sw.get_records(loaded)) == sorted(result.records)
+    with pytest.raises(ConfigError, match="format='sparsewise'"):
+        sw.save(model, tmp_path / "dense", format="hf-dense")
+    with pytest.raises(ConfigError, match="2:4"):
+        sw.prune(build_tiny("llama"), method="armor", pattern="4:8", calibration=calibration, progress=False)
+    with pytest.raises(ConfigError, match="unknown ARMOR option"):
+        sw.prune(build_tiny("llama"), method="armor", pattern="2:4", calibration=calibration,
+                 method_options={"damp_ratio": 0.1}, progress=False)

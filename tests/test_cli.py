@@ -56,6 +56,20 @@ def test_prune_eval_report_round_trip(tmp_path, capsys, smollm2):
     assert "every N:M group valid" in table
 
 
+@pytest.mark.slow  # ~1-2 min on 2 cores; the save/load mechanics run in CI via tests/test_armor.py
+@requires_data(C4_SAMPLE)
+def test_armor_through_the_cli_saves_a_loadable_factorized_model(tmp_path, capsys, smollm2):
+    out = tmp_path / "armor"
+    assert main(["prune", "--model", "smollm2-135m", "--method", "armor", "--pattern", "2:4",
+                 "--option", "iterations=2", "--include", r"layers\.0\.", "--calib", str(C4_SAMPLE),
+                 "--calib-n", "2", "--calib-seqlen", "32", "--out", str(out), *SMALL]) == 0
+    summary = capsys.readouterr().out
+    assert "armor 2:4" in summary and "7 pruned" in summary and "saved" in summary
+    assert main(["eval", str(out), "--eval", str(WIKITEXT_TEST), "--seqlen", "64", "--max-windows", "1",
+                 "--json", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["ppl"] > 1
+
+
 def test_default_job_self_calibration_with_recipe(tmp_path, capsys, smollm2):
     """The embedded default (self-generated calibration, fidelity summary) driven by a YAML recipe."""
     recipe = tmp_path / "r.yaml"
@@ -71,6 +85,7 @@ def test_default_job_self_calibration_with_recipe(tmp_path, capsys, smollm2):
     (["prune", "--sparsity", "1.5", "--self-n", "1"], "sparsity must be in"),
     (["prune", "--pattern", "3:2"], "0 < N < M"),
     (["prune", "--option", "nonsense"], "KEY=VALUE"),
+    (["prune", "--method", "armor"], "needs pattern 2:4"),
     (["prune", "--allocation-option", "nonsense"], "--allocation-option expects KEY=VALUE"),
     (["prune", "--pattern", "2:4", "--allocation", "owl", "--self-n", "1", "--self-seqlen", "8",
       "--fidelity-n", "1", "--fidelity-seqlen", "8"], "fixes every layer's sparsity"),

@@ -18,7 +18,8 @@ def _prune_parser(sub) -> None:
     add = cmd.add_argument
     add("--recipe", type=Path, help="YAML file with the same fields as these flags (dashes or underscores)")
     add("--model", help="short name (smollm2-135m, minilm-l6), HF dir, .gguf file, hub id or sparsewise dir")
-    add("--method", help="magnitude | random | wanda | sparsegpt (default wanda)")
+    add("--method", help="magnitude | random | wanda | sparsegpt (default wanda) | armor (with --pattern 2:4; "
+                         "--option iterations=N, block_size=32)")
     add("--sparsity", type=float, help="fraction of zeros per layer, e.g. 0.5 (N:M patterns fix it)")
     add("--pattern", help="unstructured (per row) | unstructured:layer | unstructured:global | N:M | block:RxC")
     add("--calib", help="calibration: .txt/.raw/.jsonl/.parquet path, dataset name, or 'self' (default)")

@@ -79,7 +79,11 @@ class PruneConfig:
         from .patterns import Pattern
 
         Pattern.parse(self.pattern).resolve_sparsity(self.sparsity)
-        get_method(self.method)
+        if self.method == "armor":  # a factorization, not a per-layer mask method (sparsewise.correction.armor)
+            if str(Pattern.parse(self.pattern)) != "2:4":
+                raise ConfigError(f"method 'armor' needs pattern 2:4, got {self.pattern!r}: pass --pattern 2:4.")
+        else:
+            get_method(self.method)
         if self.sequential not in ("layer", "block"):
             raise ConfigError(f"sequential must be 'layer' or 'block', got {self.sequential!r}.")
         if self.save_format not in ("sparsewise", "hf-dense"):

@@ -141,7 +141,21 @@ def prune(
     :mod:`sparsewise.correction`), e.g. "dsnot" with ``refine_options={"skip_modules": ["mlp"]}``
     for the reference code's attention-only default. The refined weight is the dense weight
     times the refined mask (for SparseGPT this drops its weight update, as the DSnoT code does).
+
+    ``method="armor"`` (pattern "2:4") replaces every block linear by an ARMOR factorization
+    y = A(S(Bx)) around a 2:4 core S (:mod:`sparsewise.correction.armor`); ``method_options``
+    take its block_size, iterations, lr, patience, rtol and select. It runs in block mode and
+    takes no allocation, refiner or resume_dir.
     """
+    if method == "armor":
+        uniform = allocation is None or (isinstance(allocation, str) and allocation.strip().lower() == "uniform")
+        if not uniform or allocation_options or refine is not None or resume_dir is not None or blocks is not None:
+            raise ConfigError("method 'armor' takes no allocation, refine, resume_dir or blocks.")
+        from .correction.armor_model import prune_armor
+
+        return prune_armor(model, calibration, pattern=Pattern.parse(pattern), include=include, exclude=exclude,
+                           device=device, seed=seed, batch_size=batch_size, method_options=method_options,
+                           progress=progress)
     pattern = Pattern.parse(pattern)
     sparsity = pattern.resolve_sparsity(sparsity)
     pruner = get_method(method)

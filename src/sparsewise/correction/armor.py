@@ -49,7 +49,6 @@ instead of a fixed 1e-9.
 from __future__ import annotations
 
 import math
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,7 +61,6 @@ from ..errors import ConfigError, NumericalError, PatternError
 __all__ = [
     "ARMORFactors",
     "ARMORLinear",
-    "armor",
     "armor_factorize",
     "block_diag_apply",
     "nowag_mask",
@@ -611,93 +609,12 @@ class ARMORLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"block_size={self.block_size}, bias={self.bias is not None}")
 
+    def checkpoint_spec(self) -> dict[str, Any]:
+        """What a checkpoint needs to rebuild this module before loading its tensors."""
+        return {"type": "armor", "in_features": self.in_features, "out_features": self.out_features,
+                "block_size": list(self.block_size), "bias": self.bias is not None}
 
-# ---------------------------------------------------------------------------------------------
-# the model-level entry point
-
-
-def _layer_seed(seed: int, name: str) -> int:
-    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
-
-
-def armor(
-    model: nn.Module,
-    calibration,
-    *,
-    block_size: int | tuple[int, int] = 32,
-    iterations: int = 3000,
-    lr: float = 1e-4,
-    patience: int = 100,
-    rtol: float = 1e-6,
-    select: str = "gradient",
-    include: Sequence[str] | str | None = None,
-    exclude: Sequence[str] | str | None = None,
-    batch_size: int | None = 8,
-    device: str | torch.device = "cpu",
-    seed: int = 0,
-    progress: bool = True,
-) -> dict[str, dict[str, Any]]:
-    """Replace every block linear of ``model`` with an :class:`ARMORLinear` (2:4 core + A, B).
-
-    Sequential block-by-block calibration (mode "block"): each block's input energies
-    diag(X^T X) come from the already factorized earlier blocks, every layer of the block is
-    factorized and swapped in its parent, and the block's outputs are recomputed through the
-    ARMORLinears. Each layer gets its own seed, derived from ``seed`` and its name.
-
-    Returns {layer name: info} (initial/final proxy loss, iterations, ...). On any failure the
-    original modules are put back, so the model is left as it was.
-    """
-    from ..calibration.engine import sequential_calibration
-    from ..calibration.stats import STAT_NORMS
-    from ..models.adapters import ModelAdapter, PrunableLayer
-    from ..oneshot import calibration_batches
-
-    _check_settings(iterations, lr, patience, rtol, 0.0, select)
-    adapter = ModelAdapter(model, include=include, exclude=exclude)
-    names = [name for index in range(len(adapter.blocks)) for name in adapter.block_layers(index)]
-    if not names:
-        raise ConfigError("ARMOR found no block linear to factorize; loosen include/exclude.")
-    for name in names:  # fail before spending time on the first blocks
-        layer = PrunableLayer(name=name, module=model.get_submodule(name))
-        if layer.in_features % GROUP:
-            raise PatternError(
-                f"ARMOR: {name} has in_features = {layer.in_features}, not divisible by 4; exclude it with "
-                f"exclude=[{name.rsplit('.', 1)[-1]!r}]."
-            )
-        try:
-            _block_sizes(block_size, layer.out_features, layer.in_features)
-        except ConfigError as exc:
-            raise ConfigError(f"{name}: {exc}") from None
-    batches = calibration_batches(calibration, batch_size)
-    options = {"block_size": block_size, "iterations": iterations, "lr": lr, "patience": patience,
-               "rtol": rtol, "select": select}
-    replaced: list[tuple[nn.Module, str, nn.Module]] = []
-    infos: dict[str, dict[str, Any]] = {}
-    from ..oneshot import _progress_bar
-
-    bar = _progress_bar(len(names), "armor 2:4", progress, unit="layer")
-
-    def factorize_layer(name: str, stats) -> None:
-        original = model.get_submodule(name)
-        energy = stats.sq_sum
-        new, factors = ARMORLinear.from_linear(original, energy, seed=_layer_seed(seed, name), **options)
-        parent_name, _, attribute = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, attribute, new)
-        replaced.append((parent, attribute, original))
-        infos[name] = {**factors.info(), "tokens": int(stats.tokens)}
-        bar.update(1)
-
-    try:
-        sequential_calibration(
-            model, adapter.blocks, adapter.block_layers, batches, factorize_layer,
-            wanted=frozenset({STAT_NORMS}), device=torch.device(device), mode="block",
-        )
-    except BaseException:
-        for parent, attribute, original in reversed(replaced):
-            setattr(parent, attribute, original)
-        raise
-    finally:
-        bar.close()
-    return infos
-
+    @classmethod
+    def from_checkpoint_spec(cls, spec: dict[str, Any]) -> ARMORLinear:
+        return cls(int(spec["in_features"]), int(spec["out_features"]), block_size=tuple(spec["block_size"]),
+                   bias=bool(spec["bias"]))

@@ -152,6 +152,31 @@ def _record_weights(model: nn.Module, records: dict[str, LayerRecord]) -> dict[s
     return out
 
 
+def _module_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """{name: spec} of the modules sparsewise put in place of a model's own (ARMOR's factorized linears)."""
+    return {name: module.checkpoint_spec() for name, module in model.named_modules()
+            if callable(getattr(module, "checkpoint_spec", None))}
+
+
+def _rebuild_modules(model: nn.Module, specs: dict[str, dict[str, Any]]) -> None:
+    """Put empty replacement modules where the saved model had them, so its tensors fit."""
+    builders = {}
+    if any(spec.get("type") == "armor" for spec in specs.values()):
+        from ..correction.armor import ARMORLinear
+
+        builders["armor"] = ARMORLinear.from_checkpoint_spec
+    for name, spec in specs.items():
+        build = builders.get(spec.get("type"))
+        if build is None:
+            raise CheckpointError(f"module {name!r} has unknown type {spec.get('type')!r}: upgrade sparsewise.")
+        parent_name, _, attribute = name.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_name)
+        except AttributeError:
+            raise CheckpointError(f"module {name!r} of the checkpoint has no parent in the model: wrong model class.") from None
+        setattr(parent, attribute, build(spec))
+
+
 def _nm_of(record: LayerRecord) -> tuple[int, int] | None:
     try:
         pattern = Pattern.parse(record.pattern)
@@ -408,12 +433,18 @@ def _write_sparsewise(
         "tensors": entries,
         "aliases": aliases,
         "records": {name: record.to_json() for name, record in records.items()},
+        "modules": _module_specs(model),
         "extra": dict(manifest_extra or {}),
     }
     _write_json(directory / MANIFEST_NAME, manifest)
 
 
 def _write_hf_dense(model: nn.Module, directory: Path, records: dict[str, LayerRecord]) -> None:
+    if _module_specs(model):
+        raise ConfigError(
+            "the model holds ARMOR's factorized linears, which transformers cannot load as its own layers: "
+            "save with format='sparsewise'."
+        )
     if not hasattr(model, "save_pretrained"):
         raise ConfigError(
             f"format='hf-dense' needs a transformers model with save_pretrained; {type(model).__name__} has none: "
@@ -642,6 +673,7 @@ def load(
         where = f"the rebuilt {type(model).__name__}"
     else:
         where = f"the model passed as model= ({type(model).__name__})"
+    _rebuild_modules(model, manifest.get("modules", {}))
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:

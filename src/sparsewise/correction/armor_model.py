@@ -1,0 +1,147 @@
+"""ARMOR over a whole model: block-by-block factorization, records, and ``prune(method="armor")``.
+
+The math (one layer's factorization, :class:`ARMORLinear`) lives in :mod:`.armor`; this module is
+the plumbing: sequential calibration, swapping modules in their parents (undone on failure), and
+the :class:`~sparsewise.records.LayerRecord` of each 2:4 core so that save, report and the
+runtime treat it like any pruned linear.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, PatternError
+from ..records import LayerRecord, get_records, set_records
+from .armor import GROUP, ARMORLinear, _block_sizes, _check_settings
+
+ARMOR_OPTIONS = ("block_size", "iterations", "lr", "patience", "rtol", "select")
+
+
+def _layer_seed(seed: int, name: str) -> int:
+    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+def _core_record(name: str, module: ARMORLinear, info: dict[str, Any]) -> LayerRecord:
+    """The 2:4 core ``<name>.sparse`` as a pruned linear (its zeros, its mask)."""
+    weight = module.sparse.weight.detach()
+    mask = weight != 0
+    return LayerRecord(name=f"{name}.sparse", pattern="2:4", sparsity=0.5,
+                       achieved=float((~mask).sum()) / mask.numel(), method="armor",
+                       shape=(module.out_features, module.in_features), info=info, mask=mask.cpu())
+
+
+def armor(
+    model: nn.Module,
+    calibration,
+    *,
+    block_size: int | tuple[int, int] = 32,
+    iterations: int = 3000,
+    lr: float = 1e-4,
+    patience: int = 100,
+    rtol: float = 1e-6,
+    select: str = "gradient",
+    include: Sequence[str] | str | None = None,
+    exclude: Sequence[str] | str | None = None,
+    batch_size: int | None = 8,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Replace every block linear of ``model`` with an :class:`ARMORLinear` (2:4 core + A, B).
+
+    Sequential block-by-block calibration (mode "block"): each block's input energies
+    diag(X^T X) come from the already factorized earlier blocks, every layer of the block is
+    factorized and swapped in its parent, and the block's outputs are recomputed through the
+    ARMORLinears. Each layer gets its own seed, derived from ``seed`` and its name. Each core is
+    recorded as ``<name>.sparse`` (pattern 2:4, method "armor"), so ``sw.save`` stores it in N:M
+    form and ``sw.load`` rebuilds the factorized modules.
+
+    Returns {layer name: info} (initial/final proxy loss, iterations, ...). On any failure the
+    original modules are put back, so the model is left as it was.
+    """
+    from ..calibration.engine import sequential_calibration
+    from ..calibration.stats import STAT_NORMS
+    from ..models.adapters import ModelAdapter, PrunableLayer
+    from ..oneshot import _progress_bar, calibration_batches
+
+    _check_settings(iterations, lr, patience, rtol, 0.0, select)
+    adapter = ModelAdapter(model, include=include, exclude=exclude)
+    names = [name for index in range(len(adapter.blocks)) for name in adapter.block_layers(index)]
+    if not names:
+        raise ConfigError("ARMOR found no block linear to factorize; loosen include/exclude.")
+    for name in names:  # fail before spending time on the first blocks
+        layer = PrunableLayer(name=name, module=model.get_submodule(name))
+        if layer.in_features % GROUP:
+            raise PatternError(
+                f"ARMOR: {name} has in_features = {layer.in_features}, not divisible by 4; exclude it with "
+                f"exclude=[{name.rsplit('.', 1)[-1]!r}]."
+            )
+        try:
+            _block_sizes(block_size, layer.out_features, layer.in_features)
+        except ConfigError as exc:
+            raise ConfigError(f"{name}: {exc}") from None
+    batches = calibration_batches(calibration, batch_size)
+    options = {"block_size": block_size, "iterations": iterations, "lr": lr, "patience": patience,
+               "rtol": rtol, "select": select}
+    replaced: list[tuple[nn.Module, str, nn.Module]] = []
+    infos: dict[str, dict[str, Any]] = {}
+    records: dict[str, LayerRecord] = {}
+    bar = _progress_bar(len(names), "armor 2:4", progress, unit="layer")
+
+    def factorize_layer(name: str, stats) -> None:
+        original = model.get_submodule(name)
+        new, factors = ARMORLinear.from_linear(original, stats.sq_sum, seed=_layer_seed(seed, name), **options)
+        parent_name, _, attribute = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, attribute, new)
+        replaced.append((parent, attribute, original))
+        infos[name] = {**factors.info(), "tokens": int(stats.tokens)}
+        records[f"{name}.sparse"] = _core_record(name, new, infos[name])
+        bar.update(1)
+
+    try:
+        sequential_calibration(
+            model, adapter.blocks, adapter.block_layers, batches, factorize_layer,
+            wanted=frozenset({STAT_NORMS}), device=torch.device(device), mode="block",
+        )
+    except BaseException:
+        for parent, attribute, original in reversed(replaced):
+            setattr(parent, attribute, original)
+        raise
+    finally:
+        bar.close()
+    set_records(model, {**{k: v for k, v in get_records(model).items() if k not in infos}, **records})
+    return infos
+
+
+def prune_armor(model: nn.Module, calibration, *, pattern, include, exclude, device, seed: int,
+                batch_size: int, method_options: dict[str, Any] | None, progress: bool):
+    """``sw.prune(model, method="armor", pattern="2:4", ...)``: :func:`armor` behind the public verb."""
+    from ..oneshot import PruneResult, _calibration_facts, peak_rss_mb, pick_device
+
+    if str(pattern) != "2:4":
+        raise ConfigError(f"ARMOR factorizes around a 2:4 core; pattern must be '2:4', got {pattern}.")
+    if calibration is None:
+        raise ConfigError("method 'armor' needs calibration data: pass calibration=sw.data.calibration(...).")
+    unknown = sorted(set(method_options or {}) - set(ARMOR_OPTIONS))
+    if unknown:
+        raise ConfigError(f"unknown ARMOR option(s) {unknown}; known: {', '.join(ARMOR_OPTIONS)}.")
+    compute_device = pick_device(device, model)
+    if compute_device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(compute_device)
+    start = time.perf_counter()
+    infos = armor(model, calibration, include=include, exclude=exclude, batch_size=batch_size,
+                  device=compute_device, seed=seed, progress=progress, **dict(method_options or {}))
+    records = {f"{name}.sparse": get_records(model)[f"{name}.sparse"] for name in infos}
+    return PruneResult(
+        method="armor", pattern="2:4", sparsity=0.5, records=records, wall_s=time.perf_counter() - start,
+        peak_rss_mb=peak_rss_mb(),
+        peak_gpu_mb=torch.cuda.max_memory_allocated(compute_device) / 2**20 if compute_device.type == "cuda" else None,
+        device=str(compute_device), sequential="block", calibration=_calibration_facts(calibration),
+    )
