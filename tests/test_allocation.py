@@ -14,6 +14,7 @@ from sparsewise.allocation.erk import erk_raw
 from sparsewise.allocation.owl import outlier_ratio, owl_sparsities
 from sparsewise.data import CalibrationSet
 from sparsewise.errors import ConfigError
+from sparsewise.patterns import check_mask
 
 SHAPES = {"conv_like": LayerShape(32, 27, 0), "a": LayerShape(64, 128, 0), "b": LayerShape(256, 128, 1),
           "c": LayerShape(512, 512, 1), "fc": LayerShape(10, 512, 2)}
@@ -158,3 +159,42 @@ def test_prune_with_the_tyr_search_hits_the_budget():
     largest_row = max(record.shape[1] for record in result.records.values())
     assert abs(result.achieved_sparsity - 0.5) * result.counted_params <= largest_row
     assert "tyr" in result.allocation
+
+
+def test_assign_levels_follows_preferences_and_lands_near_the_target():
+    from sparsewise.allocation.budget import assign_levels
+
+    shapes = {f"l{i}": LayerShape(64, 64, i) for i in range(8)}
+    preferred = {f"l{i}": 0.5 + 0.03 * i for i in range(8)}  # later layers want more sparsity
+    levels = assign_levels(preferred, shapes, [0.5, 0.75], 0.625)
+    assert sorted(set(levels.values())) == [0.5, 0.75]
+    assert [levels[f"l{i}"] for i in range(8)] == [0.5] * 4 + [0.75] * 4  # the eager half goes sparser
+    assert sum(levels.values()) / 8 == pytest.approx(0.625)
+    uneven = assign_levels(preferred, shapes, [0.5, 0.75], 0.6)  # not reachable exactly: nearest total
+    assert abs(sum(uneven.values()) / 8 - 0.6) <= 0.25 / 8 / 2 + 1e-9
+    with pytest.raises(ConfigError, match="outside"):
+        assign_levels(preferred, shapes, [0.5, 0.75], 0.8)
+
+
+def test_prune_with_mixed_nm_choices():
+    from sparsewise.patterns import Pattern
+
+    model = build_tiny("llama")
+    result = sw.prune(model, "wanda", 0.6, pattern="2:4,1:4", calibration=_calibration(), allocation="owl",
+                      progress=False)
+    patterns = {record.pattern for record in result.records.values()}
+    assert patterns == {"2:4", "1:4"} and result.pattern == "2:4,1:4"
+    for name, record in result.records.items():
+        assert check_mask(record.mask, Pattern.parse(record.pattern)), name
+        assert record.achieved == pytest.approx(Pattern.parse(record.pattern).fixed_sparsity)
+    step = max(record.shape[0] * record.shape[1] for record in result.records.values()) * 0.25
+    assert abs(result.achieved_sparsity - 0.6) * result.counted_params <= step / 2 + 1
+    assert "N:M choices" in result.summary()
+    with pytest.raises(ConfigError, match="need an allocation"):
+        sw.prune(build_tiny("llama"), "wanda", 0.6, pattern="2:4,1:4", calibration=_calibration(), progress=False)
+    with pytest.raises(ConfigError, match="different sparsities"):
+        sw.prune(build_tiny("llama"), "wanda", 0.5, pattern="2:4,4:8", calibration=_calibration(), allocation="owl",
+                 progress=False)
+    with pytest.raises(ConfigError, match="range"):
+        sw.prune(build_tiny("llama"), "wanda", 0.9, pattern="2:4,1:4", calibration=_calibration(), allocation="owl",
+                 progress=False)

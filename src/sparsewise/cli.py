@@ -21,7 +21,8 @@ def _prune_parser(sub) -> None:
     add("--method", help="magnitude | random | wanda | sparsegpt (default wanda) | armor (with --pattern 2:4; "
                          "--option iterations=N, block_size=32)")
     add("--sparsity", type=float, help="fraction of zeros per layer, e.g. 0.5 (N:M patterns fix it)")
-    add("--pattern", help="unstructured (per row) | unstructured:layer | unstructured:global | N:M | block:RxC")
+    add("--pattern", help="unstructured (per row) | unstructured:layer | unstructured:global | N:M | block:RxC | "
+                          "mixed N:M choices such as 2:4,1:4 (with --sparsity and --allocation)")
     add("--calib", help="calibration: .txt/.raw/.jsonl/.parquet path, dataset name, or 'self' (default)")
     add("--calib-n", type=int, help="calibration windows (default 128; 'self' uses --self-n)")
     add("--calib-seqlen", type=int, help="tokens per calibration window (default 512)")

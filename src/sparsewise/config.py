@@ -78,7 +78,11 @@ class PruneConfig:
         from .methods import get_method
         from .patterns import Pattern
 
-        Pattern.parse(self.pattern).resolve_sparsity(self.sparsity)
+        if "," in str(self.pattern):  # mixed N:M choices, allocated per layer (checked fully by prune)
+            for part in str(self.pattern).split(","):
+                Pattern.parse(part)
+        else:
+            Pattern.parse(self.pattern).resolve_sparsity(self.sparsity)
         if self.method == "armor":  # a factorization, not a per-layer mask method (sparsewise.correction.armor)
             if str(Pattern.parse(self.pattern)) != "2:4":
                 raise ConfigError(f"method 'armor' needs pattern 2:4, got {self.pattern!r}: pass --pattern 2:4.")

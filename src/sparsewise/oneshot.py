@@ -22,7 +22,7 @@ from .calibration.progress import RunProgress, fingerprint
 from .errors import ConfigError
 from .methods import LayerTask, get_method
 from .models import ModelAdapter, PrunableLayer
-from .patterns import Pattern, global_masks
+from .patterns import Pattern, check_ratio, global_masks
 from .records import LayerRecord, get_records, set_records
 from .scores import magnitude_scores, random_scores
 
@@ -156,8 +156,13 @@ def prune(
         return prune_armor(model, calibration, pattern=Pattern.parse(pattern), include=include, exclude=exclude,
                            device=device, seed=seed, batch_size=batch_size, method_options=method_options,
                            progress=progress)
+    choices = _mixed_choices(pattern)
+    if choices:
+        if sparsity is None:
+            raise ConfigError(f"mixed N:M choices {pattern!r} need the global sparsity to reach, e.g. sparsity=0.6.")
+        pattern = choices[0]  # shapes are checked against every choice below
     pattern = Pattern.parse(pattern)
-    sparsity = pattern.resolve_sparsity(sparsity)
+    sparsity = check_ratio(sparsity) if choices else pattern.resolve_sparsity(sparsity)
     pruner = get_method(method)
     refiner = None
     if refine is not None:
@@ -178,7 +183,8 @@ def prune(
     if not layers:
         raise ConfigError("no layer matched: check include/exclude patterns against the model's module names.")
     for name, layer in layers.items():
-        pattern.check_shape((layer.out_features, layer.in_features), name)
+        for choice in choices or [pattern]:
+            choice.check_shape((layer.out_features, layer.in_features), name)
     if needs and calibration is None:
         raise ConfigError(
             f"method {pruner.name!r}{' with refiner ' + refiner.name if refiner else ''} needs calibration data: pass calibration=sw.data.calibration(...) "
@@ -196,9 +202,12 @@ def prune(
                        dict(method_options or {}), refiner, needs)
     start = time.perf_counter()
     plan = _allocate(allocation, allocation_options, pattern, sparsity, model, adapter, layers, calibration,
-                     compute_device, seed)
+                     compute_device, seed, choices)
     if plan is not None:
         run.sparsities = plan.sparsities
+    if choices:
+        by_ratio = {choice.fixed_sparsity: choice for choice in choices}
+        run.patterns = {name: by_ratio[value] for name, value in plan.sparsities.items()}
     bar = _progress_bar(len(adapter.blocks), f"{pruner.name} {pattern}", progress)
     try:
         with torch.no_grad():
@@ -231,7 +240,7 @@ def prune(
     set_records(model, {**get_records(model), **records})
     return PruneResult(
         method=pruner.name,
-        pattern=str(pattern),
+        pattern=",".join(str(choice) for choice in choices) if choices else str(pattern),
         sparsity=sparsity,
         records=records,
         wall_s=time.perf_counter() - start,
@@ -244,13 +253,50 @@ def prune(
     )
 
 
+def _mixed_choices(pattern) -> list[Pattern] | None:
+    """'2:4,1:4' or ['2:4', '1:4']: N:M choices to mix across layers (None for a single pattern)."""
+    if isinstance(pattern, str) and "," in pattern:
+        pattern = [part for part in pattern.split(",") if part.strip()]
+    if not isinstance(pattern, (list, tuple)):
+        return None
+    choices = [Pattern.parse(part) for part in pattern]
+    if len(choices) < 2 or any(choice.kind != "nm" for choice in choices):
+        raise ConfigError(f"mixed patterns are N:M choices, at least two, e.g. '2:4,1:4'; got {pattern!r}.")
+    ratios = [choice.fixed_sparsity for choice in choices]
+    if len(set(ratios)) != len(ratios):
+        raise ConfigError(f"mixed N:M choices need different sparsities (2:4 and 4:8 are both 0.5): {pattern!r}.")
+    return sorted(choices, key=lambda choice: choice.fixed_sparsity)
+
+
 def _allocate(allocation, options, pattern: Pattern, sparsity: float, model, adapter, layers, calibration,
-              device: torch.device, seed: int):
-    """The per-layer plan, or None for the uniform default (every layer at ``sparsity``)."""
-    if allocation is None or (isinstance(allocation, str) and allocation.strip().lower() == "uniform"):
+              device: torch.device, seed: int, choices: list[Pattern] | None = None):
+    """The per-layer plan, or None for the uniform default (every layer at ``sparsity``).
+
+    With mixed N:M ``choices`` the allocator's continuous ratios are rounded to the choices'
+    sparsities (``allocation.budget.assign_levels``), so layers it would keep denser get the
+    denser pattern."""
+    uniform = allocation is None or (isinstance(allocation, str) and allocation.strip().lower() == "uniform")
+    if uniform and choices:
+        raise ConfigError("mixed N:M choices need an allocation to decide which layer takes which pattern: "
+                          "pass allocation='owl' (or er, erk, ecoflap, tyr, or an explicit map).")
+    if uniform:
         if options:
             raise ConfigError("allocation_options given without an allocation: pass allocation='owl' (or another).")
         return None
+    if choices:
+        from .allocation import allocate, layer_shapes
+        from .allocation.budget import assign_levels
+
+        shapes = layer_shapes(adapter, layers)
+        levels = [choice.fixed_sparsity for choice in choices]
+        check_target = min(max(sparsity, levels[0]), levels[-1])
+        if check_target != sparsity:
+            raise ConfigError(f"sparsity {sparsity} lies outside the mixed choices' range [{levels[0]}, {levels[-1]}].")
+        plan = allocate(allocation, target=sparsity, shapes=shapes, model=model, adapter=adapter, layers=layers,
+                        calibration=calibration, device=device, seed=seed, **dict(options or {}))
+        plan.sparsities = assign_levels(plan.sparsities, shapes, levels, sparsity)
+        plan.method = f"{plan.method} -> N:M choices {', '.join(str(choice) for choice in choices)}"
+        return plan
     if pattern.kind == "nm":
         raise ConfigError(f"{pattern} fixes every layer's sparsity at {sparsity:.3f}: a layer-wise allocation needs "
                           "an unstructured (or block) pattern; mixed N:M choices per layer are not supported.")
@@ -273,6 +319,7 @@ class _LayerPruner:
         self.needs = needs  # the statistics of the method and the refiner, collected once for both
         self.generator, self.options = generator, options
         self.sparsities: dict[str, float] = {}  # per-layer ratios of an allocation (else ``sparsity``)
+        self.patterns: dict[str, Pattern] = {}  # per-layer N:M choice of a mixed allocation (else ``pattern``)
         self.backup: dict[str, torch.Tensor] = {}
         self.records: dict[str, LayerRecord] = {}
 
@@ -297,14 +344,14 @@ class _LayerPruner:
         if keep is not None:  # mask decided globally beforehand
             new_weight, mask, info = work * keep, keep, {}
         else:
-            task = LayerTask(name, work, self.sparsities.get(name, self.sparsity), self.pattern, stats,
+            task = LayerTask(name, work, self.sparsities.get(name, self.sparsity), self.patterns.get(name, self.pattern), stats,
                              self.generator, self.options)
             result = self.pruner.prune_layer(task)
             new_weight, mask, info = result.weight, result.mask, result.info
             if self.refiner is not None:
                 from .correction import RefineTask
 
-                refined = self.refiner.refine(RefineTask(name, work, mask, self.pattern, stats))
+                refined = self.refiner.refine(RefineTask(name, work, mask, self.patterns.get(name, self.pattern), stats))
                 new_weight, mask, info = refined.weight, refined.mask, {**info, "refine": refined.info}
         layer.set_weight(new_weight.to(weight.dtype))
         self.record(name, layer, info, mask)
@@ -318,7 +365,7 @@ class _LayerPruner:
     def record(self, name: str, layer: PrunableLayer, info: dict[str, Any], mask: torch.Tensor) -> None:
         zeros = (layer.get_weight() == 0).sum().item()
         self.records[name] = LayerRecord(
-            name=name, pattern=str(self.pattern), sparsity=self.sparsities.get(name, self.sparsity),
+            name=name, pattern=str(self.patterns.get(name, self.pattern)), sparsity=self.sparsities.get(name, self.sparsity),
             achieved=zeros / (layer.out_features * layer.in_features), method=self.pruner.name,
             shape=(layer.out_features, layer.in_features), info=info, mask=mask.cpu(),
         )

@@ -98,3 +98,39 @@ def round_to_rows(sparsities: dict[str, float], shapes: dict[str, LayerShape], t
 def weighted_sparsity(sparsities: dict[str, float], shapes: dict[str, LayerShape]) -> float:
     total = sum(shapes[name].params for name in sparsities)
     return sum(value * shapes[name].params for name, value in sparsities.items()) / total
+
+
+def assign_levels(preferred: dict[str, float], shapes: dict[str, LayerShape], levels: list[float],
+                  target: float) -> dict[str, float]:
+    """Give every layer one of a few allowed sparsities (mixed N:M choices such as 2:4 = 0.5 and
+    1:4 = 0.75) so the weighted total lands as near ``target`` as whole layers allow.
+
+    Each layer starts at the level nearest its preference; then, one layer at a time, the layer
+    whose preference lies furthest beyond its level in the needed direction moves one level,
+    as long as the move brings the total closer to the target. The result is off the target by at
+    most about half of one layer's step (reported by the caller, never hidden).
+    """
+    levels = sorted(set(levels))
+    if len(levels) < 2:
+        raise ConfigError(f"mixed choices need at least two different sparsities, got {levels}.")
+    if not levels[0] <= target <= levels[-1]:
+        raise ConfigError(f"target {target} lies outside the choices' range [{levels[0]}, {levels[-1]}].")
+    total = sum(shapes[name].params for name in preferred)
+    index = {name: min(range(len(levels)), key=lambda i: (abs(levels[i] - value), i)) for name, value in preferred.items()}
+
+    def achieved() -> float:
+        return sum(levels[index[name]] * shapes[name].params for name in index) / total
+
+    while True:
+        current = achieved()
+        step = 1 if current < target else -1
+        movable = [name for name in index if 0 <= index[name] + step < len(levels)]
+        # most eager first: preference furthest beyond the current level in the direction of the move
+        movable.sort(key=lambda name: (-(preferred[name] - levels[index[name]]) * step, name))
+        for name in movable:
+            moved = current + (levels[index[name] + step] - levels[index[name]]) * shapes[name].params / total
+            if abs(moved - target) < abs(current - target):
+                index[name] += step
+                break
+        else:
+            return {name: levels[index[name]] for name in index}
