@@ -203,3 +203,17 @@ def test_lowest_mask_equals_stable_sort_with_ties(seed, count, device):
     expected = torch.zeros(100, dtype=torch.bool)
     expected[torch.sort(scores, stable=True).indices[:count]] = True
     assert torch.equal(lowest_mask(scores.to(device), count).cpu(), expected)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.99])
+def test_row_masks_equal_a_stable_sort_per_row_with_ties(sparsity, device):
+    from sparsewise.patterns import prune_count, unstructured_mask
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    scores = torch.randint(0, 4, (16, 40), generator=torch.Generator().manual_seed(3)).float()  # many ties
+    count = prune_count(40, sparsity)
+    expected = torch.ones(16, 40, dtype=torch.bool)
+    expected.scatter_(1, torch.sort(scores, dim=1, stable=True).indices[:, :count], False)
+    assert torch.equal(unstructured_mask(scores.to(device), sparsity).cpu(), expected)
