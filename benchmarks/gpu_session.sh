@@ -36,8 +36,8 @@ for stage in "$@"; do
     smolprune)
       cat /tmp/sw_stage/smol.part1 .carry2/smol.part2 > /tmp/smol.gguf || exit 1
       python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry2/gguf-*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
-      timeout 300 python3 benchmarks/prune_smollm2_gpu.py --gguf /tmp/smol.gguf --wiki .carry2/wiki.test.raw \
-        --c4 .carry2/c4-train.00000-of-01024.first1000.jsonl 2>&1 | grep -v Warn | tail -8 | tee "$OUT/smolprune.txt" ;;
+      timeout ${SMOL_TIMEOUT:-300} python3 benchmarks/prune_smollm2_gpu.py --gguf /tmp/smol.gguf --wiki .carry2/wiki.test.raw \
+        --c4 .carry2/c4-train.00000-of-01024.first1000.jsonl ${SMOL_CONFIGS:+--configs "$SMOL_CONFIGS"} 2>&1 | grep -v Warn | tail -8 | tee "$OUT/smolprune.txt" ;;
     armor)
       cat /tmp/sw_stage/smol.part1 .carry2/smol.part2 > /tmp/smol.gguf || exit 1
       python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry2/gguf-*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"

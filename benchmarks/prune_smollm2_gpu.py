@@ -21,9 +21,24 @@ import transformers
 
 import sparsewise as sw
 
-CONFIGS = [("wanda", "unstructured", 0.5, None), ("sparsegpt", "unstructured", 0.5, None),
-           ("sparsegpt", "2:4", None, None), ("sparsegpt", "unstructured", 0.7, "owl"),
-           ("sparsegpt", "unstructured", 0.7, None)]
+CONFIGS = "wanda@0.5;sparsegpt@0.5;sparsegpt@2:4;sparsegpt@0.7+owl;sparsegpt@0.7"
+
+
+def parse(spec: str) -> dict:
+    """'sparsegpt@0.6+owl(lam=0.15)+dsnot' -> prune() keyword arguments."""
+    method, _, rest = spec.partition("@")
+    target, *extras = rest.split("+")
+    kwargs = {"method": method, "pattern": target if ":" in target else "unstructured",
+              "sparsity": None if ":" in target else float(target)}
+    for extra in extras:
+        name, _, options = extra.partition("(")
+        parsed = {key: json.loads(value) for key, value in
+                  (item.split("=") for item in options.rstrip(")").split(",") if item)}
+        if name == "dsnot":
+            kwargs.update(refine="dsnot", refine_options=parsed or None)
+        else:
+            kwargs.update(allocation=name, allocation_options=parsed or None)
+    return kwargs
 
 
 def main() -> None:
@@ -31,6 +46,7 @@ def main() -> None:
     parser.add_argument("--gguf", required=True)
     parser.add_argument("--wiki", required=True)
     parser.add_argument("--c4", required=True)
+    parser.add_argument("--configs", default=CONFIGS, help="';'-separated method@target[+allocation(k=v,...)][+dsnot]")
     parser.add_argument("--json-out", default=os.environ.get("OUT", ".") + "/prune_smollm2_gpu.json")
     args = parser.parse_args()
     base, tok = sw.load_model(args.gguf)
@@ -47,12 +63,11 @@ def main() -> None:
               "transformers": transformers.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     rows = [{"method": "dense", "ppl": ppl(copy.deepcopy(base))}]
     print(json.dumps(header), json.dumps(rows[0]), flush=True)
-    for method, pattern, sparsity, allocation in CONFIGS:
+    for spec in args.configs.split(";"):
         model = copy.deepcopy(base)
-        result = sw.prune(model, method=method, sparsity=sparsity, pattern=pattern, calibration=calib,
-                          device="cuda", allocation=allocation, progress=False)
-        row = {"method": method, "pattern": pattern, "sparsity": sparsity, "allocation": allocation,
-               "wall_s": round(result.wall_s, 2), "peak_gpu_mb": round(result.peak_gpu_mb or 0),
+        kwargs = parse(spec)
+        result = sw.prune(model, calibration=calib, device="cuda", progress=False, **kwargs)
+        row = {"config": spec, "wall_s": round(result.wall_s, 2), "peak_gpu_mb": round(result.peak_gpu_mb or 0),
                "achieved": round(result.achieved_sparsity, 4), "ppl": ppl(model)}
         rows.append(row)
         print(json.dumps(row), flush=True)
