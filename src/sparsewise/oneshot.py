@@ -148,8 +148,7 @@ def prune(
     takes no allocation, refiner or resume_dir.
     """
     if method == "armor":
-        uniform = allocation is None or (isinstance(allocation, str) and allocation.strip().lower() == "uniform")
-        if not uniform or allocation_options or refine is not None or resume_dir is not None or blocks is not None:
+        if not _is_uniform(allocation) or allocation_options or refine is not None or resume_dir is not None or blocks is not None:
             raise ConfigError("method 'armor' takes no allocation, refine, resume_dir or blocks.")
         from .correction.armor_model import prune_armor
 
@@ -253,6 +252,10 @@ def prune(
     )
 
 
+def _is_uniform(allocation) -> bool:
+    return allocation is None or (isinstance(allocation, str) and allocation.strip().lower() == "uniform")
+
+
 def _mixed_choices(pattern) -> list[Pattern] | None:
     """'2:4,1:4' or ['2:4', '1:4']: N:M choices to mix across layers (None for a single pattern)."""
     if isinstance(pattern, str) and "," in pattern:
@@ -275,7 +278,7 @@ def _allocate(allocation, options, pattern: Pattern, sparsity: float, model, ada
     With mixed N:M ``choices`` the allocator's continuous ratios are rounded to the choices'
     sparsities (``allocation.budget.assign_levels``), so layers it would keep denser get the
     denser pattern."""
-    uniform = allocation is None or (isinstance(allocation, str) and allocation.strip().lower() == "uniform")
+    uniform = _is_uniform(allocation)
     if uniform and choices:
         raise ConfigError("mixed N:M choices need an allocation to decide which layer takes which pattern: "
                           "pass allocation='owl' (or er, erk, ecoflap, tyr, or an explicit map).")
@@ -289,8 +292,7 @@ def _allocate(allocation, options, pattern: Pattern, sparsity: float, model, ada
 
         shapes = layer_shapes(adapter, layers)
         levels = [choice.fixed_sparsity for choice in choices]
-        check_target = min(max(sparsity, levels[0]), levels[-1])
-        if check_target != sparsity:
+        if not levels[0] <= sparsity <= levels[-1]:  # before the allocator's calibration passes
             raise ConfigError(f"sparsity {sparsity} lies outside the mixed choices' range [{levels[0]}, {levels[-1]}].")
         plan = allocate(allocation, target=sparsity, shapes=shapes, model=model, adapter=adapter, layers=layers,
                         calibration=calibration, device=device, seed=seed, **dict(options or {}))
@@ -299,7 +301,7 @@ def _allocate(allocation, options, pattern: Pattern, sparsity: float, model, ada
         return plan
     if pattern.kind == "nm":
         raise ConfigError(f"{pattern} fixes every layer's sparsity at {sparsity:.3f}: a layer-wise allocation needs "
-                          "an unstructured (or block) pattern; mixed N:M choices per layer are not supported.")
+                          "an unstructured (or block) pattern, or mixed N:M choices such as pattern='2:4,1:4'.")
     if pattern.scope == "global":
         raise ConfigError("a global ranking already decides each layer's share: drop the allocation or use scope "
                           "row/layer.")
