@@ -219,6 +219,10 @@ def test_prune_with_dsnot_keeps_row_counts_and_lowers_the_mean_output_error():
     for name, record in result.records.items():
         assert torch.equal(record.mask.sum(1), base.records[name].mask.sum(1))  # per-row counts unchanged
     assert any(not torch.equal(record.mask, base.records[name].mask) for name, record in result.records.items())
+    assert not any("reconstruction" in note for note in result.warnings)
+    after_sparsegpt = sw.prune(build_tiny("llama"), "sparsegpt", 0.6, calibration=calibration, refine="dsnot",
+                               progress=False)
+    assert any("dropping its reconstruction" in note for note in after_sparsegpt.warnings)
     with pytest.raises(sw.ConfigError, match="refine"):
         sw.prune(build_tiny("llama"), "wanda", 0.5, calibration=calibration, refine_options={"x": 1}, progress=False)
     with pytest.raises(sw.ConfigError, match="calibration"):

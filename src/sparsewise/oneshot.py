@@ -59,6 +59,10 @@ class PruneResult:
         for rec in self.records.values():
             if rec.info.get("damp_raised"):
                 notes.append(f"{rec.name}: Hessian needed damp_ratio={rec.info['damp_ratio']:g} to factor")
+        if self.method == "sparsegpt" and any("refine" in rec.info for rec in self.records.values()):
+            # measured on SmolLM2 at 60%: ppl 209 with DSnoT vs 119 without (RESULTS.md, session 11)
+            notes.append("the refiner kept SparseGPT's masks' dense weights, dropping its reconstruction; "
+                         "refiners pair with wanda/magnitude")
         return notes
 
     def summary(self) -> str:
