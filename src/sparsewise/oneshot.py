@@ -291,28 +291,25 @@ def _allocate(allocation, options, pattern: Pattern, sparsity: float, model, ada
             raise ConfigError("allocation_options given without an allocation: pass allocation='owl' (or another).")
         return None
     if choices:
-        from .allocation import allocate, layer_shapes
-        from .allocation.budget import assign_levels
-
-        shapes = layer_shapes(adapter, layers)
         levels = [choice.fixed_sparsity for choice in choices]
         if not levels[0] <= sparsity <= levels[-1]:  # before the allocator's calibration passes
             raise ConfigError(f"sparsity {sparsity} lies outside the mixed choices' range [{levels[0]}, {levels[-1]}].")
-        plan = allocate(allocation, target=sparsity, shapes=shapes, model=model, adapter=adapter, layers=layers,
-                        calibration=calibration, device=device, seed=seed, **dict(options or {}))
-        plan.sparsities = assign_levels(plan.sparsities, shapes, levels, sparsity)
-        plan.method = f"{plan.method} -> N:M choices {', '.join(str(choice) for choice in choices)}"
-        return plan
-    if pattern.kind == "nm":
+    elif pattern.kind == "nm":
         raise ConfigError(f"{pattern} fixes every layer's sparsity at {sparsity:.3f}: a layer-wise allocation needs "
                           "an unstructured (or block) pattern, or mixed N:M choices such as pattern='2:4,1:4'.")
-    if pattern.scope == "global":
+    elif pattern.scope == "global":
         raise ConfigError("a global ranking already decides each layer's share: drop the allocation or use scope "
                           "row/layer.")
     from .allocation import allocate, layer_shapes
+    from .allocation.budget import assign_levels
 
-    return allocate(allocation, target=sparsity, shapes=layer_shapes(adapter, layers), model=model, adapter=adapter,
-                    layers=layers, calibration=calibration, device=device, seed=seed, **dict(options or {}))
+    shapes = layer_shapes(adapter, layers)
+    plan = allocate(allocation, target=sparsity, shapes=shapes, model=model, adapter=adapter, layers=layers,
+                    calibration=calibration, device=device, seed=seed, **dict(options or {}))
+    if choices:
+        plan.sparsities = assign_levels(plan.sparsities, shapes, levels, sparsity)
+        plan.method = f"{plan.method} -> N:M choices {', '.join(str(choice) for choice in choices)}"
+    return plan
 
 
 class _LayerPruner:

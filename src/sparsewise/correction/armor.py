@@ -57,6 +57,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, NumericalError, PatternError
+from .base import check_channel_stat
 
 __all__ = [
     "ARMORFactors",
@@ -176,21 +177,16 @@ def _check_inputs(weight: torch.Tensor, energy: torch.Tensor) -> None:
             f"ARMOR prunes 2:4 along the input dimension, which must be divisible by 4; this layer has "
             f"in_features = {in_features}: exclude it (exclude=[...]) or pad its inputs."
         )
-    if not isinstance(energy, torch.Tensor) or energy.shape != (in_features,):
-        shape = tuple(energy.shape) if isinstance(energy, torch.Tensor) else type(energy).__name__
-        raise ConfigError(
-            f"ARMOR needs one input-channel energy diag(X^T X) per input feature ({in_features}), got {shape}; "
-            "the statistics belong to another layer."
-        )
+    check_channel_stat(energy, in_features, "ARMOR", "input-channel energy diag(X^T X)")
     if not bool(torch.isfinite(weight).all()):
         bad = int((~torch.isfinite(weight)).sum())
         raise NumericalError(
             f"ARMOR: the weight [{out_features}, {in_features}] holds {bad} NaN/Inf entries; check the checkpoint."
         )
-    if not bool(torch.isfinite(energy).all()) or bool((energy < 0).any()):
+    if bool((energy < 0).any()):
         raise NumericalError(
-            "ARMOR: the input energy diag(X^T X) holds NaN/Inf or negative entries; check the calibration "
-            "activations (an overflow in half precision?) before factorizing."
+            "ARMOR: the input energy diag(X^T X) holds negative entries, so it is no sum of squares; pass "
+            "LayerStats.sq_sum of this layer's inputs."
         )
 
 

@@ -39,7 +39,7 @@ from ..calibration.stats import STAT_MOMENTS, STAT_NORMS
 from ..errors import ConfigError, NumericalError
 from ..methods._common import check_options
 from ..patterns import check_mask
-from .base import RefineResult, RefineTask, register, require_refine_stats
+from .base import RefineResult, RefineTask, check_channel_stat, register, require_refine_stats
 
 # The reference code's --skip_layer default: refine attention projections, leave MLP sublayers as
 DEFAULT_THRESHOLD = 0.1 / 2048  # the reference's 0.1 on its per-sample token sums, seqlen 2048
@@ -80,17 +80,7 @@ def _check_inputs(
         )
     in_features = dense_weight.shape[1]
     for label, values in channel_stats.items():
-        if not isinstance(values, torch.Tensor) or values.shape != (in_features,):
-            got = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
-            raise ConfigError(
-                f"dsnot needs one {label} per input feature ({in_features}), got shape {got}; "
-                "the statistics belong to another layer."
-            )
-        if not bool(torch.isfinite(values).all()):
-            raise NumericalError(
-                f"dsnot: the input-channel {label} holds NaN/Inf (activations overflowed); calibrate in "
-                "float32/bfloat16 rather than float16."
-            )
+        check_channel_stat(values, in_features, "dsnot", label)
     for label in ("var", "sq_norms"):
         if bool((channel_stats[label] < 0).any()):
             raise NumericalError(f"dsnot: {label} must be >= 0; pass Var[x_j] and sum_t x_tj^2, not signed values.")
