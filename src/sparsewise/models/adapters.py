@@ -54,7 +54,7 @@ from torch import nn
 
 from ..errors import ConfigError, PatternError, UnsupportedModelError
 
-__all__ = ["ModelAdapter", "PrunableLayer", "is_prunable_module"]
+__all__ = ["ModelAdapter", "PrunableLayer", "is_prunable_module", "weight_layers"]
 
 TARGETS = ("blocks", "all")
 
@@ -98,14 +98,38 @@ class PrunableLayer:
         return _is_conv1d(self.module)
 
     @property
+    def is_conv(self) -> bool:
+        """True for ``nn.Conv2d`` (sparse training only; one-shot pruning targets linears)."""
+        return isinstance(self.module, nn.Conv2d)
+
+    @property
     def in_features(self) -> int:
         shape = self.module.weight.shape
+        if self.is_conv:  # one row holds kh * kw * in_channels weights
+            return int(shape[1] * shape[2] * shape[3])
         return int(shape[0] if self.transposed else shape[1])
 
     @property
     def out_features(self) -> int:
         shape = self.module.weight.shape
         return int(shape[1] if self.transposed else shape[0])
+
+    def to_rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A tensor shaped like the stored weight, as [out, in] rows (a view except for convs).
+
+        Conv2d rows run (kh, kw, in_channel) with the input channel fastest, so N:M groups of
+        consecutive entries lie along input channels (the NHWC order of SR-STE's conv masks).
+        """
+        if self.is_conv:
+            return tensor.permute(0, 2, 3, 1).reshape(tensor.shape[0], -1)
+        return tensor.T if self.transposed else tensor
+
+    def from_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`to_rows`: [out, in] rows back to the stored weight's shape."""
+        if self.is_conv:
+            out_channels, in_channels, kh, kw = self.module.weight.shape
+            return rows.reshape(out_channels, kh, kw, in_channels).permute(0, 3, 1, 2)
+        return rows.T if self.transposed else rows
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -116,9 +140,9 @@ class PrunableLayer:
         return self.in_features * self.out_features
 
     def get_weight(self) -> torch.Tensor:
-        """The weight as [out, in]: a detached view sharing storage with the module (no copy)."""
-        weight = self.module.weight.detach()
-        return weight.T if self.transposed else weight
+        """The weight as [out, in]: a detached view sharing storage with the module (no copy;
+        a copy for Conv2d, whose rows are reordered, see :meth:`to_rows`)."""
+        return self.to_rows(self.module.weight.detach())
 
     def set_weight(self, weight: torch.Tensor) -> None:
         """Write a [out, in] tensor into the module in place (dtype, device and layout are kept)."""
@@ -131,12 +155,31 @@ class PrunableLayer:
         with torch.no_grad():
             # copy_ converts dtype/device and keeps the Parameter object, so optimizers, tied
             # references and hooks stay valid.
-            self.module.weight.copy_(weight.T if self.transposed else weight)
+            self.module.weight.copy_(self.from_rows(weight))
 
     def __repr__(self) -> str:
         kind = "Conv1D" if self.transposed else type(self.module).__name__
         extra = ", tied" if self.tied else ""
         return f"PrunableLayer({self.name!r}, {kind}, out={self.out_features}, in={self.in_features}{extra})"
+
+
+def weight_layers(model: nn.Module, include: Sequence[str] | str | None = None,
+                  exclude: Sequence[str] | str | None = None) -> dict[str, PrunableLayer]:
+    """Every Linear / Conv1D / Conv2d of a model, for models without repeated blocks (a small CNN
+    or MLP trained sparse). ``include`` keeps only matching names, ``exclude`` removes."""
+    keep, drop = _compile(include, "include"), _compile(exclude, "exclude")
+    layers: dict[str, PrunableLayer] = {}
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        if not (is_prunable_module(module) or isinstance(module, nn.Conv2d)) or id(module) in seen:
+            continue
+        seen.add(id(module))
+        if (keep and not any(p.search(name) for p in keep)) or any(p.search(name) for p in drop):
+            continue
+        layers[name] = PrunableLayer(name=name, module=module)
+    if not layers:
+        raise UnsupportedModelError(f"{type(model).__name__} has no Linear/Conv1D/Conv2d layer matching the selection.")
+    return layers
 
 
 def _unique_param_count(module: nn.Module) -> int:
