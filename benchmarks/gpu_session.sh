@@ -3,6 +3,9 @@
 #   bash benchmarks/gpu_session.sh tests layers e2e probe      # in the repo root on the GPU machine
 #   bash benchmarks/gpu_session.sh stage-half                  # copy .carry1/* to /tmp/sw_stage (kept while warm)
 #   bash benchmarks/gpu_session.sh smollm2                     # needs /tmp/sw_stage/smol.part1 + .carry2/*
+#   bash benchmarks/gpu_session.sh tspeed                      # 2:4 training-step speed, LLaMA-3-8B MLP (< 3 min)
+#   FT_MINUTES=8 bash benchmarks/gpu_session.sh finetune       # SquareHead fine-tune of SparseGPT 2:4 SmolLM2
+#                                                              # (needs stage-half first, like smollm2)
 # Ignored repo paths do not survive between device calls; /tmp does while the machine stays warm,
 # so a file over the 64 MiB carry limit travels as two halves in two back-to-back calls.
 set -uo pipefail
@@ -44,6 +47,16 @@ for stage in "$@"; do
       timeout ${ARMOR_TIMEOUT:-420} python3 benchmarks/armor_smollm2.py --gguf /tmp/smol.gguf --wiki .carry2/wiki.test.raw \
         --c4 .carry2/c4-train.00000-of-01024.first1000.jsonl --iterations ${ARMOR_ITERS:-300} 2>&1 | grep -v Warn \
         | tail -4 | tee "$OUT/armor.txt" ;;
+    tspeed) timeout 200 python3 benchmarks/train_speed.py ${TSPEED_ARGS:-} --json-out "$OUT/train_speed.json" 2>&1 \
+              | grep -v "Warn\|return cls" | tee "$OUT/tspeed.txt" ;;
+    finetune)
+      cat /tmp/sw_stage/smol.part1 .carry2/smol.part2 > /tmp/smol.gguf || exit 1
+      python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry2/gguf-*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+      # --deadline-s: training stops early enough for the final eval + JSON before the timeout kills it
+      timeout ${FT_TIMEOUT:-560} python3 benchmarks/finetune_smollm2_gpu.py --gguf /tmp/smol.gguf --wiki .carry2/wiki.test.raw \
+        --c4 .carry2/c4-train.00000-of-01024.first1000.jsonl --minutes ${FT_MINUTES:-8} \
+        --deadline-s $(( ${FT_TIMEOUT:-560} - 15 )) --json-out "$OUT/finetune_smollm2.json" ${FT_ARGS:-} 2>&1 \
+        | grep -v Warn | tee "$OUT/finetune.txt" | tail -14 ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done

@@ -124,10 +124,14 @@ class PrunableLayer:
             return tensor.permute(0, 2, 3, 1).reshape(tensor.shape[0], -1)
         return tensor.T if self.transposed else tensor
 
-    def from_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`to_rows`: [out, in] rows back to the stored weight's shape."""
+    def from_rows(self, rows: torch.Tensor, shape: Sequence[int] | None = None) -> torch.Tensor:
+        """Inverse of :meth:`to_rows`: [out, in] rows back to the stored weight's shape.
+
+        ``shape`` is the stored weight's shape (read from the module when None); pass it where
+        reading ``module.weight`` would re-enter a parametrization (STE forward weights).
+        """
         if self.is_conv:
-            out_channels, in_channels, kh, kw = self.module.weight.shape
+            out_channels, in_channels, kh, kw = self.module.weight.shape if shape is None else shape
             return rows.reshape(out_channels, kh, kw, in_channels).permute(0, 3, 1, 2)
         return rows.T if self.transposed else rows
 

@@ -15,7 +15,7 @@ from torch import nn
 from ..errors import ConfigError, NumericalError, UnsupportedModelError
 from ..models.adapters import ModelAdapter, weight_layers
 from ..patterns import Pattern
-from . import dynamic, gmp, shrink, static  # noqa: F401  (registration)
+from . import bdwp, cast, dynamic, gmp, shrink, static, ste  # noqa: F401  (registration)
 from .base import MethodBase, TrainingMethod, available_training_methods, get_training_method, register
 from .controller import MASK_BUFFER, SparseTraining, TrainedLayer
 from .distribution import layer_sparsities
@@ -77,3 +77,12 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer | None, method: st
         logger = TrainingLog(log)
     return SparseTraining(model, optimizer, training_method, items, total_steps=total_steps, seed=seed,
                           log=logger, log_every=log_every)
+
+
+def __getattr__(name: str):
+    # hf imports transformers (seconds): loaded on first use, so `import sparsewise.training` stays fast
+    if name in ("distill", "hf", "metrics"):
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
