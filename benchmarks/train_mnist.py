@@ -38,7 +38,11 @@ for target in (0.9, 0.95):
     ROWS += [("random", target, None, "erk", {}), ("gmp", target, None, "erk", {}), ("set", target, None, "erk", {}),
              ("rigl", target, None, "erk", {}), ("rigl", target, None, "uniform", {}),
              ("issp", target, None, "erk", {})]
-ROWS += [("srste", None, "2:4", "uniform", {}), ("pgf", None, "2:4", "uniform", {"stages": "stepwise"})]
+# sparse from scratch with the kept weights scaled by 1/sqrt(density) at init
+ROWS += [(method, target, None, "erk", {"rescale": True}) for target in (0.9, 0.95) for method in ("random", "set", "rigl")]
+ROWS += [("magnitude", 0.9, None, "erk", {}),
+         ("srste", None, "2:4", "uniform", {}), ("pgf", None, "2:4", "uniform", {"stages": "stepwise"}),
+         ("cast", None, "2:4", "uniform", {}), ("bdwp", None, "2:4", "uniform", {})]
 
 
 def load_mnist(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,6 +88,24 @@ def build(kind: str, side: int, seed: int) -> nn.Module:
                          nn.Linear(32 * after * after, 128), nn.ReLU(), nn.Linear(128, 10))
 
 
+def untileable(model: nn.Module, method: str, pattern: str | None) -> list[str] | None:
+    """Layers an N:M pattern cannot tile stay dense (the first conv has 9 inputs per row; BDWP also
+    needs the output dim divisible by M and runs on Linear layers only): named in the results."""
+    if pattern is None:
+        return None
+    group = int(pattern.split(":")[1])
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            rows_in = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+            if rows_in % group or method == "bdwp":
+                names.append(name)
+        elif isinstance(module, nn.Linear) and (module.in_features % group
+                                                or (method == "bdwp" and module.out_features % group)):
+            names.append(name)
+    return [f"^{name}$" for name in names] or None
+
+
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
     model.eval()
     with torch.no_grad():
@@ -103,8 +125,9 @@ def run(row, dataset: str, kind: str, train_set, test_set, epochs: int, seed: in
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total)
     sparsity = None
     if method != "dense":
-        sparsity = training.attach(model, optimizer, method, target, pattern=pattern,
-                                   distribution=distribution, total_steps=total, seed=seed, **options)
+        sparsity = training.attach(model, optimizer, method, target, pattern=pattern, distribution=distribution,
+                                   total_steps=total, seed=seed, exclude=untileable(model, method, pattern),
+                                   **options)
     generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     for _ in range(epochs):
@@ -121,8 +144,12 @@ def run(row, dataset: str, kind: str, train_set, test_set, epochs: int, seed: in
             if sparsity is not None:
                 sparsity.step()
     wall = time.perf_counter() - start
-    result = {"dataset": dataset, "model": kind, "method": method, "target": target, "pattern": pattern or "unstructured",
+    label = method + "".join(f"+{key}" for key, value in options.items() if value is True)
+    result = {"dataset": dataset, "model": kind, "method": label, "target": target, "pattern": pattern or "unstructured",
               "distribution": distribution, "seed": seed, "wall_s": round(wall, 1)}
+    if sparsity is not None:
+        result["dense_layers"] = sorted(set(dict(model.named_modules())) & {n.strip("^$") for n in
+                                                                           untileable(model, method, pattern) or []})
     if sparsity is not None:
         records = sparsity.finalize()
         numel = {name: record.shape[0] * record.shape[1] for name, record in records.items()}
@@ -142,7 +169,7 @@ def main() -> None:
     parser.add_argument("--models", default="mlp,cnn")
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--seeds", default="0,1")
-    parser.add_argument("--only", help="comma-separated methods to run (dense is always run)")
+    parser.add_argument("--only", help="comma-separated methods to run, e.g. rigl,rigl+rescale (dense always runs)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: these models are too small to gain from more, and 2 threads on a "
                              "busy 2-core machine ran 10x slower)")
@@ -153,7 +180,9 @@ def main() -> None:
               "torch": torch.__version__, "sparsewise": sw.__version__, "epochs": args.epochs,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     print(json.dumps(header), flush=True)
-    rows = [row for row in ROWS if row[0] == "dense" or not args.only or row[0] in args.only.split(",")]
+    wanted = args.only.split(",") if args.only else None
+    rows = [row for row in ROWS if row[0] == "dense" or not wanted
+            or row[0] + "".join(f"+{k}" for k, v in row[4].items() if v is True) in wanted]
     results = []
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     for dataset in args.datasets.split(","):
@@ -176,7 +205,7 @@ def summarize(results: list[dict]) -> None:
         key = (result["dataset"], result["model"], result["method"], result["target"], result["pattern"],
                result["distribution"])
         groups.setdefault(key, []).append(result)
-    print(f"\n{'data':7} {'model':5} {'method':8} {'target':>6} {'dist':8} {'sparsity':>8} {'N:M ok':>6} "
+    print(f"\n{'data':7} {'model':5} {'method':14} {'target':>6} {'dist':8} {'sparsity':>8} {'N:M ok':>6} "
           f"{'acc % (mean +- sd)':>20}")
     for (dataset, model, method, target, pattern, dist), items in groups.items():
         accs = [100 * item["accuracy"] for item in items]
@@ -184,7 +213,7 @@ def summarize(results: list[dict]) -> None:
         shown = pattern if pattern != "unstructured" else (f"{target:.2f}" if target else "-")
         sparsity = items[0].get("sparsity", 0.0)
         valid = items[0].get("nm_valid")
-        print(f"{dataset:7} {model:5} {method:8} {shown:>6} {dist or '-':8} {sparsity:8.4f} "
+        print(f"{dataset:7} {model:5} {method:14} {shown:>6} {dist or '-':8} {sparsity:8.4f} "
               f"{'-' if valid is None else str(valid):>6} {statistics.mean(accs):12.2f} +- {spread:.2f}")
 
 

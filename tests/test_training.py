@@ -338,3 +338,12 @@ def test_attach_twice_is_refused_and_step_after_finalize_too():
     sparsity.finalize()
     with pytest.raises(ConfigError, match="after finalize"):
         sparsity.step()
+
+
+@pytest.mark.parametrize("method", ["random", "rigl"])
+def test_rescale_multiplies_kept_weights_by_inverse_sqrt_density(method):
+    plain, scaled = mlp(), mlp()
+    first = training.attach(plain, None, method, 0.75, total_steps=10, seed=2)
+    second = training.attach(scaled, None, method, 0.75, total_steps=10, seed=2, rescale=True)
+    for name in first.layers:
+        assert torch.allclose(second.layers[name].weight_rows(), first.layers[name].weight_rows() * 2.0)

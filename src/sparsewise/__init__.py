@@ -35,6 +35,7 @@ _LAZY = {
     "runtime": ("runtime", None),
     "activation": ("activation", None),
     "allocation": ("allocation", None),
+    "training": ("training", None),
     "sparsify_activations": ("activation", "sparsify_activations"),
     "remove_activation_sparsity": ("activation", "remove_activation_sparsity"),
     "PruneConfig": ("config", "PruneConfig"),

@@ -78,8 +78,15 @@ def _eval_parser(sub) -> None:
 
 
 def _report_parser(sub) -> None:
-    cmd = sub.add_parser("report", help="per-layer sparsity table, N:M pattern check, size on disk")
-    cmd.add_argument("path", help="a sparsewise checkpoint directory (or an --save-format hf-dense folder)")
+    cmd = sub.add_parser("report", help="per-layer sparsity table, N:M pattern check, size on disk; "
+                                        "or the summary of a sparse-training log")
+    cmd.add_argument("path", nargs="?", help="a sparsewise checkpoint directory (or an --save-format hf-dense "
+                                             "folder); optional with --training-log")
+    cmd.add_argument("--training-log", type=Path, metavar="CSV",
+                     help="summarize a sparse-training log (attach(..., log=CSV)): steps, global sparsity, "
+                          "mask flips per interval, per-layer final sparsity")
+    cmd.add_argument("--plot", type=Path, metavar="PNG",
+                     help="with --training-log: write sparsity, mask flips and PQ Index over steps to a PNG")
     cmd.add_argument("--max-rows", type=int, default=None, help="show at most this many layer rows")
     cmd.add_argument("--json", action="store_true")
 
@@ -199,7 +206,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_training_log(args: argparse.Namespace) -> None:
+    from .training.metrics import format_training_log, read_training_log, summarize_training_log
+
+    rows = read_training_log(args.training_log)
+    if args.json:
+        print(json.dumps({"training_log": str(args.training_log), **summarize_training_log(rows)}, indent=2))
+    else:
+        print(f"training log: {args.training_log}")
+        print(format_training_log(rows, max_rows=args.max_rows))
+    if args.plot is not None:
+        from .metrics.plots import plot_training_log
+
+        written = plot_training_log(rows, args.plot, title=args.training_log.name)
+        print(f"plot written to {written}", file=sys.stderr if args.json else sys.stdout)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
+    if args.plot is not None and args.training_log is None:
+        raise ConfigError("--plot draws a training log: pass --training-log CSV too.")
+    if args.training_log is not None:
+        _report_training_log(args)
+        if args.path is None:
+            return 0
+        print()
+    elif args.path is None:
+        raise ConfigError("report needs a model directory, or --training-log CSV.")
     from .formats import checkpoint_size
     from .metrics import sparsity_report
     from .models import load_model

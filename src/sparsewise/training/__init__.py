@@ -43,14 +43,14 @@ def trained_layers(model: nn.Module, include=None, exclude=None) -> dict:
 def attach(model: nn.Module, optimizer: torch.optim.Optimizer | None, method: str | TrainingMethod = "rigl",
            sparsity: float | None = None, *, total_steps: int, pattern: str | Pattern | None = None,
            distribution: str | dict[str, float] = "uniform", seed: int = 0, include=None, exclude=None,
-           log: str | None = None, log_every: int = 100, **method_options: Any) -> SparseTraining:
+           log: Any = None, log_every: int = 100, **method_options: Any) -> SparseTraining:
     """Start sparse training of ``model``; call ``.step()`` after every ``optimizer.step()``.
 
     sparsity:      global fraction of zeros over the trained weights (implied by N:M patterns)
     pattern:       None = unstructured per layer; "unstructured" = per row; "2:4", "1:8", ...
     distribution:  uniform | er | erk | erk+ | {layer: sparsity}
     total_steps:   planned optimizer steps (schedules are fractions of it)
-    log:           CSV path for per-layer sparsity, mask flips (SAD) and PQ Index over time
+    log:           CSV path (or a metrics.TrainingLog) for per-layer sparsity, mask flips (SAD), PQ Index
     """
     model = _unwrap(model)
     pattern = Pattern(scope="layer") if pattern is None else Pattern.parse(pattern)
@@ -74,7 +74,8 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer | None, method: st
     if log is not None:
         from .metrics import TrainingLog
 
-        logger = TrainingLog(log)
+        # a TrainingLog instance passes through (e.g. TrainingLog(path, append=True) when resuming)
+        logger = log if isinstance(log, TrainingLog) else TrainingLog(log)
     return SparseTraining(model, optimizer, training_method, items, total_steps=total_steps, seed=seed,
                           log=logger, log_every=log_every)
 

@@ -6,7 +6,8 @@ grows as many new ones, which start at zero with fresh optimizer state:
 * SET (Mocanu et al. 2018): grown at random;
 * RigL (Evci et al. 2020): grown where |dL/dW| is largest; the dense gradient is read only at
   update steps (the controller records it before masking). Defaults: alpha = 0.3, every 100 steps,
-  updates stop at 75% of training, random ERK initialization.
+  updates stop at 75% of training, random initialization (``rescale=True`` scales the kept
+  weights by 1/sqrt(density), see static.rescale_for_density).
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ import torch
 from ..errors import ConfigError
 from .base import MethodBase, register
 from .masks import cosine_fraction, drop_and_grow, random_mask
+from .static import rescale_for_density
 
 if TYPE_CHECKING:
     from .controller import SparseTraining
 
 
 class _PruneAndGrow(MethodBase):
-    def __init__(self, fraction: float = 0.3, frequency: int = 100, stop: float = 0.75, init: str = "random"):
+    def __init__(self, fraction: float = 0.3, frequency: int = 100, stop: float = 0.75, init: str = "random",
+                 rescale: bool = False):
         if not 0.0 <= fraction <= 1.0:
             raise ConfigError(f"drop fraction must lie in [0, 1], got {fraction}.")
         if frequency < 1:
@@ -32,6 +35,7 @@ class _PruneAndGrow(MethodBase):
         if init not in ("random", "magnitude"):
             raise ConfigError(f"init must be 'random' or 'magnitude', got {init!r}.")
         self.fraction, self.frequency, self.stop, self.init_kind = fraction, frequency, stop, init
+        self.rescale = rescale
         self.updates: list[dict[str, int]] = []
 
     def init(self, run: SparseTraining) -> None:
@@ -44,6 +48,8 @@ class _PruneAndGrow(MethodBase):
             mask = (random_mask(item.shape, item.sparsity, run.generator) if self.init_kind == "random"
                     else magnitude_mask(item.weight_rows(), item.sparsity, item.pattern))
             item.set_mask_rows(mask)
+        if self.rescale:
+            rescale_for_density(run)
 
     def is_update_step(self, run: SparseTraining, step: int) -> bool:
         return step % self.frequency == 0 and step < self.stop * run.total_steps
@@ -84,8 +90,9 @@ class SET(_PruneAndGrow):
 class RigL(_PruneAndGrow):
     name: ClassVar[str] = "rigl"
 
-    def __init__(self, fraction: float = 0.3, frequency: int = 100, stop: float = 0.75, init: str = "random"):
-        super().__init__(fraction, frequency, stop, init)
+    def __init__(self, fraction: float = 0.3, frequency: int = 100, stop: float = 0.75, init: str = "random",
+                 rescale: bool = False):
+        super().__init__(fraction, frequency, stop, init, rescale)
         self._total = 0
 
     def init(self, run: SparseTraining) -> None:

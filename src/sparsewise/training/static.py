@@ -17,9 +17,22 @@ if TYPE_CHECKING:
     from .controller import SparseTraining
 
 
+def rescale_for_density(run: SparseTraining) -> None:
+    """Multiply each layer's kept weights by 1/sqrt(density): a unit then sees the input variance
+    of the dense initialization although most of its inputs are cut (the sparse-init scaling of
+    Evci et al. 2022, "Gradient Flow in Sparse Neural Networks"). For training from scratch only."""
+    for item in run.layers.values():
+        density = 1.0 - item.sparsity
+        if density > 0:
+            item.parameter.data.mul_(density ** -0.5)
+
+
 @register
 class StaticRandom(MethodBase):
     name: ClassVar[str] = "random"
+
+    def __init__(self, rescale: bool = False):
+        self.rescale = rescale
 
     def init(self, run: SparseTraining) -> None:
         for item in run.layers.values():
@@ -27,6 +40,8 @@ class StaticRandom(MethodBase):
                 raise ConfigError(f"method 'random' draws unstructured masks; pattern {item.pattern} needs "
                                   "'magnitude', 'srste' or 'pgf'.")
             item.set_mask_rows(random_mask(item.shape, item.sparsity, run.generator))
+        if self.rescale:
+            rescale_for_density(run)
 
 
 @register
