@@ -50,6 +50,7 @@ class MethodBase:
     name: ClassVar[str] = ""
     masks_gradients: ClassVar[bool] = True
     supports_nm: ClassVar[bool] = True
+    supports_sharding: ClassVar[bool] = True  # False: needs whole weights in its forward (STE, BDWP)
 
     def init(self, run: SparseTraining) -> None:
         raise NotImplementedError

@@ -82,6 +82,7 @@ def bdwp_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 @register
 class BidirectionalWeightPruning(MethodBase):
     """BDWP (see the module docstring). No options: the pattern comes from ``attach(pattern=...)``."""
+    supports_sharding: ClassVar[bool] = False
 
     name: ClassVar[str] = "bdwp"
     masks_gradients: ClassVar[bool] = False  # dense master weights receive dense dW

@@ -142,7 +142,7 @@ class ContinuousNM(MethodBase):
             # s_g / mean(s_g): per-group adaptivity at unit mean, so lambda is in update units
             relative = strength / strength.mean().clamp_min(torch.finfo(work.dtype).tiny)
             new = proximal_shrink(work, keep, self._step_size(name) * strength_now * relative)
-            item.parameter.copy_(item.layer.from_rows(new.to(rows.dtype)))
+            item.set_weight_rows(new)
             item.set_mask_rows(keep)
             converged = converged and bool((new.abs() <= self.tol * strength).logical_or(keep).all())
         if converged or step >= self.hard_at * run.total_steps:
@@ -161,7 +161,7 @@ class ContinuousNM(MethodBase):
                 after = after * _row_norm_ratio(before, after)
             moved += float((after - before).pow(2).sum())
             total += float(before.pow(2).sum())
-            item.parameter.copy_(item.layer.from_rows(after.to(rows.dtype)))
+            item.set_weight_rows(after)
             item.set_mask_rows(keep)
             run.reset_optimizer_state(name, ~keep)  # a pruned weight keeps no momentum
         self.masks_gradients = True

@@ -34,6 +34,34 @@ from .base import TrainingMethod
 MASK_BUFFER = "sparsity_mask"
 
 
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """True for a DTensor (FSDP2 / tensor-parallel parameter, gradient or optimizer state)."""
+    return type(tensor).__name__ == "DTensor"
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on every rank (a collective for DTensors: every rank must call it)."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
+
+
+def local_part(tensor: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(this rank's shard of ``like``, the matching shard of the full-size ``tensor``).
+
+    Masks are kept whole on every rank (one bool per weight); under FSDP2 the parameters,
+    gradients and optimizer states are DTensor shards, so each rank multiplies its own shard.
+    """
+    if not is_sharded(like):
+        return like, tensor
+    from torch.distributed.tensor import distribute_tensor
+
+    full = tensor.to(like.device)
+    try:  # every rank holds the same full mask: cut locally, no scatter
+        shard = distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
+    except TypeError:  # torch without src_data_rank
+        shard = distribute_tensor(full, like.device_mesh, like.placements)
+    return like.to_local(), shard.to_local()
+
+
 @dataclass
 class TrainedLayer:
     """One trained weight: its layer view, target sparsity and pattern."""
@@ -64,7 +92,15 @@ class TrainedLayer:
         return self.layer.to_rows(tensor)
 
     def weight_rows(self) -> torch.Tensor:
-        return self.layer.to_rows(self.parameter.detach())
+        return self.layer.to_rows(full_tensor(self.parameter.detach()))
+
+    @torch.no_grad()
+    def set_weight_rows(self, rows: torch.Tensor) -> None:
+        """Write [out, in] rows into the trained parameter in place (its own shard under FSDP2)."""
+        parameter = self.parameter.detach()
+        new = self.layer.from_rows(rows.to(device=self.mask.device, dtype=parameter.dtype))
+        local_weight, local_new = local_part(new, parameter)
+        local_weight.copy_(local_new)
 
     def mask_rows(self) -> torch.Tensor:
         return self.layer.to_rows(self.mask)
@@ -94,12 +130,17 @@ class SparseTraining:
         self.dense_grads: dict[str, torch.Tensor] = {}
         self.log, self.log_every = log, log_every
         self.finalized = False
+        if not getattr(method, "supports_sharding", True) and any(is_sharded(i.parameter) for i in layers.values()):
+            raise ConfigError(f"method {method.name!r} rewrites the forward weight and does not run on FSDP2-sharded "
+                              "parameters; attach before fully_shard is not enough either. Use DDP, or a mask method "
+                              "(magnitude, gmp, set, rigl, issp, cast).")
         for item in layers.values():
             weight = item.module.weight
             if MASK_BUFFER in item.module._buffers:
                 raise ConfigError(f"{item.name} already has a sparsity mask: the model is attached twice; "
                                   "finalize() or detach() the first attachment.")
-            item.module.register_buffer(MASK_BUFFER, torch.ones(weight.shape, dtype=torch.bool, device=weight.device))
+            device = weight.to_local().device if is_sharded(weight) else weight.device
+            item.module.register_buffer(MASK_BUFFER, torch.ones(weight.shape, dtype=torch.bool, device=device))
         self._hook = optimizer.register_step_pre_hook(self._before_optimizer_step) if optimizer is not None else None
         try:
             method.init(self)
@@ -122,9 +163,10 @@ class SparseTraining:
             if grad is None:
                 continue
             if want_dense:
-                self.dense_grads[name] = item.rows(grad.detach()).abs().float()
+                self.dense_grads[name] = item.rows(full_tensor(grad.detach())).abs().float()
             if self.method.masks_gradients:
-                grad.mul_(item.mask)
+                local_grad, local_mask = local_part(item.mask, grad)
+                local_grad.mul_(local_mask)
 
     def step(self) -> None:
         """Call once after every ``optimizer.step()``: updates masks on schedule, re-masks weights."""
@@ -150,7 +192,8 @@ class SparseTraining:
     def apply_masks(self) -> None:
         """w <- w * mask for every trained layer."""
         for item in self.layers.values():
-            item.parameter.mul_(item.mask)
+            local_weight, local_mask = local_part(item.mask, item.parameter.detach())
+            local_weight.mul_(local_mask)
 
     @torch.no_grad()
     def reset_optimizer_state(self, name: str, entries_rows: torch.Tensor) -> None:
@@ -163,7 +206,8 @@ class SparseTraining:
         keep = ~item.layer.from_rows(entries_rows.to(item.mask.device))
         for value in state.values():
             if torch.is_tensor(value) and value.shape == item.parameter.shape:
-                value.mul_(keep)
+                local_value, local_keep = local_part(keep, value)
+                local_value.mul_(local_keep)
 
     def sync_masks(self) -> None:
         """Under torch.distributed, make every rank hold rank 0's masks (they should already agree:

@@ -70,7 +70,7 @@ class _PruneAndGrow(MethodBase):
             flips = new_mask ^ mask
             item.set_mask_rows(new_mask)
             # grown weights start at zero and every changed entry restarts its optimizer state
-            item.parameter.mul_(item.layer.from_rows(~grown.to(item.parameter.device)))
+            item.set_weight_rows(item.weight_rows() * ~grown.to(item.mask.device))
             run.reset_optimizer_state(name, flips)
             changed[name] = int(flips.sum())
         run.sync_masks()

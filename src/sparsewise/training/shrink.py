@@ -50,7 +50,7 @@ class IterativeSoftShrinkage(MethodBase):
         for item in run.layers.values():
             rows = item.weight_rows()
             new_rows, keep = soft_shrink(rows, item.sparsity, 0.0 if hard else self.shrink)
-            item.parameter.copy_(item.layer.from_rows(new_rows))
+            item.set_weight_rows(new_rows)
             item.set_mask_rows(keep)
         if hard:
             self.masks_gradients = True

@@ -118,6 +118,7 @@ class _ForwardWeight(nn.Module):
 
 class _NMStraightThrough(MethodBase):
     """Shared plumbing of the STE methods: parametrize in init, unparametrize in finalize."""
+    supports_sharding: ClassVar[bool] = False
 
     masks_gradients: ClassVar[bool] = False  # the dense weights train; the mask lives in the forward
     n: int = 0
