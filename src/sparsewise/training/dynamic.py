@@ -18,7 +18,7 @@ import torch
 
 from ..errors import ConfigError
 from .base import MethodBase, register
-from .masks import cosine_fraction, drop_and_grow, random_mask
+from .masks import cosine_fraction, drop_and_grow, magnitude_mask, random_mask
 from .static import rescale_for_density
 
 if TYPE_CHECKING:
@@ -37,10 +37,10 @@ class _PruneAndGrow(MethodBase):
         self.fraction, self.frequency, self.stop, self.init_kind = fraction, frequency, stop, init
         self.rescale = rescale
         self.updates: list[dict[str, int]] = []
+        self.total_steps = 0
 
     def init(self, run: SparseTraining) -> None:
-        from .masks import magnitude_mask
-
+        self.total_steps = run.total_steps
         for item in run.layers.values():
             if item.pattern.kind != "unstructured":
                 raise ConfigError(f"{self.name} keeps a per-layer nonzero count and grows anywhere in the layer; "
@@ -51,15 +51,15 @@ class _PruneAndGrow(MethodBase):
         if self.rescale:
             rescale_for_density(run)
 
-    def is_update_step(self, run: SparseTraining, step: int) -> bool:
-        return step % self.frequency == 0 and step < self.stop * run.total_steps
+    def is_update_step(self, step: int) -> bool:
+        return step % self.frequency == 0 and step < self.stop * self.total_steps
 
     def grow_scores(self, run: SparseTraining, name: str) -> torch.Tensor:
         raise NotImplementedError
 
     @torch.no_grad()
     def update(self, run: SparseTraining, step: int) -> None:
-        if not self.is_update_step(run, step):
+        if not self.is_update_step(step):
             return
         fraction = cosine_fraction(step, self.fraction, round(self.stop * run.total_steps))
         changed = {}
@@ -90,17 +90,8 @@ class SET(_PruneAndGrow):
 class RigL(_PruneAndGrow):
     name: ClassVar[str] = "rigl"
 
-    def __init__(self, fraction: float = 0.3, frequency: int = 100, stop: float = 0.75, init: str = "random",
-                 rescale: bool = False):
-        super().__init__(fraction, frequency, stop, init, rescale)
-        self._total = 0
-
-    def init(self, run: SparseTraining) -> None:
-        super().init(run)
-        self._total = run.total_steps
-
     def wants_dense_grad(self, step: int) -> bool:
-        return step % self.frequency == 0 and step < self.stop * self._total
+        return self.is_update_step(step)
 
     def grow_scores(self, run: SparseTraining, name: str) -> torch.Tensor:
         if name not in run.dense_grads:
