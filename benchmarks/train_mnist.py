@@ -88,6 +88,16 @@ def build(kind: str, side: int, seed: int) -> nn.Module:
                          nn.Linear(32 * after * after, 128), nn.ReLU(), nn.Linear(128, 10))
 
 
+def log_path(log_dir: Path | None, dataset: str, kind: str, row, seed: int) -> Path | None:
+    """Where the run's sparsity log goes (``sparsewise report --training-log``), or None."""
+    if log_dir is None:
+        return None
+    method, target, pattern, distribution, options = row
+    label = method + "".join(f"+{key}" for key, value in options.items() if value is True)
+    shown = (pattern or f"{target:g}").replace(":", "of")
+    return log_dir / f"{dataset}_{kind}_{label}_{shown}_{distribution}_seed{seed}.csv"
+
+
 def untileable(model: nn.Module, method: str, pattern: str | None) -> list[str] | None:
     """Layers an N:M pattern cannot tile stay dense (the first conv has 9 inputs per row; BDWP also
     needs the output dim divisible by M and runs on Linear layers only): named in the results."""
@@ -115,7 +125,8 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> fl
     return correct / len(labels)
 
 
-def run(row, dataset: str, kind: str, train_set, test_set, epochs: int, seed: int, batch: int = 64) -> dict:
+def run(row, dataset: str, kind: str, train_set, test_set, epochs: int, seed: int, batch: int = 64,
+        log_dir: Path | None = None) -> dict:
     method, target, pattern, distribution, options = row
     images, labels = train_set
     model = build(kind, images.shape[-1], seed)
@@ -127,7 +138,7 @@ def run(row, dataset: str, kind: str, train_set, test_set, epochs: int, seed: in
     if method != "dense":
         sparsity = training.attach(model, optimizer, method, target, pattern=pattern, distribution=distribution,
                                    total_steps=total, seed=seed, exclude=untileable(model, method, pattern),
-                                   **options)
+                                   log=log_path(log_dir, dataset, kind, row, seed), log_every=50, **options)
     generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     for _ in range(epochs):
@@ -173,6 +184,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: these models are too small to gain from more, and 2 threads on a "
                              "busy 2-core machine ran 10x slower)")
+    parser.add_argument("--log-dir", type=Path, help="write each sparse run's log (sparsity, mask flips, PQ Index)")
     parser.add_argument("--json-out", type=Path, default=REPO / ".bench" / "train_mnist.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -190,7 +202,7 @@ def main() -> None:
         for kind in args.models.split(","):
             for row in rows:
                 for seed in (int(s) for s in args.seeds.split(",")):
-                    result = run(row, dataset, kind, train_set, test_set, args.epochs, seed)
+                    result = run(row, dataset, kind, train_set, test_set, args.epochs, seed, log_dir=args.log_dir)
                     results.append(result)
                     print(json.dumps(result), flush=True)
                     tmp = args.json_out.with_suffix(".tmp")
