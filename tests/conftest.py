@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,11 @@ def poison_rows(layout, rows: torch.Tensor):
         values[starts[row]:starts[row + 1]] = float("nan")
         meta[row] = -1
     return Bitmask(values, meta, layout.tile_offsets, layout.shape, layout.width)
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a torch.distributed rendezvous on localhost."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

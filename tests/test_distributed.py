@@ -8,7 +8,6 @@ masks and weights with a one-process run.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -71,14 +70,8 @@ def _worker(out_dir: Path) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def test_two_gloo_processes_match_one(tmp_path):
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+def test_two_gloo_processes_match_one(tmp_path, free_port):
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port),
            "WORLD_SIZE": str(WORLD_SIZE), "OMP_NUM_THREADS": "1"}
     procs = [
         subprocess.Popen([sys.executable, __file__, str(tmp_path)], env={**env, "RANK": str(rank)},
@@ -140,23 +133,19 @@ if __name__ == "__main__":
 
 
 @pytest.mark.slow  # two real-model processes: ~1-5 min on 2 cores
-def test_cli_prune_under_two_gloo_ranks(tmp_path, smollm2):
+def test_cli_prune_under_two_gloo_ranks(tmp_path, smollm2, free_port):
     """`torchrun --nproc-per-node 2 -m sparsewise prune ...` as two processes with torchrun's
     environment: both ranks finish, only rank 0 prints the summary and writes the output."""
     import os
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     # the smollm2 fixture: skip where the bundled real model (with its tokenizer) is missing
     calib = tmp_path / "calib.txt"
     calib.write_text("The quick brown fox jumps over the lazy dog. " * 200)
     procs = []
     for rank in range(2):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port), "RANK": str(rank),
                "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "CUDA_VISIBLE_DEVICES": ""}
         argv = [sys.executable, "-m", "sparsewise", "prune", "--model", "smollm2-135m", "--method", "wanda",
                 "--calib", str(calib), "--calib-n", "4", "--calib-seqlen", "16", "--fidelity-n", "1",

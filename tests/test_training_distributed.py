@@ -4,7 +4,6 @@ keep identical masks through RigL's prune-and-grow updates."""
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import torch
@@ -51,14 +50,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def test_rigl_masks_agree_across_two_gloo_ranks(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+def test_rigl_masks_agree_across_two_gloo_ranks(tmp_path, free_port):
+    mp.spawn(_worker, args=(free_port, str(tmp_path)), nprocs=WORLD_SIZE, join=True)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
     history = ranks[0]["masks"]
     assert len(history) == STEPS + 1
@@ -122,14 +115,14 @@ def _fsdp_worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def test_rigl_under_fsdp2_keeps_one_mask_and_zeros_on_every_shard(tmp_path):
+def test_rigl_under_fsdp2_keeps_one_mask_and_zeros_on_every_shard(tmp_path, free_port):
     pytest = __import__("pytest")
     pytest.importorskip("torch.distributed.fsdp", reason="this torch has no FSDP2")
     from torch.distributed import fsdp
 
     if not hasattr(fsdp, "fully_shard"):
         pytest.skip("this torch has no FSDP2 (fully_shard)")
-    mp.spawn(_fsdp_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(_fsdp_worker, args=(free_port, str(tmp_path)), nprocs=WORLD_SIZE, join=True)
     ranks = [torch.load(tmp_path / f"fsdp{rank}.pt") for rank in range(WORLD_SIZE)]
     assert "FSDP2" in ranks[0]["ste"]
     assert [update["step"] for update in ranks[0]["updates"]] == [2, 4, 6]

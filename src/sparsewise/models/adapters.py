@@ -54,7 +54,7 @@ from torch import nn
 
 from ..errors import ConfigError, PatternError, UnsupportedModelError
 
-__all__ = ["ModelAdapter", "PrunableLayer", "is_prunable_module", "weight_layers"]
+__all__ = ["ModelAdapter", "PrunableLayer", "is_prunable_module", "unwrap_parallel", "weight_layers"]
 
 TARGETS = ("blocks", "all")
 
@@ -165,6 +165,14 @@ class PrunableLayer:
         kind = "Conv1D" if self.transposed else type(self.module).__name__
         extra = ", tied" if self.tied else ""
         return f"PrunableLayer({self.name!r}, {kind}, out={self.out_features}, in={self.in_features}{extra})"
+
+
+def unwrap_parallel(model: nn.Module) -> nn.Module:
+    """The real model inside a DistributedDataParallel / DataParallel wrapper (else ``model``):
+    hooks, masks and buffers belong on the wrapped modules."""
+    if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+        return model.module
+    return model
 
 
 def weight_layers(model: nn.Module, include: Sequence[str] | str | None = None,

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, NumericalError, UnsupportedModelError
-from ..models.adapters import ModelAdapter, weight_layers
+from ..models.adapters import ModelAdapter, unwrap_parallel, weight_layers
 from ..patterns import Pattern
 from . import bdwp, cast, dynamic, gmp, shrink, static, ste  # noqa: F401  (registration)
 from .base import MethodBase, TrainingMethod, available_training_methods, get_training_method, register
@@ -22,13 +22,6 @@ from .distribution import layer_sparsities
 
 __all__ = ["MASK_BUFFER", "MethodBase", "SparseTraining", "TrainedLayer", "TrainingMethod", "attach",
            "available_training_methods", "get_training_method", "register", "trained_layers"]
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    # DDP / DataParallel wrap the model in .module; masks belong on the real modules
-    if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
-        return model.module
-    return model
 
 
 def trained_layers(model: nn.Module, include=None, exclude=None) -> dict:
@@ -52,7 +45,7 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer | None, method: st
     total_steps:   planned optimizer steps (schedules are fractions of it)
     log:           CSV path (or a metrics.TrainingLog) for per-layer sparsity, mask flips (SAD), PQ Index
     """
-    model = _unwrap(model)
+    model = unwrap_parallel(model)
     pattern = Pattern(scope="layer") if pattern is None else Pattern.parse(pattern)
     if pattern.kind == "block":
         raise ConfigError("block patterns are not trained yet; use unstructured or N:M.")

@@ -214,11 +214,11 @@ class SparseTraining:
         same seed, same all-reduced gradients; this guards against non-deterministic reductions)."""
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return
+        nccl = torch.distributed.get_backend() == "nccl"
         for item in self.layers.values():
             mask = item.mask
-            backend = torch.distributed.get_backend()
             as_int = mask.to(torch.uint8)
-            if backend == "nccl" and not as_int.is_cuda:
+            if nccl and not as_int.is_cuda:
                 as_int = as_int.cuda()
             torch.distributed.broadcast(as_int, src=0)
             mask.copy_(as_int.to(mask.device).bool())

@@ -27,15 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from ..models.adapters import ModelAdapter
+from ..models.adapters import ModelAdapter, unwrap_parallel
 
 __all__ = ["BlockOutputs", "Distiller", "logit_kl", "squarehead_loss"]
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
-        return model.module
-    return model
 
 
 def _tokens(tensor: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -119,7 +113,7 @@ class BlockOutputs:
     """
 
     def __init__(self, model: nn.Module, blocks: Sequence[tuple[str, nn.Module]] | None = None):
-        self.model = _unwrap(model)
+        self.model = unwrap_parallel(model)
         self.blocks = list(ModelAdapter(self.model).blocks if blocks is None else blocks)
         self.outputs: list[torch.Tensor | None] = [None] * len(self.blocks)
         self._handles: list[Any] = []
@@ -194,8 +188,8 @@ class Distiller:
         self.student, self.teacher = student, teacher.eval()
         self.weights, self.temperature, self.eps, self.reduction = weights, temperature, eps, reduction
         if squarehead:
-            student_blocks = len(ModelAdapter(_unwrap(student)).blocks)
-            teacher_blocks = len(ModelAdapter(_unwrap(teacher)).blocks)
+            student_blocks = len(ModelAdapter(unwrap_parallel(student)).blocks)
+            teacher_blocks = len(ModelAdapter(unwrap_parallel(teacher)).blocks)
             if student_blocks != teacher_blocks:
                 raise ConfigError(f"SquareHead matches block by block: the student has {student_blocks} blocks, "
                                   f"the teacher {teacher_blocks}; use squarehead=0 (logit KL only) across depths.")

@@ -64,13 +64,13 @@ class _PruneAndGrow(MethodBase):
         fraction = cosine_fraction(step, self.fraction, round(self.stop * run.total_steps))
         changed = {}
         for name, item in run.layers.items():
-            mask = item.mask_rows()
+            mask, rows = item.mask_rows(), item.weight_rows()
             count = int(fraction * int(mask.sum()))
-            new_mask, grown = drop_and_grow(item.weight_rows(), mask, count, self.grow_scores(run, name))
+            new_mask, grown = drop_and_grow(rows, mask, count, self.grow_scores(run, name))
             flips = new_mask ^ mask
             item.set_mask_rows(new_mask)
             # grown weights start at zero and every changed entry restarts its optimizer state
-            item.set_weight_rows(item.weight_rows() * ~grown.to(item.mask.device))
+            item.set_weight_rows(rows * ~grown.to(rows.device))
             run.reset_optimizer_state(name, flips)
             changed[name] = int(flips.sum())
         run.sync_masks()
