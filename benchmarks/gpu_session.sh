@@ -3,6 +3,7 @@
 #   bash benchmarks/gpu_session.sh tests layers e2e probe      # in the repo root on the GPU machine
 #   bash benchmarks/gpu_session.sh stage-half                  # copy .carry1/* to /tmp/sw_stage (kept while warm)
 #   bash benchmarks/gpu_session.sh smollm2                     # needs /tmp/sw_stage/smol.part1 + .carry2/*
+#   bash benchmarks/gpu_session.sh dist                        # NCCL on 2 GPUs (needs stage-half first): test + SmolLM2
 #   bash benchmarks/gpu_session.sh tspeed                      # 2:4 training-step speed, LLaMA-3-8B MLP (< 3 min)
 #   FT_MINUTES=8 bash benchmarks/gpu_session.sh finetune       # SquareHead fine-tune of SparseGPT 2:4 SmolLM2
 #                                                              # (needs stage-half first, like smollm2)
@@ -57,6 +58,20 @@ for stage in "$@"; do
         --c4 .carry2/c4-train.00000-of-01024.first1000.jsonl --minutes ${FT_MINUTES:-8} \
         --deadline-s $(( ${FT_TIMEOUT:-560} - 15 )) --json-out "$OUT/finetune_smollm2.json" ${FT_ARGS:-} 2>&1 \
         | grep -v Warn | tee "$OUT/finetune.txt" | tail -14 ;;
+    dist)   # NCCL: needs 2 GPUs (kind nvidia-h200-x2) and stage-half first
+      timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_distributed.py 2>&1 | tail -5 \
+        | tee "$OUT/dist_tests.txt"
+      cat /tmp/sw_stage/smol.part1 .carry2/smol.part2 > /tmp/smol.gguf || exit 1
+      python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry2/gguf-*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+      for n in 1 2; do
+        start=$(date +%s.%N)
+        timeout 240 torchrun --nproc-per-node $n -m sparsewise prune --model /tmp/smol.gguf --method ${DIST_METHOD:-sparsegpt} \
+          --sparsity 0.5 --calib .carry2/c4-train.00000-of-01024.first1000.jsonl --calib-n 64 --calib-seqlen 512 \
+          --fidelity-n 1 --fidelity-seqlen 8 --device cuda --no-progress --out /tmp/dist$n 2>&1 | grep -v Warn \
+          | tail -5 | tee -a "$OUT/dist.txt"
+        echo "nproc $n: command wall $(python3 -c "import time; print(round(time.time() - $start, 1))") s" | tee -a "$OUT/dist.txt"
+      done
+      python3 benchmarks/probes/compare_masks.py /tmp/dist1 /tmp/dist2 2>&1 | grep -v Warn | tee -a "$OUT/dist.txt" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done

@@ -25,7 +25,7 @@ CONFIGS = "wanda@0.5;sparsegpt@0.5;sparsegpt@2:4;sparsegpt@0.7+owl;sparsegpt@0.7
 
 
 def parse(spec: str) -> dict:
-    """'sparsegpt@0.6+owl(lam=0.15)+dsnot' -> prune() keyword arguments."""
+    """'sparsegpt@0.6+owl(lam=0.15)+dsnot+recon(epochs=20)' -> prune() keyword arguments."""
     method, _, rest = spec.partition("@")
     target, *extras = rest.split("+")
     kwargs = {"method": method, "pattern": target if ":" in target else "unstructured",
@@ -36,6 +36,8 @@ def parse(spec: str) -> dict:
                   (item.split("=") for item in options.rstrip(")").split(",") if item)}
         if name == "dsnot":
             kwargs.update(refine="dsnot", refine_options=parsed or None)
+        elif name == "recon":
+            kwargs.update(reconstruct=parsed or True)
         else:
             kwargs.update(allocation=name, allocation_options=parsed or None)
     return kwargs
@@ -46,7 +48,7 @@ def main() -> None:
     parser.add_argument("--gguf", required=True)
     parser.add_argument("--wiki", required=True)
     parser.add_argument("--c4", required=True)
-    parser.add_argument("--configs", default=CONFIGS, help="';'-separated method@target[+allocation(k=v,...)][+dsnot]")
+    parser.add_argument("--configs", default=CONFIGS, help="';'-separated method@target[+allocation(k=v,...)][+dsnot][+recon(k=v,...)]")
     parser.add_argument("--json-out", default=os.environ.get("OUT", ".") + "/prune_smollm2_gpu.json")
     args = parser.parse_args()
     base, tok = sw.load_model(args.gguf)
@@ -69,6 +71,8 @@ def main() -> None:
         result = sw.prune(model, calibration=calib, device="cuda", progress=False, **kwargs)
         row = {"config": spec, "wall_s": round(result.wall_s, 2), "peak_gpu_mb": round(result.peak_gpu_mb or 0),
                "achieved": round(result.achieved_sparsity, 4), "ppl": ppl(model)}
+        if result.reconstruction:
+            row["reconstruct"] = next(line for line in result.summary().splitlines() if line.startswith("block rec"))
         rows.append(row)
         print(json.dumps(row), flush=True)
         with open(args.json_out, "w") as handle:

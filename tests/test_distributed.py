@@ -33,7 +33,7 @@ def calibration_set():
     return CalibrationSet(input_ids=ids, source="tensor")
 
 
-def run_cases() -> dict[str, dict[str, torch.Tensor]]:
+def run_cases(device: str = "cpu") -> dict[str, dict[str, torch.Tensor]]:
     """{"method/mode": {layer: pruned weight}} for every case, in this process's world."""
     from conftest import build_tiny
 
@@ -43,38 +43,53 @@ def run_cases() -> dict[str, dict[str, torch.Tensor]]:
     for method, mode in CASES:
         model = build_tiny("llama", seed=0)
         result = sw.prune(model, method, sparsity=0.5, calibration=calibration_set(), progress=False,
-                          sequential=mode, batch_size=BATCH)
+                          sequential=mode, batch_size=BATCH, device=device)
         modules = dict(model.named_modules())
-        out[f"{method}/{mode}"] = {name: modules[name].weight.detach().clone() for name in result.records}
+        out[f"{method}/{mode}"] = {name: modules[name].weight.detach().cpu().clone() for name in result.records}
     return out
 
 
-def _worker(out_dir: Path) -> None:
+def _worker(out_dir: Path, backend: str) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo")
+    device = "cpu"
+    if backend == "nccl":  # one GPU per rank, statistics reduced on the GPUs
+        device = f"cuda:{int(os.environ['RANK'])}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend)
     try:
         rank, _ = world()
         # a rank that saw no tokens of a layer still joins the reduce with zero sums
         stats = LayerStats(8, frozenset({STAT_NORMS, STAT_HESSIAN}))
         if rank == 0:
-            stats.update(torch.arange(24, dtype=torch.float32).reshape(3, 8))
-        all_reduce_stats(stats)
+            stats.update(torch.arange(24, dtype=torch.float32, device=device).reshape(3, 8))
+        all_reduce_stats(stats, torch.device(device))
         from sparsewise.oneshot import calibration_batches
 
         shares = [[batch["input_ids"].shape[0] for batch in calibration_batches(calibration_set(), size)]
                   for size in (None, BATCH)]
-        torch.save({"cases": run_cases(), "stats": (stats.tokens, stats.sq_sum, stats.xtx), "shares": shares},
-                   out_dir / f"rank{rank}.pt")
+        torch.save({"cases": run_cases(device), "shares": shares,
+                    "stats": (stats.tokens, stats.sq_sum.cpu(), stats.xtx.cpu())}, out_dir / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
 def test_two_gloo_processes_match_one(tmp_path, free_port):
+    _two_ranks_match_one(tmp_path, free_port, "gloo")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (NCCL)")
+def test_two_nccl_gpus_match_one(tmp_path, free_port):
+    _two_ranks_match_one(tmp_path, free_port, "nccl")
+
+
+def _two_ranks_match_one(tmp_path, free_port, backend: str) -> None:
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port),
            "WORLD_SIZE": str(WORLD_SIZE), "OMP_NUM_THREADS": "1"}
     procs = [
-        subprocess.Popen([sys.executable, __file__, str(tmp_path)], env={**env, "RANK": str(rank)},
+        subprocess.Popen([sys.executable, __file__, str(tmp_path), backend],
+                         env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for rank in range(WORLD_SIZE)
     ]
@@ -98,7 +113,7 @@ def test_two_gloo_processes_match_one(tmp_path, free_port):
     torch.testing.assert_close(sq_sum, (x * x).sum(0))
     torch.testing.assert_close(xtx, x.T @ x)
 
-    single = run_cases()
+    single = run_cases("cuda:0" if backend == "nccl" else "cpu")
     for case, weights in single.items():
         for name, weight in weights.items():
             for rank, data in enumerate(ranks):
@@ -129,7 +144,7 @@ def test_shard_samples_refuses_fewer_samples_than_ranks():
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    _worker(Path(sys.argv[1]))
+    _worker(Path(sys.argv[1]), sys.argv[2])
 
 
 @pytest.mark.slow  # two real-model processes: ~1-5 min on 2 cores

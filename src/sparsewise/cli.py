@@ -46,6 +46,12 @@ def _prune_parser(sub) -> None:
     add("--refine", help="mask refiner run after the method on every layer: dsnot")
     add("--refine-option", action="append", metavar="KEY=VALUE",
         help="refiner option, e.g. --refine-option skip_modules=[mlp] (recipe: refine_options)")
+    add("--reconstruct", action="store_true", default=None,
+        help="after each block is pruned, refit its kept weights to the dense model's block outputs on the "
+             "calibration samples (masks fixed; EBFT-style block-wise reconstruction)")
+    add("--reconstruct-option", action="append", metavar="KEY=VALUE",
+        help="reconstruction option: epochs, lr, micro_batch, holdout, patience, seed (recipe: "
+             "reconstruct_options)")
     add("--include", nargs="+", help="regexes of module names to prune (default: every linear in the blocks)")
     add("--exclude", nargs="+", help="regexes of module names to skip")
     add("--device", help="auto | cpu | cuda (default auto)")
@@ -111,6 +117,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     overrides.pop("method_options")
     overrides.pop("allocation_options")
     overrides.pop("refine_options")
+    overrides.pop("reconstruct_options")
     config = config.merged(overrides)
     if args.option:
         config.method_options = {**config.method_options, **_parse_options(args.option)}
@@ -119,6 +126,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
                                      **_parse_options(args.allocation_option, "--allocation-option")}
     if args.refine_option:
         config.refine_options = {**config.refine_options, **_parse_options(args.refine_option, "--refine-option")}
+    if args.reconstruct_option:
+        config.reconstruct_options = {**config.reconstruct_options,
+                                      **_parse_options(args.reconstruct_option, "--reconstruct-option")}
     if config.max_windows == 0:
         config.max_windows = None
     import torch

@@ -44,6 +44,8 @@ class PruneConfig:
     allocation_options: dict[str, Any] = field(default_factory=dict)
     refine: str | None = None
     refine_options: dict[str, Any] = field(default_factory=dict)
+    reconstruct: bool = False
+    reconstruct_options: dict[str, Any] = field(default_factory=dict)
     out: str | None = None
     save_format: str = "sparsewise"
     overwrite: bool = False
@@ -88,6 +90,9 @@ class PruneConfig:
                 raise ConfigError(f"method 'armor' needs pattern 2:4, got {self.pattern!r}: pass --pattern 2:4.")
         else:
             get_method(self.method)
+        if self.reconstruct_options and not self.reconstruct:
+            raise ConfigError("reconstruct_options given but reconstruct is off: add --reconstruct (recipe: "
+                              "reconstruct: true).")
         if self.sequential not in ("layer", "block"):
             raise ConfigError(f"sequential must be 'layer' or 'block', got {self.sequential!r}.")
         if self.save_format not in ("sparsewise", "hf-dense"):

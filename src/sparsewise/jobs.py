@@ -108,6 +108,7 @@ def prune_job(config: PruneConfig, *, progress: bool = True, log=print) -> JobRe
         method_options=config.method_options, resume_dir=config.resume_dir, progress=progress,
         allocation=config.allocation, allocation_options=config.allocation_options,
         refine=config.refine, refine_options=config.refine_options,
+        reconstruct=(config.reconstruct_options or True) if config.reconstruct else None,
     )
     report.prune = result
 

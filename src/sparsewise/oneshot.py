@@ -42,6 +42,7 @@ class PruneResult:
     sequential: str = "layer"
     calibration: dict[str, Any] = field(default_factory=dict)
     allocation: str = "uniform"
+    reconstruction: list[dict[str, Any]] = field(default_factory=list)  # one entry per refitted block
 
     @property
     def counted_params(self) -> int:
@@ -75,6 +76,12 @@ class PruneResult:
         ]
         if self.allocation != "uniform":
             lines.append(self.allocation)
+        if self.reconstruction:
+            before = sorted(entry["loss_before"] for entry in self.reconstruction)
+            after = sorted(entry["loss_after"] for entry in self.reconstruction)
+            middle = len(before) // 2
+            lines.append(f"block reconstruction: {len(before)} blocks, median held-out relative error "
+                         f"{before[middle]:.4f} -> {after[middle]:.4f}")
         lines += [f"warning: {note}" for note in self.warnings]
         return "\n".join(lines)
 
@@ -117,6 +124,7 @@ def prune(
     allocation_options: dict[str, Any] | None = None,
     refine: str | None = None,
     refine_options: dict[str, Any] | None = None,
+    reconstruct: bool | dict[str, Any] | None = None,
 ) -> PruneResult:
     """Prune ``model`` in place and return a :class:`PruneResult`.
 
@@ -146,14 +154,23 @@ def prune(
     for the reference code's attention-only default. The refined weight is the dense weight
     times the refined mask (for SparseGPT this drops its weight update, as the DSnoT code does).
 
+    ``reconstruct``: True or a dict of options (epochs, lr, micro_batch, holdout, patience, seed;
+    :mod:`sparsewise.correction.reconstruct`): after each block is pruned, refit its kept weights
+    and other parameters, masks fixed, to the dense model's block outputs on the calibration
+    samples (EBFT-style block-wise reconstruction; one extra dense pass per block).
+
     ``method="armor"`` (pattern "2:4") replaces every block linear by an ARMOR factorization
     y = A(S(Bx)) around a 2:4 core S (:mod:`sparsewise.correction.armor`); ``method_options``
     take its block_size, iterations, lr, patience, rtol and select. It runs in block mode and
     takes no allocation, refiner or resume_dir.
     """
+    from .correction.reconstruct import ReconstructConfig
+
+    reconstruct_config = ReconstructConfig.parse(reconstruct)
     if method == "armor":
-        if not _is_uniform(allocation) or allocation_options or refine is not None or resume_dir is not None or blocks is not None:
-            raise ConfigError("method 'armor' takes no allocation, refine, resume_dir or blocks.")
+        if (not _is_uniform(allocation) or allocation_options or refine is not None or resume_dir is not None
+                or blocks is not None or reconstruct_config is not None):
+            raise ConfigError("method 'armor' takes no allocation, refine, reconstruct, resume_dir or blocks.")
         from .correction.armor_model import prune_armor
 
         return prune_armor(model, calibration, pattern=Pattern.parse(pattern), include=include, exclude=exclude,
@@ -195,6 +212,12 @@ def prune(
         )
     if sequential not in SEQUENTIAL_MODES:
         raise ConfigError(f"sequential must be one of {SEQUENTIAL_MODES}, got {sequential!r}.")
+    if reconstruct_config is not None:
+        if not needs:
+            raise ConfigError(f"reconstruct refits blocks on calibration data; {pruner.name} runs without it: use "
+                              "wanda or sparsegpt, or drop reconstruct.")
+        if world()[1] > 1:
+            raise ConfigError("reconstruct does not run under torch.distributed yet: prune on one process.")
     if pattern.scope == "global" and pruner.name not in ("magnitude", "random"):
         raise ConfigError("global ranking compares raw scores across layers: use it with magnitude or random.")
 
@@ -230,9 +253,10 @@ def prune(
                 settings = {"method": pruner.name, "pattern": str(pattern), "sparsity": sparsity, "seed": seed,
                             "sequential": sequential, "batch_size": batch_size, "options": run.options,
                             "refine": refiner.name if refiner else None, "refine_options": dict(refine_options or {}),
-                            "allocation": run.sparsities}
+                            "allocation": run.sparsities,
+                            "reconstruct": reconstruct_config.to_json() if reconstruct_config else None}
                 _prune_calibrated(model, adapter, layers, run, calibration, sequential, batch_size, resume_dir,
-                                  settings, bar)
+                                  settings, bar, reconstruct_config)
     except BaseException:
         run.restore(layers)
         raise
@@ -253,6 +277,7 @@ def prune(
         sequential=sequential,
         calibration=_calibration_facts(calibration),
         allocation=plan.summary() if plan is not None else "uniform",
+        reconstruction=[run.reconstructed[index] for index in sorted(run.reconstructed)],
     )
 
 
@@ -324,7 +349,9 @@ class _LayerPruner:
         self.sparsities: dict[str, float] = {}  # per-layer ratios of an allocation (else ``sparsity``)
         self.patterns: dict[str, Pattern] = {}  # per-layer N:M choice of a mixed allocation (else ``pattern``)
         self.backup: dict[str, torch.Tensor] = {}
+        self.param_backup: list[tuple[nn.Parameter, torch.Tensor]] = []  # block parameters a refit changes
         self.records: dict[str, LayerRecord] = {}
+        self.reconstructed: dict[int, dict[str, Any]] = {}  # block index -> reconstruct_block's info
 
     def keep_originals(self, layers: dict[str, PrunableLayer]) -> None:
         """Hold the weights of a block about to be onloaded to the compute device, without a copy.
@@ -373,13 +400,26 @@ class _LayerPruner:
             shape=(layer.out_features, layer.in_features), info=info, mask=mask.cpu(),
         )
 
+    def keep_block_params(self, block: nn.Module, layers: dict[str, PrunableLayer]) -> None:
+        """Copy the parameters of ``block`` that a refit may change and :meth:`apply` did not back up
+        (norm scales, biases), so that :meth:`restore` can put the whole block back."""
+        weights = {id(layer.module.weight) for layer in layers.values()}
+        for param in block.parameters():
+            if id(param) not in weights:
+                self.param_backup.append((param, param.detach().to("cpu", copy=True)))
+
     def restore(self, layers: dict[str, PrunableLayer]) -> None:
         for name, original in self.backup.items():
             layers[name].set_weight(original.to(layers[name].get_weight().device))
+        for param, original in self.param_backup:
+            param.data = original.to(param.device, param.dtype)
+
+
+_PARAM_KEY = "param:"  # resume-state key prefix of block parameters that are not layer weights
 
 
 def _prune_calibrated(model, adapter, layers, run: _LayerPruner, calibration, sequential: str, batch_size: int,
-                      resume_dir, settings: dict[str, Any], bar) -> None:
+                      resume_dir, settings: dict[str, Any], bar, reconstruct_config=None) -> None:
     """Block-by-block calibration and pruning, optionally resuming from ``resume_dir``."""
     batches = calibration_batches(calibration, None if sequential == "layer" else batch_size)
     start_block, hidden_states, run_progress = 0, None, None
@@ -391,14 +431,40 @@ def _prune_calibrated(model, adapter, layers, run: _LayerPruner, calibration, se
             start_block, weights, hidden_states, done_records = state
             for data in done_records:
                 run.adopt(data["name"], layers[data["name"]], weights[data["name"]], data)
+            for key, value in weights.items():  # parameters of refitted blocks besides the layer weights
+                if key.startswith(_PARAM_KEY):
+                    param = model.get_parameter(key[len(_PARAM_KEY):])
+                    run.param_backup.append((param, param.detach().to("cpu", copy=True)))
+                    param.data = value.to(param.device, param.dtype)
+            for index in range(start_block):
+                for name in adapter.block_layers(index):
+                    if "reconstruct" in run.records[name].info:
+                        run.reconstructed[index] = run.records[name].info["reconstruct"]
             bar.update(start_block)
 
     def after_block(index: int, _name: str, outputs: list[torch.Tensor]) -> None:
         bar.update(1)
         if run_progress is not None:
             done = adapter.block_layers(index)
-            run_progress.save(index, {name: layer.get_weight() for name, layer in done.items()}, outputs,
-                              [record.to_json() for record in run.records.values()])
+            tensors = {name: layer.get_weight() for name, layer in done.items()}
+            if reconstruct_config is not None:  # the refit also changed norm scales and biases
+                block_name, block = adapter.blocks[index]
+                weights_ids = {id(layer.module.weight) for layer in done.values()}
+                tensors.update({f"{_PARAM_KEY}{block_name}.{name}": param for name, param in block.named_parameters()
+                                if id(param) not in weights_ids})
+            run_progress.save(index, tensors, outputs, [record.to_json() for record in run.records.values()])
+
+    refit = None
+    if reconstruct_config is not None:
+        from .correction.reconstruct import reconstruct_block
+
+        def refit(index: int, block: nn.Module, calls, targets) -> None:
+            block_layers = adapter.block_layers(index)
+            run.keep_block_params(block, block_layers)
+            info = reconstruct_block(block, calls, targets, reconstruct_config)
+            run.reconstructed[index] = info
+            for name in block_layers:
+                run.records[name].info["reconstruct"] = info
 
     sequential_calibration(
         model, adapter.blocks, adapter.block_layers, batches,
@@ -406,6 +472,7 @@ def _prune_calibrated(model, adapter, layers, run: _LayerPruner, calibration, se
         wanted=run.needs, device=run.device, mode=sequential,
         start_block=start_block, hidden_states=hidden_states, after_block=after_block,
         before_block=lambda index: run.keep_originals(adapter.block_layers(index)),
+        reconstruct=refit,
     )
     if run_progress is not None:
         run_progress.clear()

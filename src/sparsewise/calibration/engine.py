@@ -280,6 +280,7 @@ def sequential_calibration(
     hidden_states: list[torch.Tensor] | None = None,
     after_block: Callable[[int, str, list[torch.Tensor]], None] | None = None,
     before_block: Callable[[int], None] | None = None,
+    reconstruct: Callable[[int, nn.Module, list[BlockCall], list[torch.Tensor]], None] | None = None,
 ) -> None:
     """Call ``prune_layer(name, stats)`` for every layer, block by block, propagating pruned outputs.
 
@@ -293,16 +294,28 @@ def sequential_calibration(
     ``hidden_states`` (one tensor per batch); ``after_block(index, name, outputs)`` sees every
     finished block's outputs so a caller can checkpoint them. ``before_block(index)`` runs
     while the block is still at home, before it is moved to ``device``.
+
+    ``reconstruct(index, block, calls, targets)``: after a block is pruned, refit it so its
+    outputs on ``calls`` (the pruned model's inputs) approach ``targets``, the dense model's
+    outputs of this block on the dense model's own inputs. The engine then carries a second,
+    dense stream of hidden states beside the pruned one (one more block pass each) and the
+    block's outputs are recomputed after the refit. With it, ``hidden_states`` and the
+    ``outputs`` given to ``after_block`` hold both streams: pruned batches, then dense ones.
     """
     if mode not in SEQUENTIAL_MODES:
         raise ValueError(f"mode must be one of {SEQUENTIAL_MODES}, got {mode!r}")
     if mode == "layer" and len(batches) != 1:
         raise ValueError("mode 'layer' runs all calibration samples as one batch; pass exactly one batch")
     calls = capture_block_inputs(model, blocks[0][1], batches, device)
+    streams = 2 if reconstruct is not None else 1
+    dense_calls = calls
     if hidden_states is not None:
-        if len(hidden_states) != len(calls):
-            raise ValueError(f"resume state holds {len(hidden_states)} batches, calibration gives {len(calls)}")
-        calls = [call.with_hidden_states(hidden.to(device)) for call, hidden in zip(calls, hidden_states, strict=True)]
+        if len(hidden_states) != streams * len(calls):
+            raise ValueError(f"resume state holds {len(hidden_states)} batches, calibration gives "
+                             f"{len(calls)}{' per stream (pruned, dense)' if streams == 2 else ''}")
+        hidden = [tensor.to(device) for tensor in hidden_states]
+        dense_calls = [call.with_hidden_states(state) for call, state in zip(calls, hidden[len(calls):], strict=True)]
+        calls = [call.with_hidden_states(state) for call, state in zip(calls, hidden[: len(calls)], strict=True)]
     for index, (name, block) in enumerate(blocks):
         if index < start_block:
             continue
@@ -311,9 +324,16 @@ def sequential_calibration(
             before_block(index)
         block.to(device)
         try:
+            targets = run_block(block, dense_calls) if reconstruct is not None else []
             outputs = _process_block(block, block_layers(index), calls, wanted, prune_layer, mode)
+            if reconstruct is not None:
+                del outputs
+                reconstruct(index, block, calls, targets)
+                outputs = run_block(block, calls)
         finally:
             block.to(home)  # also on failure: the caller's model must end where it started
         calls = [call.with_hidden_states(out) for call, out in zip(calls, outputs, strict=True)]
+        if reconstruct is not None:
+            dense_calls = [call.with_hidden_states(out) for call, out in zip(dense_calls, targets, strict=True)]
         if after_block is not None:
-            after_block(index, name, outputs)
+            after_block(index, name, outputs + targets)
