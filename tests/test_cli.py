@@ -87,6 +87,7 @@ def test_default_job_self_calibration_with_recipe(tmp_path, capsys, smollm2):
     (["prune", "--option", "nonsense"], "KEY=VALUE"),
     (["prune", "--method", "armor"], "needs pattern 2:4"),
     (["prune", "--allocation-option", "nonsense"], "--allocation-option expects KEY=VALUE"),
+    (["prune", "--reconstruct-option", "lr=0.001"], "add --reconstruct"),
     (["prune", "--pattern", "2:4", "--allocation", "owl", "--self-n", "1", "--self-seqlen", "8",
       "--fidelity-n", "1", "--fidelity-seqlen", "8"], "fixes every layer's sparsity"),
 ])
@@ -108,7 +109,8 @@ def test_every_config_field_has_a_flag():
     parser = build_parser()
     prune = parser._subparsers._group_actions[0].choices["prune"]
     dests = {action.dest for action in prune._actions}
-    missing = set(PruneConfig.field_names()) - dests - {"method_options", "allocation_options", "refine_options"}
+    missing = (set(PruneConfig.field_names()) - dests
+               - {"method_options", "allocation_options", "refine_options", "reconstruct_options"})
     assert not missing
 
 

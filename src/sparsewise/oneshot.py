@@ -397,7 +397,7 @@ class _LayerPruner:
         self.records[name] = LayerRecord(
             name=name, pattern=str(self.patterns.get(name, self.pattern)), sparsity=self.sparsities.get(name, self.sparsity),
             achieved=zeros / (layer.out_features * layer.in_features), method=self.pruner.name,
-            shape=(layer.out_features, layer.in_features), info=info, mask=mask.cpu(),
+            shape=(layer.out_features, layer.in_features), info=info, mask=mask,
         )
 
     def keep_block_params(self, block: nn.Module, layers: dict[str, PrunableLayer]) -> None:

@@ -7,7 +7,7 @@ that *uses* sparsity (formats, reports, kernels, runtime) starts from these reco
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import InitVar, asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -27,6 +27,8 @@ class LayerRecord:
     shape:     weight shape as [out_features, in_features]
     info:      method-specific facts worth reporting (e.g. the damping SparseGPT needed)
     mask:      bool tensor [out, in], True = weight kept. Not saved in JSON; derivable from weights.
+               Held packed to bits in CPU memory (1/8 of a bool tensor: at 7B scale 0.8 GB instead
+               of 6.5 GB, and the device-to-host copy of each layer's mask 8x smaller).
     """
 
     name: str
@@ -36,11 +38,29 @@ class LayerRecord:
     method: str
     shape: tuple[int, int]
     info: dict[str, Any] = field(default_factory=dict)
-    mask: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    mask: InitVar[torch.Tensor | None] = None
+    _mask_bits: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+    _mask_shape: tuple[int, ...] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self, mask: torch.Tensor | None) -> None:
+        self._set_mask(mask)
+
+    def _get_mask(self) -> torch.Tensor | None:
+        if self._mask_bits is None:
+            return None
+        return unpack_bits(self._mask_bits, self._mask_shape)
+
+    def _set_mask(self, mask: torch.Tensor | None) -> None:
+        if mask is None or isinstance(mask, property):  # the dataclass default seen before the property below
+            self._mask_bits = self._mask_shape = None
+            return
+        self._mask_bits = pack_bits(mask).cpu()  # packed on the mask's own device: the copy is 8x smaller
+        self._mask_shape = tuple(mask.shape)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
-        data.pop("mask")
+        data.pop("_mask_bits")
+        data.pop("_mask_shape")
         data["shape"] = list(self.shape)
         return data
 
@@ -55,6 +75,30 @@ class LayerRecord:
             shape=tuple(data["shape"]),
             info=dict(data.get("info", {})),
         )
+
+
+LayerRecord.mask = property(LayerRecord._get_mask, LayerRecord._set_mask)  # after @dataclass: init keeps mask=None
+
+_BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A bool tensor as uint8 words, 8 entries per byte, little-endian within a byte (flattened)."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=flat.device)
+    return (flat.view(-1, 8) * weights).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(bits: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`."""
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=bits.device)
+    count = 1
+    for size in shape:
+        count *= size
+    return ((bits[:, None] & weights) != 0).reshape(-1)[:count].reshape(shape)
 
 
 def get_records(model: torch.nn.Module) -> dict[str, LayerRecord]:

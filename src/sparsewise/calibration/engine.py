@@ -308,13 +308,14 @@ def sequential_calibration(
         raise ValueError("mode 'layer' runs all calibration samples as one batch; pass exactly one batch")
     calls = capture_block_inputs(model, blocks[0][1], batches, device)
     streams = 2 if reconstruct is not None else 1
-    dense_calls = calls
+    dense_calls = calls if reconstruct is not None else []  # [] otherwise: block 0's inputs must not outlive it
     if hidden_states is not None:
         if len(hidden_states) != streams * len(calls):
             raise ValueError(f"resume state holds {len(hidden_states)} batches, calibration gives "
                              f"{len(calls)}{' per stream (pruned, dense)' if streams == 2 else ''}")
         hidden = [tensor.to(device) for tensor in hidden_states]
-        dense_calls = [call.with_hidden_states(state) for call, state in zip(calls, hidden[len(calls):], strict=True)]
+        if streams == 2:
+            dense_calls = [call.with_hidden_states(state) for call, state in zip(calls, hidden[len(calls):], strict=True)]
         calls = [call.with_hidden_states(state) for call, state in zip(calls, hidden[: len(calls)], strict=True)]
     for index, (name, block) in enumerate(blocks):
         if index < start_block:

@@ -33,7 +33,7 @@ def _core_record(name: str, module: ARMORLinear, info: dict[str, Any]) -> LayerR
     mask = weight != 0
     return LayerRecord(name=f"{name}.sparse", pattern="2:4", sparsity=0.5,
                        achieved=float((~mask).sum()) / mask.numel(), method="armor",
-                       shape=(module.out_features, module.in_features), info=info, mask=mask.cpu())
+                       shape=(module.out_features, module.in_features), info=info, mask=mask)
 
 
 def armor(
