@@ -37,6 +37,7 @@ class JobReport:
             + " | ".join(f"{key} {value:.1f} s" for key, value in self.timings.items()),
             f"memory       peak RSS {result.peak_rss_mb:.0f} MB"
             + (f", peak GPU {result.peak_gpu_mb:.0f} MB" if result.peak_gpu_mb is not None else ""),
+            *(f"{'steps' if index == 0 else '':13}{line}" for index, line in enumerate(result.details)),
             "",
             f"{'':28}{'dense':>14}{'sparse':>14}",
         ]

@@ -74,16 +74,21 @@ class PruneResult:
             + (f"  peak GPU {self.peak_gpu_mb:.0f} MB" if self.peak_gpu_mb is not None else "")
             + f"  device {self.device}  sequential-{self.sequential}",
         ]
-        if self.allocation != "uniform":
-            lines.append(self.allocation)
+        lines += self.details
+        lines += [f"warning: {note}" for note in self.warnings]
+        return "\n".join(lines)
+
+    @property
+    def details(self) -> list[str]:
+        """Summary lines of the optional steps: the layer-wise allocation and the block refit."""
+        lines = [self.allocation] if self.allocation != "uniform" else []
         if self.reconstruction:
             before = sorted(entry["loss_before"] for entry in self.reconstruction)
             after = sorted(entry["loss_after"] for entry in self.reconstruction)
             middle = len(before) // 2
             lines.append(f"block reconstruction: {len(before)} blocks, median held-out relative error "
                          f"{before[middle]:.4f} -> {after[middle]:.4f}")
-        lines += [f"warning: {note}" for note in self.warnings]
-        return "\n".join(lines)
+        return lines
 
 
 def peak_rss_mb() -> float:
