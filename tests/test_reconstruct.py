@@ -81,11 +81,12 @@ def test_reconstruction_runs_on_every_family(family):
 def test_reconstruction_is_deterministic_and_keeps_half_precision():
     calib = calibration_for("llama", n=4, seqlen=16)
     states = []
-    for _ in range(2):
-        model = build_tiny("llama").to(torch.bfloat16)
+    for frozen in (False, True):  # a model frozen for inference refits the same and stays frozen
+        model = build_tiny("llama").to(torch.bfloat16).requires_grad_(not frozen)
         _prune(model, calib, reconstruct=FAST)
         states.append(model.state_dict())
         assert all(param.dtype == torch.bfloat16 for param in model.parameters())
+        assert all(param.requires_grad != frozen and param.grad is None for param in model.parameters())
     for key, value in states[0].items():
         assert torch.equal(value, states[1][key]), key
 

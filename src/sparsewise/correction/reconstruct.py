@@ -142,8 +142,10 @@ def reconstruct_block(
 
     dtypes = {name: param.dtype for name, param in block.named_parameters()}
     params = [param for param in block.parameters() if param.is_floating_point()]
+    frozen = [param for param in params if not param.requires_grad]  # e.g. a model loaded frozen for inference
     for param in params:  # Adam on half-precision weights would lose most small updates
         param.data = param.data.float()
+        param.requires_grad_(True)
     masks = [(param != 0) if param.dim() >= 2 else None for param in params]
     try:
         best_loss = _relative_error(block, judge)
@@ -190,6 +192,10 @@ def reconstruct_block(
             for param, value in zip(params, best_state, strict=True):
                 param.copy_(value)
     finally:
+        for param in params:
+            param.grad = None  # a block's worth of gradients must not outlive its refit
+        for param in frozen:
+            param.requires_grad_(False)
         for name, param in block.named_parameters():
             if param.dtype != dtypes[name]:
                 param.data = param.data.to(dtypes[name])
