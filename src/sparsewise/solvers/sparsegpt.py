@@ -45,6 +45,44 @@ def _damped_inverse_factor(
     )
 
 
+def _column_loop(block: torch.Tensor, keep: torch.Tensor, upper: torch.Tensor, errors: torch.Tensor,
+                 nm: tuple[int, int] | None) -> None:
+    """One lazy block, column by column, in place: ``block`` [width, rows] (columns of W as rows),
+    ``keep`` [width, rows] (given for unstructured, chosen here per N:M group), ``upper`` the block's
+    [width, width] factor, ``errors`` [width, rows] filled with err_c = w_c * pruned_c / U_cc.
+
+    With pruned / U_cc precomputed, each column costs two kernels (the multiply and the rank-1
+    update), which bounds the loop where launches dominate (GPU); pruned entries are zeroed once at
+    the end, since a processed column is never read again.
+    """
+    diagonal = upper.diagonal().unsqueeze(1)
+    prune_scale = torch.empty_like(block)
+    if nm is None:
+        torch.div((~keep).to(block.dtype), diagonal, out=prune_scale)
+    for col in range(block.shape[0]):
+        if nm is not None and col % nm[1] == 0:
+            group = slice(col, col + nm[1])
+            saliency = block[group].square() / diagonal[group].square()
+            keep[group] = nm_mask(saliency.T, *nm).T
+            torch.div((~keep[group]).to(block.dtype), diagonal[group], out=prune_scale[group])
+        torch.mul(block[col], prune_scale[col], out=errors[col])
+        block[col + 1 :].addr_(upper[col, col + 1 :], errors[col], alpha=-1.0)
+    block.masked_fill_(~keep, 0.0)
+
+
+def _triton_lazy_block(device: torch.device):
+    from ..kernels.interpreter import INTERPRETED
+
+    if device.type != "cuda" and not INTERPRETED:
+        raise ConfigError("sparsegpt kernel='triton' runs on CUDA tensors (or under TRITON_INTERPRET=1); use "
+                          "kernel='torch' here.")
+    try:
+        from ..kernels.triton_sparsegpt import lazy_block
+    except ImportError as error:
+        raise ConfigError(f"sparsegpt kernel='triton' needs triton ({error}); use kernel='torch'.") from error
+    return lazy_block
+
+
 def _check_inputs(weight: torch.Tensor, hessian: torch.Tensor) -> None:
     if weight.dim() != 2:
         raise ConfigError(f"sparsegpt needs a 2-D weight [out, in], got shape {tuple(weight.shape)}.")
@@ -72,6 +110,7 @@ def sparsegpt_prune(
     block_size: int = 128,
     damp_ratio: float = 0.01,
     max_damp_tries: int = 6,
+    kernel: str = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """Prune ``weight`` [out, in] with SparseGPT given ``hessian`` [in, in] (X^T X up to scale).
 
@@ -80,6 +119,9 @@ def sparsegpt_prune(
     prunes exactly floor(sparsity * numel). N:M (``sparsity`` is ignored, it is 1 - N/M): at every
     column j with j % M == 0 the N entries to keep among columns j..j+M-1 are chosen by saliency of
     the weights as updated so far. The ``scope`` of an unstructured pattern does not apply.
+
+    ``kernel="triton"`` runs each lazy block's column loop as one Triton kernel
+    (:mod:`sparsewise.kernels.triton_sparsegpt`; experimental: CUDA, or Triton's CPU interpreter).
 
     Returns (new_weight, keep_mask, info): new_weight has exact zeros where keep_mask is False and
     the input dtype; info holds damp_ratio, damp_raised, damp_tries, dead_inputs, block_size and
@@ -100,6 +142,9 @@ def sparsegpt_prune(
             f"{damp_ratio}, {max_damp_tries}; the defaults are 128, 0.01 and 6."
         )
     _check_inputs(weight, hessian)
+    if kernel not in ("torch", "triton"):
+        raise ConfigError(f"sparsegpt kernel must be 'torch' or 'triton', got {kernel!r}.")
+    column_loop = _triton_lazy_block(weight.device) if kernel == "triton" else _column_loop
     if pattern.kind == "nm":
         pattern.check_shape(tuple(weight.shape))
         # blocks must start on group boundaries so every N:M group lies inside one block
@@ -124,35 +169,25 @@ def sparsegpt_prune(
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     upper, info = _damped_inverse_factor(H, float(damp_ratio), int(max_damp_tries))
+    upper = upper.contiguous()  # the loop reads rows of the factor; LAPACK returns it column-major
     del H
 
     # work on W^T so each column is a contiguous row: the per-column updates stay cache-friendly
     weight_t = W.T.contiguous()
     keep_t = torch.ones(cols, rows, dtype=torch.bool, device=W.device)
+    nm = (pattern.n, pattern.m) if pattern.kind == "nm" else None
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
         block = weight_t[start:end]  # view [width, rows]
         block_keep = keep_t[start:end]
         block_upper = upper[start:end, start:end]
-        inv_diag_sq = block_upper.diagonal().square().unsqueeze(1)
-        errors = torch.zeros_like(block)
-
-        if pattern.kind == "unstructured":
+        errors = torch.empty_like(block)
+        if nm is None:
             n_prune = prune_count(rows * end, sparsity) - prune_count(rows * start, sparsity)
             if n_prune > 0:
-                saliency = block.square() / inv_diag_sq
+                saliency = block.square() / block_upper.diagonal().square().unsqueeze(1)
                 block_keep.view(-1).masked_fill_(lowest_mask(saliency.reshape(-1), n_prune), False)
-
-        for col in range(end - start):
-            if pattern.kind == "nm" and col % pattern.m == 0:
-                group = slice(col, col + pattern.m)
-                saliency = block[group].square() / inv_diag_sq[group]
-                block_keep[group] = nm_mask(saliency.T, pattern.n, pattern.m).T
-            column, kept = block[col], block_keep[col]
-            errors[col].copy_(column).masked_fill_(kept, 0.0).div_(block_upper[col, col])
-            column.masked_fill_(~kept, 0.0)
-            block[col + 1 :].addr_(block_upper[col, col + 1 :], errors[col], alpha=-1.0)
-
+        column_loop(block, block_keep, block_upper, errors, nm)
         if end < cols:
             weight_t[end:].addmm_(upper[start:end, end:].T, errors, alpha=-1.0)
 
