@@ -113,22 +113,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .jobs import prune_job
 
     config = PruneConfig.from_yaml(args.recipe) if args.recipe else PruneConfig()
-    overrides = {name: getattr(args, name, None) for name in PruneConfig.field_names()}
-    overrides.pop("method_options")
-    overrides.pop("allocation_options")
-    overrides.pop("refine_options")
-    overrides.pop("reconstruct_options")
+    # KEY=VALUE flags add to the recipe's option dicts instead of replacing them
+    option_flags = {"method_options": ("option", "--option"),
+                    "allocation_options": ("allocation_option", "--allocation-option"),
+                    "refine_options": ("refine_option", "--refine-option"),
+                    "reconstruct_options": ("reconstruct_option", "--reconstruct-option")}
+    overrides = {name: getattr(args, name, None) for name in PruneConfig.field_names() if name not in option_flags}
     config = config.merged(overrides)
-    if args.option:
-        config.method_options = {**config.method_options, **_parse_options(args.option)}
-    if args.allocation_option:
-        config.allocation_options = {**config.allocation_options,
-                                     **_parse_options(args.allocation_option, "--allocation-option")}
-    if args.refine_option:
-        config.refine_options = {**config.refine_options, **_parse_options(args.refine_option, "--refine-option")}
-    if args.reconstruct_option:
-        config.reconstruct_options = {**config.reconstruct_options,
-                                      **_parse_options(args.reconstruct_option, "--reconstruct-option")}
+    for field_name, (dest, flag) in option_flags.items():
+        items = getattr(args, dest)
+        if items:
+            setattr(config, field_name, {**getattr(config, field_name), **_parse_options(items, flag)})
     if config.max_windows == 0:
         config.max_windows = None
     import torch

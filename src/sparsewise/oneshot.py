@@ -408,10 +408,8 @@ class _LayerPruner:
     def keep_block_params(self, block: nn.Module, layers: dict[str, PrunableLayer]) -> None:
         """Copy the parameters of ``block`` that a refit may change and :meth:`apply` did not back up
         (norm scales, biases), so that :meth:`restore` can put the whole block back."""
-        weights = {id(layer.module.weight) for layer in layers.values()}
-        for param in block.parameters():
-            if id(param) not in weights:
-                self.param_backup.append((param, param.detach().to("cpu", copy=True)))
+        for _name, param in _other_params(block, layers):
+            self.param_backup.append((param, param.detach().to("cpu", copy=True)))
 
     def restore(self, layers: dict[str, PrunableLayer]) -> None:
         for name, original in self.backup.items():
@@ -421,6 +419,12 @@ class _LayerPruner:
 
 
 _PARAM_KEY = "param:"  # resume-state key prefix of block parameters that are not layer weights
+
+
+def _other_params(block: nn.Module, layers: dict[str, PrunableLayer]) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of ``block`` besides its layers' weights: what a refit changes beyond them."""
+    weights = {id(layer.module.weight) for layer in layers.values()}
+    return [(name, param) for name, param in block.named_parameters() if id(param) not in weights]
 
 
 def _prune_calibrated(model, adapter, layers, run: _LayerPruner, calibration, sequential: str, batch_size: int,
@@ -454,9 +458,7 @@ def _prune_calibrated(model, adapter, layers, run: _LayerPruner, calibration, se
             tensors = {name: layer.get_weight() for name, layer in done.items()}
             if reconstruct_config is not None:  # the refit also changed norm scales and biases
                 block_name, block = adapter.blocks[index]
-                weights_ids = {id(layer.module.weight) for layer in done.values()}
-                tensors.update({f"{_PARAM_KEY}{block_name}.{name}": param for name, param in block.named_parameters()
-                                if id(param) not in weights_ids})
+                tensors.update({f"{_PARAM_KEY}{block_name}.{name}": param for name, param in _other_params(block, done)})
             run_progress.save(index, tensors, outputs, [record.to_json() for record in run.records.values()])
 
     refit = None

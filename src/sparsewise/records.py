@@ -7,6 +7,7 @@ that *uses* sparsity (formats, reports, kernels, runtime) starts from these reco
 
 from __future__ import annotations
 
+import math
 from dataclasses import InitVar, asdict, dataclass, field
 from typing import Any
 
@@ -48,13 +49,17 @@ class LayerRecord:
     def _get_mask(self) -> torch.Tensor | None:
         if self._mask_bits is None:
             return None
-        return unpack_bits(self._mask_bits, self._mask_shape)
+        from .formats.compressed import unpack_bits  # the checkpoint's 1-bit layout (formats imports records)
+
+        return unpack_bits(self._mask_bits, 1, math.prod(self._mask_shape)).bool().reshape(self._mask_shape)
 
     def _set_mask(self, mask: torch.Tensor | None) -> None:
         if mask is None or isinstance(mask, property):  # the dataclass default seen before the property below
             self._mask_bits = self._mask_shape = None
             return
-        self._mask_bits = pack_bits(mask).cpu()  # packed on the mask's own device: the copy is 8x smaller
+        from .formats.compressed import pack_bits
+
+        self._mask_bits = pack_bits(mask, 1).cpu()  # packed on the mask's own device: the copy is 8x smaller
         self._mask_shape = tuple(mask.shape)
 
     def to_json(self) -> dict[str, Any]:
@@ -78,27 +83,6 @@ class LayerRecord:
 
 
 LayerRecord.mask = property(LayerRecord._get_mask, LayerRecord._set_mask)  # after @dataclass: init keeps mask=None
-
-_BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
-
-
-def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """A bool tensor as uint8 words, 8 entries per byte, little-endian within a byte (flattened)."""
-    flat = mask.reshape(-1).to(torch.uint8)
-    pad = (-flat.numel()) % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=flat.device)
-    return (flat.view(-1, 8) * weights).sum(1, dtype=torch.uint8)
-
-
-def unpack_bits(bits: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`."""
-    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=bits.device)
-    count = 1
-    for size in shape:
-        count *= size
-    return ((bits[:, None] & weights) != 0).reshape(-1)[:count].reshape(shape)
 
 
 def get_records(model: torch.nn.Module) -> dict[str, LayerRecord]:

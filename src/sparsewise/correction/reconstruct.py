@@ -134,9 +134,8 @@ def reconstruct_block(
     config = config or ReconstructConfig()
     pieces = _pieces(calls, targets, config.micro_batch)
     samples = sum(call.hidden_states.shape[0] for call in calls)
-    held = min(len(pieces) - 1, round(config.holdout * len(pieces))) if config.holdout > 0 else 0
-    if config.holdout > 0 and held < 1 and len(pieces) > 1:
-        held = 1
+    # at least one held-out piece when asked for, never all of them
+    held = min(len(pieces) - 1, max(1, round(config.holdout * len(pieces)))) if config.holdout > 0 else 0
     train, valid = pieces[: len(pieces) - held], pieces[len(pieces) - held:]
     judge = valid or train  # no held-out piece (one sample): keep the better of before/after on the training loss
 
@@ -147,6 +146,7 @@ def reconstruct_block(
         param.data = param.data.float()
         param.requires_grad_(True)
     masks = [(param != 0) if param.dim() >= 2 else None for param in params]
+    was_training = block.training
     try:
         best_loss = _relative_error(block, judge)
         if not math.isfinite(best_loss):
@@ -158,7 +158,6 @@ def reconstruct_block(
             optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, steps_total) / steps_total)))
         generator = torch.Generator().manual_seed(config.seed)
         steps, epoch, stale = 0, 0, 0
-        was_training = block.training
         block.train(False)  # dropout off: the targets came from the deterministic forward
         with torch.enable_grad():
             for epoch in range(1, config.epochs + 1):
@@ -187,11 +186,11 @@ def reconstruct_block(
                     stale += 1
                     if stale >= config.patience:
                         break
-        block.train(was_training)
         with torch.no_grad():
             for param, value in zip(params, best_state, strict=True):
                 param.copy_(value)
     finally:
+        block.train(was_training)
         for param in params:
             param.grad = None  # a block's worth of gradients must not outlive its refit
         for param in frozen:
