@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_session.sh stage-half                  # copy .carry1/* to /tmp/sw_stage (kept while warm)
 #   bash benchmarks/gpu_session.sh smollm2                     # needs /tmp/sw_stage/smol.part1 + .carry2/*
 #   bash benchmarks/gpu_session.sh dist                        # NCCL on 2 GPUs (needs stage-half first): test + SmolLM2
-#   bash benchmarks/gpu_session.sh sgpt                        # SparseGPT's Triton lazy-block kernel: test + 7B timing
+#   bash benchmarks/gpu_session.sh sgpt                        # SparseGPT's Triton lazy-block kernel (default) vs torch loop: test + 7B
 #   bash benchmarks/gpu_session.sh tspeed                      # 2:4 training-step speed, LLaMA-3-8B MLP (< 3 min)
 #   FT_MINUTES=8 bash benchmarks/gpu_session.sh finetune       # SquareHead fine-tune of SparseGPT 2:4 SmolLM2
 #                                                              # (needs stage-half first, like smollm2)
@@ -16,7 +16,7 @@ OUT="${OUT:-/tmp/sw_out}"; mkdir -p "$OUT"
 for stage in "$@"; do
   echo "=== $stage $(date -u +%H:%M:%S)"
   case "$stage" in
-    tests)  timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_runtime.py tests/test_kernels.py \
+    tests)  timeout 420 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_runtime.py tests/test_kernels.py \
               tests/test_gpu.py 2>&1 | tail -25 | tee "$OUT/tests.txt" ;;
     rtests) timeout 300 python3 -m pytest -q -x -m gpu -p no:cacheprovider --tb=short tests/test_runtime.py 2>&1 \
               | tail -40 | tee "$OUT/rtests.txt" ;;
@@ -24,10 +24,10 @@ for stage in "$@"; do
     quick)  timeout 200 python3 benchmarks/runtime_layers.py --models llama3-8b --layers q_proj,gate_up,down_proj \
               --ms ${QUICK_MS:-1,4,16} --no-stock --json-out "$OUT/quick.json" 2>&1 | grep -v "Warn\|return cls" | tee "$OUT/quick.txt" ;;
     e2e)    timeout 330 python3 benchmarks/runtime_e2e.py 2>&1 | grep -v "Warn\|return cls" | tee "$OUT/e2e.txt" ;;
-    sgpt)   # the lazy-block Triton kernel vs the torch column loop: GPU test, then 7B block mode side by side
+    sgpt)   # the lazy-block Triton kernel (the CUDA default) vs the torch column loop: GPU test, then 7B block mode
             timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py -k sparsegpt 2>&1 | tail -5 \
               | tee "$OUT/sgpt_tests.txt"
-            timeout 380 python3 benchmarks/prune_scale.py --sequential block --methods sparsegpt:triton,sparsegpt \
+            timeout 380 python3 benchmarks/prune_scale.py --sequential block --methods sparsegpt,sparsegpt:torch \
               --json-out "$OUT/prune_sgpt.json" 2>&1 | grep -v Warn | tee "$OUT/sgpt.txt" ;;
     probe)  timeout 90 python3 benchmarks/probes/cslt_layouts.py 2>&1 | grep -v Warn | tee "$OUT/cslt.txt"
             timeout 30 python3 benchmarks/probes/cslt_format.py 2>&1 | grep -v Warn | tee "$OUT/cslt_format.txt" ;;

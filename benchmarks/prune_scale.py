@@ -50,8 +50,8 @@ def build(layers: int) -> torch.nn.Module:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--methods", default="wanda,sparsegpt", help="comma-separated; sparsegpt:triton = the "
-                        "lazy-block Triton kernel")
+    parser.add_argument("--methods", default="wanda,sparsegpt", help="comma-separated; sparsegpt:torch / "
+                        "sparsegpt:triton pick SparseGPT's column loop (plain sparsegpt: auto, Triton on CUDA)")
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--layers", type=int, default=32)

@@ -235,8 +235,28 @@ def test_sparsegpt_triton_kernel_refuses_cpu_tensors():
         pytest.skip("under TRITON_INTERPRET=1 CPU tensors are the interpreter's")
     with pytest.raises(ConfigError, match="CUDA"):
         sparsegpt_prune(torch.randn(8, 16), torch.eye(16), 0.5, "unstructured", kernel="triton")
-    with pytest.raises(ConfigError, match="'torch' or 'triton'"):
+    with pytest.raises(ConfigError, match="'auto', 'torch' or 'triton'"):
         sparsegpt_prune(torch.randn(8, 16), torch.eye(16), 0.5, "unstructured", kernel="cuda")
+    # "auto" on the CPU is the torch loop: same result bit for bit
+    w, x = torch.randn(8, 16), torch.randn(64, 16)
+    auto = sparsegpt_prune(w, x.T @ x, 0.5, "unstructured")
+    plain = sparsegpt_prune(w, x.T @ x, 0.5, "unstructured", kernel="torch")
+    assert torch.equal(auto[0], plain[0]) and torch.equal(auto[1], plain[1])
+
+
+def test_sparsegpt_triton_kernel_refuses_what_it_cannot_hold():
+    from sparsewise.errors import ConfigError
+    from sparsewise.solvers import sparsegpt as solver
+
+    cuda = torch.device("cuda")
+    with pytest.raises(ConfigError, match="float32 with block_size <= 256"):
+        solver._pick_column_loop("triton", cuda, torch.float64, 128)
+    with pytest.raises(ConfigError, match="float32 with block_size <= 256"):
+        solver._pick_column_loop("triton", cuda, torch.float32, 512)
+    # "auto" falls back to the torch loop where the kernel does not apply
+    assert solver._pick_column_loop("auto", cuda, torch.float64, 128) is solver._column_loop
+    assert solver._pick_column_loop("auto", cuda, torch.float32, 512) is solver._column_loop
+    assert solver._pick_column_loop("auto", torch.device("cpu"), torch.float32, 128) is solver._column_loop
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -332,14 +352,25 @@ def test_colskip_kernel_matches_float64_and_never_reads_dead_columns(dtype, m, s
 @pytest.mark.parametrize(("rows", "cols", "pattern"), [(4096, 4096, "unstructured"), (11008, 4096, "2:4"),
                                                         (4096, 11008, "unstructured"), (1536, 576, "4:8")])
 def test_sparsegpt_lazy_block_kernel_matches_the_torch_loop_on_cuda(rows, cols, pattern):
+    """Against a float64 run of the same algorithm, the Triton kernel drifts no more than the fp32
+    torch loop. Unstructured masks of a lazy block are chosen from weights updated by the earlier
+    blocks, so rounding flips near-ties and the flips compound (~1% of a 4096x11008 layer for
+    either fp32 loop): the objective, not the mask, is what both must reproduce."""
     from sparsewise.solvers.sparsegpt import sparsegpt_prune
 
     g = torch.Generator(device="cuda").manual_seed(0)
     w = torch.randn(rows, cols, device="cuda", generator=g)
     x = torch.randn(4096, cols, device="cuda", generator=g)
     h = x.T @ x
-    ref, ref_keep, ref_info = sparsegpt_prune(w, h, 0.5, pattern)
-    out, keep, info = sparsegpt_prune(w, h, 0.5, pattern, kernel="triton")
-    # float rounding may flip a few near-tied choices; the objective must agree closely
-    assert float((keep != ref_keep).float().mean()) < 1e-4
-    assert abs(info["recon_error"] - ref_info["recon_error"]) / ref_info["recon_error"] < 1e-3
+    _, keep64, info64 = sparsegpt_prune(w, h, 0.5, pattern, compute_dtype=torch.float64)
+    drift = {}
+    for kernel in ("torch", "triton"):
+        _, keep, info = sparsegpt_prune(w, h, 0.5, pattern, kernel=kernel)
+        assert torch.equal(keep.sum(), keep64.sum())  # same kept count per layer
+        first = slice(0, 128)  # chosen from the original weights (unstructured) or one block's updates
+        drift[kernel] = (float((keep[:, first] != keep64[:, first]).float().mean()),
+                         float((keep != keep64).float().mean()),
+                         abs(info["recon_error"] / info64["recon_error"] - 1))
+    assert drift["triton"][0] <= drift["torch"][0] + 1e-5, drift
+    assert drift["triton"][1] <= 2 * drift["torch"][1] + 1e-4, drift
+    assert drift["triton"][2] < 1e-3, drift

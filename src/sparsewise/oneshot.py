@@ -96,6 +96,18 @@ def peak_rss_mb() -> float:
     return usage / (1024 * 1024) if sys.platform == "darwin" else usage / 1024
 
 
+def start_gpu_peak(device: torch.device) -> None:
+    """Zero the peak-memory gauge of ``device`` when it is a GPU. CUDA is initialized first: in a
+    fresh process the allocator has no per-device state yet and the reset would raise."""
+    if device.type == "cuda":
+        torch.cuda.init()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def gpu_peak_mb(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
 def pick_device(device: str | torch.device | None, model: nn.Module) -> torch.device:
     """'auto'/None: CUDA when present, else where the model is; otherwise the named device (checked)."""
     if device is None or device == "auto":
@@ -227,8 +239,7 @@ def prune(
         raise ConfigError("global ranking compares raw scores across layers: use it with magnitude or random.")
 
     compute_device = pick_device(device, model)
-    if compute_device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(compute_device)
+    start_gpu_peak(compute_device)
     run = _LayerPruner(pruner, pattern, sparsity, compute_device, torch.Generator().manual_seed(seed),
                        dict(method_options or {}), refiner, needs)
     start = time.perf_counter()
@@ -277,7 +288,7 @@ def prune(
         records=records,
         wall_s=time.perf_counter() - start,
         peak_rss_mb=peak_rss_mb(),
-        peak_gpu_mb=torch.cuda.max_memory_allocated(compute_device) / 2**20 if compute_device.type == "cuda" else None,
+        peak_gpu_mb=gpu_peak_mb(compute_device),
         device=str(compute_device),
         sequential=sequential,
         calibration=_calibration_facts(calibration),

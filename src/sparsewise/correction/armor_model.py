@@ -123,7 +123,14 @@ def armor(
 def prune_armor(model: nn.Module, calibration, *, pattern, include, exclude, device, seed: int,
                 batch_size: int, method_options: dict[str, Any] | None, progress: bool):
     """``sw.prune(model, method="armor", pattern="2:4", ...)``: :func:`armor` behind the public verb."""
-    from ..oneshot import PruneResult, _calibration_facts, peak_rss_mb, pick_device
+    from ..oneshot import (
+        PruneResult,
+        _calibration_facts,
+        gpu_peak_mb,
+        peak_rss_mb,
+        pick_device,
+        start_gpu_peak,
+    )
 
     if str(pattern) != "2:4":
         raise ConfigError(f"ARMOR factorizes around a 2:4 core; pattern must be '2:4', got {pattern}.")
@@ -133,8 +140,7 @@ def prune_armor(model: nn.Module, calibration, *, pattern, include, exclude, dev
     if unknown:
         raise ConfigError(f"unknown ARMOR option(s) {unknown}; known: {', '.join(ARMOR_OPTIONS)}.")
     compute_device = pick_device(device, model)
-    if compute_device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(compute_device)
+    start_gpu_peak(compute_device)
     start = time.perf_counter()
     infos = armor(model, calibration, include=include, exclude=exclude, batch_size=batch_size,
                   device=compute_device, seed=seed, progress=progress, **dict(method_options or {}))
@@ -142,6 +148,6 @@ def prune_armor(model: nn.Module, calibration, *, pattern, include, exclude, dev
     return PruneResult(
         method="armor", pattern="2:4", sparsity=0.5, records=records, wall_s=time.perf_counter() - start,
         peak_rss_mb=peak_rss_mb(),
-        peak_gpu_mb=torch.cuda.max_memory_allocated(compute_device) / 2**20 if compute_device.type == "cuda" else None,
+        peak_gpu_mb=gpu_peak_mb(compute_device),
         device=str(compute_device), sequential="block", calibration=_calibration_facts(calibration),
     )

@@ -21,7 +21,7 @@ class SparseGPTPruning:
     needs: ClassVar[frozenset[str]] = frozenset({STAT_HESSIAN})
 
     def __init__(self, block_size: int = 128, damp_ratio: float = 0.01, max_damp_tries: int = 6,
-                 kernel: str = "torch") -> None:
+                 kernel: str = "auto") -> None:
         self.defaults: dict[str, Any] = {
             "block_size": block_size, "damp_ratio": damp_ratio, "max_damp_tries": max_damp_tries, "kernel": kernel,
         }
