@@ -58,11 +58,14 @@ OWL_NOTE = ("llm-compressor OWL: its _infer_owl_layer_sparsity on activation sta
 # --------------------------------------------------------------------------- configurations
 def parse_config(spec: str) -> dict:
     """'wanda:0.5' | 'sparsegpt:2:4' | 'sparsegpt+owl:0.7' | 'sparsegpt+owl+dsnot:0.7' (sparsewise only)
-    -> method, owl, dsnot, pattern, sparsity."""
+    | 'sparsegpt+fp64:2:4' (sparsewise only: SparseGPT computed in float64, the float-rounding reference)
+    -> method, owl, dsnot, fp64, pattern, sparsity."""
     method, _, rest = spec.strip().partition(":")
     base, *extras = method.split("+")
-    if base not in ("wanda", "sparsegpt") or set(extras) - {"owl", "dsnot"} or not rest:
-        raise SystemExit(f"bad config {spec!r}: expected wanda|sparsegpt[+owl][+dsnot]:SPARSITY|N:M")
+    if base not in ("wanda", "sparsegpt") or set(extras) - {"owl", "dsnot", "fp64"} or not rest:
+        raise SystemExit(f"bad config {spec!r}: expected wanda|sparsegpt[+owl][+dsnot][+fp64]:SPARSITY|N:M")
+    if "fp64" in extras and base != "sparsegpt":
+        raise SystemExit(f"{spec}: +fp64 is SparseGPT's float64 reference mode")
     if ":" in rest:
         n, m = (int(part) for part in rest.split(":"))
         pattern, sparsity = f"{n}:{m}", 1 - n / m
@@ -70,7 +73,7 @@ def parse_config(spec: str) -> dict:
         pattern, sparsity = "unstructured", float(rest)
     if "owl" in extras and pattern != "unstructured":
         raise SystemExit(f"{spec}: OWL allocates per-layer ratios, only with unstructured sparsity")
-    return {"method": method, "base": base, "owl": "owl" in extras, "dsnot": "dsnot" in extras,
+    return {"method": method, "base": base, "owl": "owl" in extras, "dsnot": "dsnot" in extras, "fp64": "fp64" in extras,
             "pattern": pattern, "sparsity": sparsity,
             "label": f"{pattern}" if pattern != "unstructured" else f"{sparsity:.0%}"}
 
@@ -172,7 +175,8 @@ def sparsewise_worker(args) -> dict:
     result = sw.prune(model, method=config["base"], sparsity=config["sparsity"], pattern=config["pattern"],
                       calibration=calib, sequential=args.sequential, batch_size=args.batch_size, progress=False,
                       allocation=allocation, allocation_options=options,
-                      refine="dsnot" if config["dsnot"] else None)
+                      refine="dsnot" if config["dsnot"] else None,
+                      method_options={"precision": "float64"} if config["fp64"] else None)
     row = {"prune_wall_s": result.wall_s, "prune_cpu_s": time.process_time() - cpu,
            "sw_achieved": result.achieved_sparsity, "warnings": result.warnings,
            "allocation": result.allocation, **layer_sparsity(model), "peak_rss_mb_prune": peak_rss_mb()}
@@ -413,8 +417,8 @@ def main() -> None:
     tools = [tool.strip() for tool in args.tools.split(",") if tool.strip()]
     if set(tools) - {"sparsewise", "llmc"}:
         raise SystemExit(f"--tools takes sparsewise and/or llmc, got {args.tools}")
-    if "llmc" in tools and any(config["dsnot"] for config in configs):
-        raise SystemExit("llm-compressor has no DSnoT: run +dsnot configurations with --tools sparsewise")
+    if "llmc" in tools and any(config["dsnot"] or config["fp64"] for config in configs):
+        raise SystemExit("+dsnot and +fp64 are sparsewise-only: run them with --tools sparsewise")
     modes = {"sparsewise": args.sequential, "llmc": f"sequential (batch {args.llmc_batch_size})"}
     keys = [row_key(tool, config, modes[tool]) for config in configs for tool in tools]
     data = load_results(args.json_out)

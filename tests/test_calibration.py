@@ -59,3 +59,45 @@ def test_stats_in_token_chunks_equal_one_pass(monkeypatch):
     assert chunked.tokens == whole.tokens == 150
     for name, value in whole.tensors().items():
         torch.testing.assert_close(chunked.tensors()[name], value, rtol=1e-5, atol=1e-4)
+
+
+def _dense_pass(model, adapter, calib, mode):
+    """(channel norms per layer, block outputs per block, block forwards) of one engine pass."""
+    from sparsewise.calibration.engine import sequential_calibration
+    from sparsewise.oneshot import calibration_batches
+
+    norms, outputs, forwards = {}, {}, [0]
+
+    def count(*_):
+        forwards[0] += 1
+
+    handles = [block.register_forward_hook(count) for _, block in adapter.blocks]
+    try:
+        sequential_calibration(model, adapter.blocks, adapter.block_layers, calibration_batches(calib, 2),
+                               lambda name, stats: norms.__setitem__(name, stats.channel_norms.clone()),
+                               wanted=frozenset({STAT_NORMS}), device=torch.device("cpu"), mode=mode,
+                               after_block=lambda index, _name, outs: outputs.__setitem__(index, outs))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return norms, outputs, forwards[0]
+
+
+def test_observe_mode_is_a_block_pass_with_one_forward_per_block():
+    """A dense pass that only reads statistics (OWL's): same statistics and block outputs as the
+    two-pass block mode, with half the block forwards."""
+    from sparsewise.calibration.engine import OBSERVE
+    from sparsewise.models.adapters import ModelAdapter
+
+    model = build_tiny("llama")
+    adapter = ModelAdapter(model)
+    calib = sw.data.calibration(torch.randint(0, VOCAB, (5, 16), generator=torch.Generator().manual_seed(0)))
+    block_norms, block_outputs, block_forwards = _dense_pass(model, adapter, calib, "block")
+    obs_norms, obs_outputs, obs_forwards = _dense_pass(model, adapter, calib, OBSERVE)
+    assert block_norms.keys() == obs_norms.keys() and len(block_norms) > 0
+    for name, value in block_norms.items():
+        assert torch.equal(value, obs_norms[name]), name
+    for index, outs in block_outputs.items():
+        assert all(torch.equal(a, b) for a, b in zip(outs, obs_outputs[index], strict=True)), index
+    n_batches, n_blocks = 3, len(adapter.blocks)
+    assert block_forwards == 2 * n_batches * n_blocks and obs_forwards == n_batches * n_blocks

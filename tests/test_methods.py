@@ -215,6 +215,23 @@ def test_sparsegpt_matches_naive_sequential_obs(pattern, block_size):
                 expected[row, col:] -= expected[row, col] / inverse[0, 0] * inverse[:, 0]
                 expected[row, col] = 0.0
     torch.testing.assert_close(new_weight.double(), expected, atol=1e-4, rtol=1e-4)
+    # the float64 reference mode: same masks, the textbook weights to float64 rounding
+    exact, exact_mask, _ = sparsegpt_prune(weight.double(), hessian, 0.5, pattern, block_size=block_size,
+                                           compute_dtype=torch.float64)
+    assert torch.equal(exact_mask, mask) and exact.dtype == torch.float64
+    torch.testing.assert_close(exact, expected, atol=1e-8, rtol=1e-8)  # fp32 loop: 1e-4
+
+
+def test_sparsegpt_precision_option():
+    weight, inputs = correlated_layer(seed=5)
+    stats = make_stats(inputs, STAT_HESSIAN)
+    single = get_method("sparsegpt").prune_layer(make_task(weight, stats=stats))
+    double = get_method("sparsegpt").prune_layer(make_task(weight, stats=stats, precision="float64"))
+    assert double.weight.dtype == weight.dtype  # computed in float64, stored as the layer's dtype
+    assert torch.equal(double.mask, single.mask)
+    torch.testing.assert_close(double.weight, single.weight, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ConfigError, match="precision must be one of"):
+        get_method("sparsegpt").prune_layer(make_task(weight, stats=stats, precision="float16"))
 
 
 def test_sparsegpt_nm_passes_check_mask_and_prunes_in_place():

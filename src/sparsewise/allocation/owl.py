@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import torch
 
-from ..calibration.engine import sequential_calibration
+from ..calibration.engine import OBSERVE, sequential_calibration
 from ..calibration.stats import STAT_NORMS
 from ..errors import ConfigError
 from ..scores import wanda_scores
@@ -73,7 +73,7 @@ class OWL:
 
         sequential_calibration(context.model, adapter.blocks, counted,
                                calibration_batches(context.calibration, self.batch_size), observe,
-                               wanted=frozenset({STAT_NORMS}), device=context.device, mode="block",
+                               wanted=frozenset({STAT_NORMS}), device=context.device, mode=OBSERVE,
                                after_block=finish)
         return ratios
 

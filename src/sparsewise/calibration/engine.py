@@ -125,9 +125,10 @@ def run_block(block: nn.Module, calls: list[BlockCall]) -> list[torch.Tensor]:
 @torch.no_grad()
 def collect_block_stats(
     block: nn.Module, layers: dict[str, nn.Module], in_features: dict[str, int], calls: list[BlockCall],
-    wanted: frozenset[str],
+    wanted: frozenset[str], outputs: list[torch.Tensor] | None = None,
 ) -> dict[str, LayerStats]:
-    """Input statistics of every layer of one block over all calibration calls.
+    """Input statistics of every layer of one block over all calibration calls (and, given a list
+    as ``outputs``, the block's output of every call appended to it: the same forward).
 
     Layers that read the very same input tensor (q/k/v, gate/up) share one accumulator: X^T X
     is the costliest statistic and is identical for them.
@@ -149,7 +150,9 @@ def collect_block_stats(
     try:
         for call in calls:
             seen.clear()
-            block(*call.args, **call.kwargs)
+            output = block(*call.args, **call.kwargs)
+            if outputs is not None:
+                outputs.append(_block_output(output))
             leaders: dict[tuple, str] = {}
             for name, tensor in seen:
                 key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
@@ -201,6 +204,7 @@ def _reduce_block_stats(stats: dict[str, LayerStats], layers: dict[str, nn.Modul
 
 LayerPruner = Callable[[str, "LayerStats | None"], None]
 SEQUENTIAL_MODES = ("layer", "block")
+OBSERVE = "observe"  # the engine's third mode: a dense pass that only reads statistics
 
 
 @torch.no_grad()
@@ -251,6 +255,7 @@ def _process_block(block, layers, calls, wanted, prune_layer, mode) -> list[torc
     if mode == "layer":
         return [prune_block_in_forward(block, layers, calls[0], wanted, prune_layer)]
     stats = None
+    outputs: list[torch.Tensor] | None = [] if mode == OBSERVE else None
     if wanted and layers:
         stats = collect_block_stats(
             block,
@@ -258,11 +263,12 @@ def _process_block(block, layers, calls, wanted, prune_layer, mode) -> list[torc
             {layer_name: layer.in_features for layer_name, layer in layers.items()},
             calls,
             wanted,
+            outputs,
         )
     for layer_name in layers:
         prune_layer(layer_name, stats[layer_name] if stats else None)
     del stats
-    return run_block(block, calls)
+    return outputs if outputs else run_block(block, calls)
 
 
 @torch.no_grad()
@@ -288,6 +294,9 @@ def sequential_calibration(
     hold exactly one batch); layers are pruned in execution order inside that single pass.
     mode "block": the classic two passes per block over any number of batches: statistics of the
     dense block first, then every layer is pruned, then the pruned block's outputs are computed.
+    mode "observe": as "block" for a callback that only reads the statistics (a dense pass, e.g.
+    OWL's outlier ratios): the statistics forward's outputs are the block's outputs, one forward
+    per block. ``prune_layer`` must then leave the block unchanged.
     ``block_layers(index)`` returns {name: PrunableLayer}; ``stats`` is None when ``wanted`` is empty.
 
     Resuming: ``start_block`` skips blocks already done, whose outputs are given as
@@ -302,8 +311,8 @@ def sequential_calibration(
     block's outputs are recomputed after the refit. With it, ``hidden_states`` and the
     ``outputs`` given to ``after_block`` hold both streams: pruned batches, then dense ones.
     """
-    if mode not in SEQUENTIAL_MODES:
-        raise ValueError(f"mode must be one of {SEQUENTIAL_MODES}, got {mode!r}")
+    if mode not in (*SEQUENTIAL_MODES, OBSERVE):
+        raise ValueError(f"mode must be one of {(*SEQUENTIAL_MODES, OBSERVE)}, got {mode!r}")
     if mode == "layer" and len(batches) != 1:
         raise ValueError("mode 'layer' runs all calibration samples as one batch; pass exactly one batch")
     calls = capture_block_inputs(model, blocks[0][1], batches, device)

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import torch
+
 from ..calibration.stats import STAT_HESSIAN
-from ..errors import NumericalError
+from ..errors import ConfigError, NumericalError
 from ..solvers import sparsegpt_prune
 from ._common import check_options, refuse_global, require_stats
 from .base import LayerResult, LayerTask, register
+
+PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
 
 
 @register
@@ -21,13 +25,19 @@ class SparseGPTPruning:
     needs: ClassVar[frozenset[str]] = frozenset({STAT_HESSIAN})
 
     def __init__(self, block_size: int = 128, damp_ratio: float = 0.01, max_damp_tries: int = 6,
-                 kernel: str = "auto") -> None:
+                 kernel: str = "auto", precision: str = "float32") -> None:
+        # precision "float64": a reference run of the same algorithm (slower; shows float-rounding spread)
         self.defaults: dict[str, Any] = {
             "block_size": block_size, "damp_ratio": damp_ratio, "max_damp_tries": max_damp_tries, "kernel": kernel,
+            "precision": precision,
         }
 
     def prune_layer(self, task: LayerTask) -> LayerResult:
         options = {**self.defaults, **check_options(task, self.name, self.defaults)}
+        precision = options.pop("precision")
+        if precision not in PRECISIONS:
+            raise ConfigError(f"sparsegpt precision must be one of {sorted(PRECISIONS)}, got {precision!r}.")
+        options["compute_dtype"] = PRECISIONS[precision]
         refuse_global(task, self.name)
         task.pattern.check_shape(tuple(task.weight.shape), task.name)
         stats = require_stats(task, self.name, "xtx", STAT_HESSIAN)
