@@ -205,6 +205,7 @@ def _reduce_block_stats(stats: dict[str, LayerStats], layers: dict[str, nn.Modul
 LayerPruner = Callable[[str, "LayerStats | None"], None]
 SEQUENTIAL_MODES = ("layer", "block")
 OBSERVE = "observe"  # the engine's third mode: a dense pass that only reads statistics
+ENGINE_MODES = (*SEQUENTIAL_MODES, OBSERVE)
 
 
 @torch.no_grad()
@@ -311,8 +312,8 @@ def sequential_calibration(
     block's outputs are recomputed after the refit. With it, ``hidden_states`` and the
     ``outputs`` given to ``after_block`` hold both streams: pruned batches, then dense ones.
     """
-    if mode not in (*SEQUENTIAL_MODES, OBSERVE):
-        raise ValueError(f"mode must be one of {(*SEQUENTIAL_MODES, OBSERVE)}, got {mode!r}")
+    if mode not in ENGINE_MODES:
+        raise ValueError(f"mode must be one of {ENGINE_MODES}, got {mode!r}")
     if mode == "layer" and len(batches) != 1:
         raise ValueError("mode 'layer' runs all calibration samples as one batch; pass exactly one batch")
     calls = capture_block_inputs(model, blocks[0][1], batches, device)

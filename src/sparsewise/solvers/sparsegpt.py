@@ -84,15 +84,9 @@ def _pick_column_loop(kernel: str, device: torch.device, compute_dtype: torch.dt
     if kernel == "torch":
         return _column_loop
     fits = compute_dtype == torch.float32 and block_size <= TRITON_MAX_BLOCK
-    if kernel == "auto":
-        if device.type != "cuda" or not fits:
-            return _column_loop
-        try:
-            from ..kernels.triton_sparsegpt import lazy_block
-        except ImportError:
-            return _column_loop
-        return lazy_block
-    if device.type != "cuda" and not INTERPRETED:
+    if kernel == "auto" and (device.type != "cuda" or not fits):
+        return _column_loop
+    if kernel == "triton" and device.type != "cuda" and not INTERPRETED:
         raise ConfigError("sparsegpt kernel='triton' runs on CUDA tensors (or under TRITON_INTERPRET=1); use "
                           "kernel='torch' or 'auto' here.")
     if not fits:
@@ -101,6 +95,8 @@ def _pick_column_loop(kernel: str, device: torch.device, compute_dtype: torch.dt
     try:
         from ..kernels.triton_sparsegpt import lazy_block
     except ImportError as error:
+        if kernel == "auto":
+            return _column_loop
         raise ConfigError(f"sparsegpt kernel='triton' needs triton ({error}); use kernel='torch'.") from error
     return lazy_block
 
