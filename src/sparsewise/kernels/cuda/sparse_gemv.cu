@@ -1,0 +1,565 @@
+// Sparse decode kernels (CUDA cores) for sparsewise: y[M, N] = x[M, K] W^T + b, M small.
+//
+// Header-free on purpose: fp16/bf16 are raw 16-bit words converted with PTX, so NVRTC compiles
+// this file without any CUDA toolkit headers (a pip-only machine has libnvrtc, not the headers).
+//
+// Families (each instantiated below as extern "C" kernels, one per template choice):
+//   gemv24   2:4 weights: values [N, K/2] (2 kept per group of 4, in order) + meta [N, K/16]
+//            16-bit words (nibble j = pos0 | pos1 << 2 of group j of a 16-input chunk).
+//            Each lane owns 16-input chunks; a group's two inputs are picked out of the four
+//            x halves with one byte permute (prmt), so there is no register gather.
+//   gemvbm   unstructured weights, "bit planes": per 256-input tile 8 words, bit l of word w
+//            = keep of input w*32 + l; kept values in (tile, word, bit) order; offsets [N, T]
+//            = index of each (row, tile)'s first kept value. Lane l owns inputs w*32 + l, so x
+//            loads are coalesced and register-indexed at compile time; a kept value's index is
+//            offset + kept bits before it (popc), and the warp's value loads are contiguous.
+//   actdense activation sparsity over a dense W^T [K, N]: each block compacts the inputs whose
+//            |x_j| > t_j (any of the M rows) and streams only those rows of W^T.
+//   actbm    the same over a sparse W^T stored as bit planes along N (2:4 or unstructured W).
+//   splitsum fp32 partial sums over K splits -> y (+ bias), cast.
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+struct alignas(16) U4 { u32 a, b, c, d; };
+
+__device__ __forceinline__ U4 ld_stream(const void* ptr) {  // read once: do not keep in L1
+  U4 r;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r.a), "=r"(r.b), "=r"(r.c), "=r"(r.d) : "l"(ptr));
+  return r;
+}
+__device__ __forceinline__ U4 ld_cached(const void* ptr) {  // x: shared by every block
+  U4 r;
+  asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.a), "=r"(r.b), "=r"(r.c), "=r"(r.d) : "l"(ptr));
+  return r;
+}
+__device__ __forceinline__ u32 prmt(u32 lo, u32 hi, u32 sel) {
+  u32 r;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(lo), "r"(hi), "r"(sel));
+  return r;
+}
+
+struct F16 {
+  static __device__ __forceinline__ float lo(u32 v) {
+    float f;
+    asm("{.reg .b16 l, h; mov.b32 {l, h}, %1; cvt.f32.f16 %0, l;}" : "=f"(f) : "r"(v));
+    return f;
+  }
+  static __device__ __forceinline__ float hi(u32 v) {
+    float f;
+    asm("{.reg .b16 l, h; mov.b32 {l, h}, %1; cvt.f32.f16 %0, h;}" : "=f"(f) : "r"(v));
+    return f;
+  }
+  static __device__ __forceinline__ float one(u16 v) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
+    return f;
+  }
+  static __device__ __forceinline__ u32 fma2(u32 a, u32 b, u32 c) {
+    u32 r;
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+    return r;
+  }
+  static __device__ __forceinline__ u16 from_float(float f) {
+    u16 r;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(f));
+    return r;
+  }
+};
+
+struct BF16 {
+  static __device__ __forceinline__ float lo(u32 v) { return __uint_as_float(v << 16); }
+  static __device__ __forceinline__ float hi(u32 v) { return __uint_as_float(v & 0xffff0000u); }
+  static __device__ __forceinline__ float one(u16 v) { return __uint_as_float(((u32)v) << 16); }
+  static __device__ __forceinline__ u32 fma2(u32 a, u32 b, u32 c) {
+    u32 r;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+    return r;
+  }
+  static __device__ __forceinline__ u16 from_float(float f) {
+    u16 r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
+    return r;
+  }
+};
+
+__device__ __forceinline__ u32 word_of(const U4& v, int j) {
+  return j == 0 ? v.a : j == 1 ? v.b : j == 2 ? v.c : v.d;  // j is a compile-time constant
+}
+
+// Sum V (a power of two <= 32) per-lane values over the warp with 4V shuffles+adds instead of
+// 5V: each butterfly step sends half of the remaining values. Afterwards lane l holds the total
+// of value index `reduced_index(l, V)`; lanes differing only in the low bits hold the same.
+template <int V>
+__device__ __forceinline__ float warp_reduce_scatter(float (&vals)[V], int lane) {
+#pragma unroll
+  for (int h = V / 2, bit = 16; h >= 1; h >>= 1, bit >>= 1) {
+    const bool upper = lane & bit;
+#pragma unroll
+    for (int i = 0; i < h; ++i) {
+      const float send = upper ? vals[i] : vals[i + h];
+      const float keep = upper ? vals[i + h] : vals[i];
+      vals[i] = keep + __shfl_xor_sync(0xffffffffu, send, bit);
+    }
+  }
+  float total = vals[0];
+#pragma unroll
+  for (int bit = 16 / V; bit >= 1; bit >>= 1) total += __shfl_xor_sync(0xffffffffu, total, bit);
+  return total;
+}
+
+template <int V>
+__device__ __forceinline__ int reduced_index(int lane) {
+  int index = 0;
+#pragma unroll
+  for (int h = V / 2, bit = 16; h >= 1; h >>= 1, bit >>= 1) index += (lane & bit) ? h : 0;
+  return index;
+}
+
+// Per-lane partial sums acc[m][r] -> y[m, row0 + r] (+ bias): warp reduce, then across warps.
+template <class T, int MR, int ROWS, int WARPS>
+__device__ __forceinline__ void finish_rows(float (&acc)[MR * ROWS], const u16* __restrict__ bias,
+                                           u16* __restrict__ y, int M, int N, int row0, int m0) {
+  constexpr int V = MR * ROWS;
+  __shared__ float partial[WARPS][V];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const float total = warp_reduce_scatter<V>(acc, lane);
+  if ((lane & (32 / V - 1)) == 0) partial[warp][reduced_index<V>(lane)] = total;
+  if (WARPS > 1) __syncthreads();
+  else __syncwarp();
+  if (threadIdx.x < V) {
+    const int m = threadIdx.x / ROWS, r = threadIdx.x % ROWS, row = row0 + r;
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) sum += partial[w][threadIdx.x];
+    if (row < N && m0 + m < M) {
+      if (bias) sum += T::one(bias[row]);
+      y[(size_t)(m0 + m) * N + row] = T::from_float(sum);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2:4 GEMV. Block: ROWS output rows, WARPS warps splitting the chunks of K; gridDim.y walks the
+// x rows in groups of MR. ACC16: products of a chunk summed in f16x2/bf16x2 (8 per half), then
+// added to fp32 (halves the instructions at MR >= 4); else every product in fp32.
+template <class T, int MR, int ROWS, int WARPS, bool ACC16>
+__device__ __forceinline__ void gemv24_body(const u16* __restrict__ x, const u16* __restrict__ values,
+                                            const u16* __restrict__ meta, const u16* __restrict__ bias,
+                                            u16* __restrict__ y, int M, int N, int K) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int row0 = blockIdx.x * ROWS, m0 = blockIdx.y * MR;
+  const int chunks = K >> 4;
+  float acc[MR * ROWS];
+#pragma unroll
+  for (int i = 0; i < MR * ROWS; ++i) acc[i] = 0.f;
+  const U4* vrow[ROWS];
+  const u16* mrow[ROWS];
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    const int row = min(row0 + r, N - 1);  // rows past N read a valid row and are never stored
+    vrow[r] = reinterpret_cast<const U4*>(values + (size_t)row * (K >> 1));
+    mrow[r] = meta + (size_t)row * chunks;
+  }
+  int c = warp * 32 + lane;
+  U4 v[ROWS];
+  u32 mt[ROWS];
+  if (c < chunks) {
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) { v[r] = ld_stream(vrow[r] + c); mt[r] = mrow[r][c]; }
+  }
+  for (; c < chunks; c += 32 * WARPS) {
+    // issue the next chunk's weight loads before this chunk's arithmetic
+    const int next = c + 32 * WARPS;
+    U4 vn[ROWS];
+    u32 mn[ROWS];
+    if (next < chunks) {
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) { vn[r] = ld_stream(vrow[r] + next); mn[r] = mrow[r][next]; }
+    }
+    U4 xa[MR], xb[MR];  // 16 inputs of x per row: groups 0,1 in xa, 2,3 in xb
+#pragma unroll
+    for (int m = 0; m < MR; ++m) {
+      const int xm = min(m0 + m, M - 1);
+      const U4* xp = reinterpret_cast<const U4*>(x + (size_t)xm * K + (c << 4));
+      xa[m] = ld_cached(xp);
+      xb[m] = ld_cached(xp + 1);
+    }
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      u32 sel[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const u32 p0 = (mt[r] >> (4 * j)) & 3u, p1 = (mt[r] >> (4 * j + 2)) & 3u;
+        sel[j] = 0x1010u + 34u * p0 + 8704u * p1;  // bytes of half p0 -> low half, half p1 -> high half
+      }
+      if (ACC16) {
+#pragma unroll
+        for (int m = 0; m < MR; ++m) {
+          u32 h = 0u;
+          h = T::fma2(v[r].a, prmt(xa[m].a, xa[m].b, sel[0]), h);
+          h = T::fma2(v[r].b, prmt(xa[m].c, xa[m].d, sel[1]), h);
+          h = T::fma2(v[r].c, prmt(xb[m].a, xb[m].b, sel[2]), h);
+          h = T::fma2(v[r].d, prmt(xb[m].c, xb[m].d, sel[3]), h);
+          acc[m * ROWS + r] += T::lo(h) + T::hi(h);
+        }
+      } else {
+        float wf[8];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          wf[2 * j] = T::lo(word_of(v[r], j));
+          wf[2 * j + 1] = T::hi(word_of(v[r], j));
+        }
+#pragma unroll
+        for (int m = 0; m < MR; ++m) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const U4& src = j < 2 ? xa[m] : xb[m];
+            const u32 lo = (j & 1) ? src.c : src.a, hi = (j & 1) ? src.d : src.b;
+            const u32 picked = prmt(lo, hi, sel[j]);
+            acc[m * ROWS + r] = fmaf(wf[2 * j], T::lo(picked), acc[m * ROWS + r]);
+            acc[m * ROWS + r] = fmaf(wf[2 * j + 1], T::hi(picked), acc[m * ROWS + r]);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) { v[r] = vn[r]; mt[r] = mn[r]; }
+  }
+  finish_rows<T, MR, ROWS, WARPS>(acc, bias, y, M, N, row0, m0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Unstructured GEMV over bit planes. Warps split the 256-input tiles of K; the next tile's words
+// and offsets are loaded before this tile's values, and all of a tile's value loads are issued
+// before the first is used.
+template <class T, int MR, int ROWS, int WARPS>
+__device__ __forceinline__ void gemvbm_body(const u16* __restrict__ x, const u16* __restrict__ values,
+                                            const u32* __restrict__ words, const int* __restrict__ offsets,
+                                            const u16* __restrict__ bias, u16* __restrict__ y, int M, int N,
+                                            int K, int T_tiles) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int row0 = blockIdx.x * ROWS, m0 = blockIdx.y * MR;
+  const u32 lower = (1u << lane) - 1u;
+  float acc[MR * ROWS];
+#pragma unroll
+  for (int i = 0; i < MR * ROWS; ++i) acc[i] = 0.f;
+  int rows[ROWS];
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) rows[r] = min(row0 + r, N - 1);
+  int t = warp;
+  U4 wa[ROWS], wb[ROWS];
+  int off[ROWS];
+  if (t < T_tiles) {
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      const U4* wp = reinterpret_cast<const U4*>(words + ((size_t)rows[r] * T_tiles + t) * 8);
+      wa[r] = ld_cached(wp);  // the same 32 bytes for every lane: one broadcast transaction
+      wb[r] = ld_cached(wp + 1);
+      off[r] = offsets[(size_t)rows[r] * T_tiles + t];
+    }
+  }
+  for (; t < T_tiles; t += WARPS) {
+    const int next = t + WARPS;
+    U4 na[ROWS], nb[ROWS];
+    int noff[ROWS];
+    if (next < T_tiles) {
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) {
+        const U4* wp = reinterpret_cast<const U4*>(words + ((size_t)rows[r] * T_tiles + next) * 8);
+        na[r] = ld_cached(wp);
+        nb[r] = ld_cached(wp + 1);
+        noff[r] = offsets[(size_t)rows[r] * T_tiles + next];
+      }
+    }
+    u16 vals[ROWS][8];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      int base = off[r];
+#pragma unroll
+      for (int w = 0; w < 8; ++w) {
+        const u32 word = w < 4 ? word_of(wa[r], w) : word_of(wb[r], w - 4);
+        vals[r][w] = (word >> lane) & 1u ? values[base + __popc(word & lower)] : (u16)0;
+        base += __popc(word);
+      }
+    }
+    float xf[MR][8];
+#pragma unroll
+    for (int m = 0; m < MR; ++m) {
+      const int xm = min(m0 + m, M - 1);
+#pragma unroll
+      for (int w = 0; w < 8; ++w) {
+        const int k = t * 256 + w * 32 + lane;
+        xf[m][w] = k < K ? T::one(x[(size_t)xm * K + k]) : 0.f;
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+#pragma unroll
+      for (int w = 0; w < 8; ++w) {
+        const float value = T::one(vals[r][w]);
+#pragma unroll
+        for (int m = 0; m < MR; ++m) acc[m * ROWS + r] = fmaf(value, xf[m][w], acc[m * ROWS + r]);
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) { wa[r] = na[r]; wb[r] = nb[r]; off[r] = noff[r]; }
+  }
+  finish_rows<T, MR, ROWS, WARPS>(acc, bias, y, M, N, row0, m0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Activation sparsity. Block (128 threads): one 256-wide slice of the N outputs (8 per lane) and
+// K range [k0, k0 + kper) of split blockIdx.y. Kept inputs are compacted in order (ballots, so
+// the sum order and the result are deterministic), then the 4 warps take every 4th kept input.
+constexpr int ACT_THREADS = 128;
+constexpr int ACT_MAX_KPER = 1024;
+
+template <class T, int MR>
+__device__ __forceinline__ int compact_inputs(const u16* __restrict__ x, const float* __restrict__ thresholds,
+                                              int M, int K, int k0, int kper, int* idx, float (*xs)[ACT_MAX_KPER]) {
+  __shared__ int warp_counts[ACT_THREADS / 32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int k_end = min(K, k0 + kper);
+  int count = 0;
+  for (int base = k0; base < k_end; base += ACT_THREADS) {
+    const int k = base + threadIdx.x;
+    float xv[MR];
+    bool keep = false;
+    const float limit = k < k_end ? thresholds[k] : 0.f;
+#pragma unroll
+    for (int m = 0; m < MR; ++m) {
+      xv[m] = (k < k_end && m < M) ? T::one(x[(size_t)m * K + k]) : 0.f;
+      const bool kept_m = fabsf(xv[m]) > limit;
+      xv[m] = kept_m ? xv[m] : 0.f;
+      keep |= kept_m && k < k_end && m < M;
+    }
+    const u32 ballot = __ballot_sync(0xffffffffu, keep);
+    if (lane == 0) warp_counts[warp] = __popc(ballot);
+    __syncthreads();
+    int before = count;
+    for (int w = 0; w < warp; ++w) before += warp_counts[w];
+    if (keep) {
+      const int pos = before + __popc(ballot & ((1u << lane) - 1u));
+      idx[pos] = k;
+#pragma unroll
+      for (int m = 0; m < MR; ++m) xs[m][pos] = xv[m];
+    }
+#pragma unroll
+    for (int w = 0; w < ACT_THREADS / 32; ++w) count += warp_counts[w];
+    __syncthreads();
+  }
+  return count;
+}
+
+// Cross-warp sum of acc[m][e] (e: this lane's 8 outputs) and the store: into y directly when the
+// launch has one K split, else into fp32 partials [splits, M, N].
+template <class T, int MR>
+__device__ __forceinline__ void finish_columns(float (&acc)[MR][8], float (*red)[ACT_THREADS / 32][256],
+                                               const int* __restrict__ cols, const u16* __restrict__ bias,
+                                               u16* __restrict__ y, float* __restrict__ partial, int M, int N) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  // red is [MR][4 warps][256] floats; column slot of (lane, e) = e * 32 + lane (conflict-free)
+#pragma unroll
+  for (int m = 0; m < MR; ++m)
+#pragma unroll
+    for (int e = 0; e < 8; ++e) red[m][warp][e * 32 + lane] = acc[m][e];
+  __syncthreads();
+  for (int slot = threadIdx.x; slot < MR * 256; slot += ACT_THREADS) {
+    const int m = slot / 256, s = slot % 256;
+    const int col = cols[s];
+    float sum = red[m][0][s] + red[m][1][s] + red[m][2][s] + red[m][3][s];
+    if (col < N && m < M) {
+      if (gridDim.y == 1) {
+        if (bias) sum += T::one(bias[col]);
+        y[(size_t)m * N + col] = T::from_float(sum);
+      } else {
+        partial[((size_t)blockIdx.y * M + m) * N + col] = sum;
+      }
+    }
+  }
+}
+
+template <class T, int MR>
+__device__ __forceinline__ void actdense_body(const u16* __restrict__ x, const float* __restrict__ thresholds,
+                                              const u16* __restrict__ wt, const u16* __restrict__ bias,
+                                              u16* __restrict__ y, float* __restrict__ partial, int M, int N, int K,
+                                              int kper) {
+  __shared__ int idx[ACT_MAX_KPER];
+  __shared__ float xs[MR][ACT_MAX_KPER];
+  __shared__ float red[MR][ACT_THREADS / 32][256];
+  __shared__ int cols[256];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int n0 = blockIdx.x * 256 + lane * 8;
+  const int count = compact_inputs<T, MR>(x, thresholds, M, K, blockIdx.y * kper, kper, idx, xs);
+  for (int s = threadIdx.x; s < 256; s += ACT_THREADS) cols[s] = blockIdx.x * 256 + (s % 32) * 8 + s / 32;
+  float acc[MR][8];
+#pragma unroll
+  for (int m = 0; m < MR; ++m)
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[m][e] = 0.f;
+  if (n0 < N) {
+    constexpr int AHEAD = 4;  // weight rows in flight per lane
+    int j = warp;
+    for (; j + 4 * (AHEAD - 1) < count; j += 4 * AHEAD) {
+      U4 w[AHEAD];
+#pragma unroll
+      for (int a = 0; a < AHEAD; ++a) w[a] = ld_stream(wt + (size_t)idx[j + 4 * a] * N + n0);
+#pragma unroll
+      for (int a = 0; a < AHEAD; ++a) {
+#pragma unroll
+        for (int m = 0; m < MR; ++m) {
+          const float xv = xs[m][j + 4 * a];
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            const u32 pair = word_of(w[a], q);
+            acc[m][2 * q] = fmaf(T::lo(pair), xv, acc[m][2 * q]);
+            acc[m][2 * q + 1] = fmaf(T::hi(pair), xv, acc[m][2 * q + 1]);
+          }
+        }
+      }
+    }
+    for (; j < count; j += 4) {
+      const U4 w = ld_stream(wt + (size_t)idx[j] * N + n0);
+#pragma unroll
+      for (int m = 0; m < MR; ++m) {
+        const float xv = xs[m][j];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const u32 pair = word_of(w, q);
+          acc[m][2 * q] = fmaf(T::lo(pair), xv, acc[m][2 * q]);
+          acc[m][2 * q + 1] = fmaf(T::hi(pair), xv, acc[m][2 * q + 1]);
+        }
+      }
+    }
+  }
+  // acc[m][e] belongs to column n0 + e; finish_columns expects slot e*32+lane -> cols[] maps it back
+  finish_columns<T, MR>(acc, red, cols, bias, y, partial, M, N);
+}
+
+// W^T rows as bit planes along N: tile = 256 outputs, blockIdx.x = tile; lane l owns outputs
+// tile*256 + w*32 + l (w = 0..7).
+template <class T, int MR>
+__device__ __forceinline__ void actbm_body(const u16* __restrict__ x, const float* __restrict__ thresholds,
+                                           const u16* __restrict__ values, const u32* __restrict__ words,
+                                           const int* __restrict__ offsets, const u16* __restrict__ bias,
+                                           u16* __restrict__ y, float* __restrict__ partial, int M, int N, int K,
+                                           int kper) {
+  __shared__ int idx[ACT_MAX_KPER];
+  __shared__ float xs[MR][ACT_MAX_KPER];
+  __shared__ float red[MR][ACT_THREADS / 32][256];
+  __shared__ int cols[256];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int tile = blockIdx.x, tiles = gridDim.x;
+  const u32 lower = (1u << lane) - 1u;
+  const int count = compact_inputs<T, MR>(x, thresholds, M, K, blockIdx.y * kper, kper, idx, xs);
+  for (int s = threadIdx.x; s < 256; s += ACT_THREADS) cols[s] = tile * 256 + s;  // slot e*32+lane = output
+  float acc[MR][8];
+#pragma unroll
+  for (int m = 0; m < MR; ++m)
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[m][e] = 0.f;
+  constexpr int AHEAD = 2;
+  for (int j0 = warp; j0 < count; j0 += 4 * AHEAD) {
+    U4 wa[AHEAD], wb[AHEAD];
+    int base[AHEAD];
+#pragma unroll
+    for (int a = 0; a < AHEAD; ++a) {
+      const int j = j0 + 4 * a;
+      const size_t row = j < count ? (size_t)idx[j] : (size_t)idx[j0];
+      const U4* wp = reinterpret_cast<const U4*>(words + (row * tiles + tile) * 8);
+      wa[a] = ld_cached(wp);
+      wb[a] = ld_cached(wp + 1);
+      base[a] = offsets[row * tiles + tile];
+    }
+    u16 vals[AHEAD][8];
+#pragma unroll
+    for (int a = 0; a < AHEAD; ++a) {
+      int b = base[a];
+#pragma unroll
+      for (int w = 0; w < 8; ++w) {
+        const u32 word = w < 4 ? word_of(wa[a], w) : word_of(wb[a], w - 4);
+        vals[a][w] = (word >> lane) & 1u ? values[b + __popc(word & lower)] : (u16)0;
+        b += __popc(word);
+      }
+    }
+#pragma unroll
+    for (int a = 0; a < AHEAD; ++a) {
+      const int j = j0 + 4 * a;
+      if (j < count) {
+#pragma unroll
+        for (int m = 0; m < MR; ++m) {
+          const float xv = xs[m][j];
+#pragma unroll
+          for (int w = 0; w < 8; ++w) acc[m][w] = fmaf(T::one(vals[a][w]), xv, acc[m][w]);
+        }
+      }
+    }
+  }
+  finish_columns<T, MR>(acc, red, cols, bias, y, partial, M, N);
+}
+
+template <class T>
+__device__ __forceinline__ void splitsum_body(const float* __restrict__ partial, const u16* __restrict__ bias,
+                                              u16* __restrict__ y, int M, int N, int splits) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= M * N) return;
+  float sum = 0.f;
+  for (int s = 0; s < splits; ++s) sum += partial[(size_t)s * M * N + i];
+  if (bias) sum += T::one(bias[i % N]);
+  y[i] = T::from_float(sum);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Instantiations: <family>_<dtype>_m<MR>_r<ROWS>_w<WARPS>[_h] (the Python side builds the names).
+#define GEMV24(TN, T, MR, ROWS, WARPS, ACC16, SUFFIX)                                                          \
+  extern "C" __global__ void __launch_bounds__(WARPS * 32)                                                    \
+      gemv24_##TN##_m##MR##_r##ROWS##_w##WARPS##SUFFIX(const u16* x, const u16* values, const u16* meta,      \
+                                                       const u16* bias, u16* y, int M, int N, int K) {        \
+    gemv24_body<T, MR, ROWS, WARPS, ACC16>(x, values, meta, bias, y, M, N, K);                               \
+  }
+#define GEMV24_ALL(TN, T)                                                                                      \
+  GEMV24(TN, T, 1, 4, 4, false, ) GEMV24(TN, T, 1, 8, 4, false, ) GEMV24(TN, T, 1, 4, 8, false, )           \
+  GEMV24(TN, T, 1, 2, 4, false, ) GEMV24(TN, T, 1, 8, 2, false, ) GEMV24(TN, T, 2, 4, 4, false, )           \
+  GEMV24(TN, T, 2, 2, 4, false, ) GEMV24(TN, T, 2, 4, 4, true, _h) GEMV24(TN, T, 4, 4, 4, true, _h)         \
+  GEMV24(TN, T, 4, 2, 4, true, _h) GEMV24(TN, T, 4, 2, 4, false, ) GEMV24(TN, T, 8, 2, 4, true, _h)         \
+  GEMV24(TN, T, 8, 1, 4, true, _h)
+GEMV24_ALL(f16, F16)
+GEMV24_ALL(bf16, BF16)
+
+#define GEMVBM(TN, T, MR, ROWS, WARPS)                                                                         \
+  extern "C" __global__ void __launch_bounds__(WARPS * 32)                                                    \
+      gemvbm_##TN##_m##MR##_r##ROWS##_w##WARPS(const u16* x, const u16* values, const u32* words,             \
+                                               const int* offsets, const u16* bias, u16* y, int M, int N,     \
+                                               int K, int T_tiles) {                                          \
+    gemvbm_body<T, MR, ROWS, WARPS>(x, values, words, offsets, bias, y, M, N, K, T_tiles);                   \
+  }
+#define GEMVBM_ALL(TN, T)                                                                                      \
+  GEMVBM(TN, T, 1, 4, 4) GEMVBM(TN, T, 1, 2, 4) GEMVBM(TN, T, 1, 8, 4) GEMVBM(TN, T, 1, 4, 2)                \
+  GEMVBM(TN, T, 2, 4, 4) GEMVBM(TN, T, 2, 2, 4) GEMVBM(TN, T, 4, 2, 4) GEMVBM(TN, T, 4, 4, 4)                \
+  GEMVBM(TN, T, 8, 2, 4) GEMVBM(TN, T, 8, 1, 4)
+GEMVBM_ALL(f16, F16)
+GEMVBM_ALL(bf16, BF16)
+
+#define ACT(TN, T, MR)                                                                                         \
+  extern "C" __global__ void __launch_bounds__(ACT_THREADS)                                                   \
+      actdense_##TN##_m##MR(const u16* x, const float* thresholds, const u16* wt, const u16* bias, u16* y,    \
+                            float* partial, int M, int N, int K, int kper) {                                  \
+    actdense_body<T, MR>(x, thresholds, wt, bias, y, partial, M, N, K, kper);                                \
+  }                                                                                                           \
+  extern "C" __global__ void __launch_bounds__(ACT_THREADS)                                                   \
+      actbm_##TN##_m##MR(const u16* x, const float* thresholds, const u16* values, const u32* words,          \
+                         const int* offsets, const u16* bias, u16* y, float* partial, int M, int N, int K,    \
+                         int kper) {                                                                          \
+    actbm_body<T, MR>(x, thresholds, values, words, offsets, bias, y, partial, M, N, K, kper);               \
+  }
+#define ACT_ALL(TN, T)                                                                                         \
+  ACT(TN, T, 1) ACT(TN, T, 2) ACT(TN, T, 4)                                                                   \
+  extern "C" __global__ void splitsum_##TN(const float* partial, const u16* bias, u16* y, int M, int N,       \
+                                           int splits) {                                                      \
+    splitsum_body<T>(partial, bias, y, M, N, splits);                                                         \
+  }
+ACT_ALL(f16, F16)
+ACT_ALL(bf16, BF16)
