@@ -133,6 +133,7 @@ def bench_activation(name: str, n: int, k: int, rows: list, args) -> None:
     dense_ms = timed(lambda i: (lambda: F.linear(x, dense_copies[i])), copies)
     weight_t = [w.t().contiguous() for w in dense_copies]
     planes = [pack_bitplanes(weight24.t().contiguous()) for _ in range(copies)]
+    planes_offsets_t = [lay.offsets.t().contiguous() for lay in planes]
     for sparsity in args.act_sparsities:
         if sparsity <= 0:
             thresholds = torch.full((k,), -1.0, device="cuda")
@@ -147,8 +148,8 @@ def bench_activation(name: str, n: int, k: int, rows: list, args) -> None:
                     return lambda: decode.act_gemv(x, thresholds, weight_t[i], None, 0)
             else:
                 def make(i):
-                    lay = planes[i]
-                    return lambda: decode.act_gemv_bitplanes(x, thresholds, lay.values, lay.words, lay.offsets,
+                    lay, offsets_t = planes[i], planes_offsets_t[i]
+                    return lambda: decode.act_gemv_bitplanes(x, thresholds, lay.values, lay.words, offsets_t,
                                                              None, n, 0)
             err = checked(make(0), ref)
             sparse_ms = timed(make, copies)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from sparsewise.errors import PatternError
 from sparsewise.kernels import decode
-from sparsewise.kernels.layouts import pack_bitplanes, pack_rows24, unpack_bitplanes, unpack_rows24
+from sparsewise.kernels.layouts import PLANE_PAD, pack_bitplanes, pack_rows24, unpack_bitplanes, unpack_rows24
 from sparsewise.patterns import nm_mask, unstructured_mask
 
 
@@ -48,7 +48,7 @@ def test_bitplanes_round_trip(kind):
     weight = _weight(19, 300, kind, seed=2)  # K not a multiple of the 256-input tile
     layout = pack_bitplanes(weight)
     assert layout.words.shape == (19, 16) and layout.offsets.shape == (19, 2)
-    assert layout.values.numel() == int((weight != 0).sum())
+    assert layout.values.numel() == int((weight != 0).sum()) + PLANE_PAD
     assert torch.equal(unpack_bitplanes(layout), weight)
 
 
@@ -72,7 +72,7 @@ def test_reference_ops_compute_the_linear():
                                F.linear(kept, weight, bias))
     planes_t = pack_bitplanes(weight.t().contiguous())
     torch.testing.assert_close(decode.act_gemv_bitplanes(x, thresholds, planes_t.values, planes_t.words,
-                                                         planes_t.offsets, bias, 40, 0), F.linear(kept, weight, bias))
+                                                         planes_t.offsets.t().contiguous(), bias, 40, 0), F.linear(kept, weight, bias))
 
 
 def test_act_splits_cover_k_with_at_most_1024_inputs_per_block():
@@ -142,8 +142,8 @@ def test_gpu_activation_sparse(dtype, weights):
                 if weights == "dense":
                     out = decode.act_gemv(x, thresholds, weight.t().contiguous(), bias, splits)
                 else:
-                    out = decode.act_gemv_bitplanes(x, thresholds, planes.values, planes.words, planes.offsets,
-                                                    bias, n, splits)
+                    out = decode.act_gemv_bitplanes(x, thresholds, planes.values, planes.words,
+                                                    planes.offsets.t().contiguous(), bias, n, splits)
                 assert _rel(out, ref) < TOL[dtype], (m, sparsity, splits)
 
 

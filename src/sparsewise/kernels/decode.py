@@ -24,8 +24,10 @@ GEMV24_CONFIGS = ((1, 4, 4, 0), (1, 8, 4, 0), (1, 4, 8, 0), (1, 2, 4, 0), (1, 8,
                   (2, 4, 4, 1), (4, 4, 4, 1), (4, 2, 4, 1), (4, 2, 4, 0), (8, 2, 4, 1), (8, 1, 4, 1))
 BITPLANES_CONFIGS = ((1, 4, 4), (1, 2, 4), (1, 8, 4), (1, 4, 2), (2, 4, 4), (2, 2, 4), (4, 2, 4), (4, 4, 4),
                      (8, 2, 4), (8, 1, 4))
-ACT_ROWS = (1, 2, 4)  # rows of x one activation-sparse launch serves
-ACT_MAX_KPER = 1024  # inputs one block compacts (shared-memory list in the kernel)
+ACT_ROWS = (1, 2, 4)  # rows of x one activation-sparse launch serves (over a dense W^T)
+ACT_BITPLANES_ROWS = (1, 2)  # over a bit-plane W^T (shared memory)
+ACT_MAX_KPER = 512  # inputs one block compacts (shared-memory list in the kernel)
+ACT_THREADS = 256
 MAX_ROWS = 16  # the GEMV ops run x rows in passes of the config's row count; beyond this use GEMMs
 _SOURCE = "sparse_gemv.cu"
 _DTYPES = {torch.float16: "f16", torch.bfloat16: "bf16"}
@@ -112,7 +114,7 @@ def reference_gemv_bitplanes(x: torch.Tensor, layout: BitPlanes, bias: torch.Ten
 # ------------------------------------------------------------------------------ activation sparsity
 def act_splits(k: int, n_out: int, requested: int = 0) -> int:
     """K splits of an activation-sparse launch: enough blocks for ~4 per SM of an H200-class GPU
-    (132 SMs), at least ceil(K / 1024) (one block compacts at most 1024 inputs)."""
+    (132 SMs), at least ceil(K / ACT_MAX_KPER) (what one block compacts)."""
     least = -(-k // ACT_MAX_KPER)
     if requested:
         return max(requested, least)
@@ -120,13 +122,15 @@ def act_splits(k: int, n_out: int, requested: int = 0) -> int:
     return max(least, min(-(-k // 64), -(-528 // column_blocks)))
 
 
-def _act_launch(x, thresholds, bias, n_out, k, splits, name_of, weight_args, signature):
+def _act_launch(x, thresholds, bias, n_out, k, splits, name_of, weight_args, signature, row_counts):
     name = _check_dtype(x, weight_args[0])
     flat = _rows(x, k)
     m = flat.shape[0]
-    if m > ACT_ROWS[-1]:
-        raise ValueError(f"the activation-sparse kernel serves up to {ACT_ROWS[-1]} rows; got {m}.")
-    mr = next(r for r in ACT_ROWS if r >= m)
+    if m > row_counts[-1]:  # more rows than one launch serves: one launch per slice of rows
+        parts = [_act_launch(part, thresholds, bias, n_out, k, splits, name_of, weight_args, signature, row_counts)
+                 for part in flat.split(row_counts[-1])]
+        return torch.cat(parts).reshape(*x.shape[:-1], n_out)
+    mr = next(r for r in row_counts if r >= m)
     splits = act_splits(k, n_out, splits)
     kper = -(-k // splits)
     splits = -(-k // kper)
@@ -134,7 +138,7 @@ def _act_launch(x, thresholds, bias, n_out, k, splits, name_of, weight_args, sig
     partial = torch.empty(splits, m, n_out, device=x.device, dtype=torch.float32) if splits > 1 else None
     module = _module(x)
     kernel = module.kernel(name_of(name, mr), signature)
-    kernel((-(-n_out // 256), splits, 1), 128, flat, thresholds, *weight_args, bias, y, partial, m, n_out, k, kper)
+    kernel((-(-n_out // 256), splits, 1), ACT_THREADS, flat, thresholds, *weight_args, bias, y, partial, m, n_out, k, kper)
     if partial is not None:
         module.kernel(f"splitsum_{name}", "pppiii")((-(-(m * n_out) // 256), 1, 1), 256, partial, bias, y, m, n_out,
                                                     splits)
@@ -150,7 +154,7 @@ def act_gemv(x: torch.Tensor, thresholds: torch.Tensor, weight_t: torch.Tensor, 
     if n_out % 8:
         raise ValueError(f"the activation-sparse kernel needs N divisible by 8, got {n_out}.")
     return _act_launch(x, thresholds, bias, n_out, k, splits, lambda name, mr: f"actdense_{name}_m{mr}",
-                       (weight_t,), "ppppppiiii")
+                       (weight_t,), "ppppppiiii", ACT_ROWS)
 
 
 @act_gemv.register_fake
@@ -160,17 +164,18 @@ def _(x, thresholds, weight_t, bias, splits):
 
 @torch.library.custom_op("sparsewise::act_gemv_bitplanes", mutates_args=())
 def act_gemv_bitplanes(x: torch.Tensor, thresholds: torch.Tensor, values: torch.Tensor, words: torch.Tensor,
-                       offsets: torch.Tensor, bias: torch.Tensor | None, n_out: int, splits: int) -> torch.Tensor:
+                       offsets_t: torch.Tensor, bias: torch.Tensor | None, n_out: int, splits: int) -> torch.Tensor:
+    """``values``/``words`` of :func:`~.layouts.pack_bitplanes` (W^T), ``offsets_t`` its offsets transposed [T, K]."""
     k = words.shape[0]
     if not x.is_cuda:
-        weight_t = unpack_bitplanes(BitPlanes(values, words, offsets, (k, n_out)))
+        weight_t = unpack_bitplanes(BitPlanes(values, words, offsets_t.t(), (k, n_out)))
         return reference_act_gemv(x, thresholds, weight_t, bias)
     return _act_launch(x, thresholds, bias, n_out, k, splits, lambda name, mr: f"actbm_{name}_m{mr}",
-                       (values, words, offsets), "ppppppppiiii")
+                       (values, words, offsets_t), "ppppppppiiii", ACT_BITPLANES_ROWS)
 
 
 @act_gemv_bitplanes.register_fake
-def _(x, thresholds, values, words, offsets, bias, n_out, splits):
+def _(x, thresholds, values, words, offsets_t, bias, n_out, splits):
     return x.new_empty(*x.shape[:-1], n_out)
 
 

@@ -198,9 +198,10 @@ class Rows24:
 @dataclass
 class BitPlanes:
     """Any sparsity, per row tiles of 256 inputs: ``words`` [N, 8T] int32, bit l of word (t, w) =
-    keep of input 256t + 32w + l; ``values`` [nnz] the kept entries in row-major order; ``offsets``
-    [N, T] int32 index in ``values`` of each (row, tile)'s first kept entry. At 50% fp16:
-    1 + 1/8 + 4/256 bytes per weight (0.57x)."""
+    keep of input 256t + 32w + l; ``values`` the kept entries in row-major order, then
+    :data:`PLANE_PAD` zeros (the kernel reads each tile's values as one aligned 528-byte window);
+    ``offsets`` [N, T] int32 index in ``values`` of each (row, tile)'s first kept entry. At 50%
+    fp16: 1 + 1/8 + 4/256 bytes per weight (0.57x)."""
 
     values: torch.Tensor
     words: torch.Tensor
@@ -254,6 +255,7 @@ def unpack_rows24(layout: Rows24) -> torch.Tensor:
 
 
 PLANE_TILE = 256
+PLANE_PAD = 272  # >= the kernel's 264-value window + 8 of alignment slack
 
 
 def pack_bitplanes(weight: torch.Tensor) -> BitPlanes:
@@ -268,7 +270,8 @@ def pack_bitplanes(weight: torch.Tensor) -> BitPlanes:
     words = _to_int32_bits((keep.to(torch.int64) * bits).sum(-1))
     per_tile = keep.reshape(rows, tiles, -1).sum(-1).reshape(-1)
     offsets = (torch.cumsum(per_tile, 0) - per_tile).to(torch.int32).reshape(rows, tiles)
-    return BitPlanes(weight[weight != 0].contiguous(), words.contiguous(), offsets.contiguous(), (rows, cols))
+    values = F.pad(weight[weight != 0], (0, PLANE_PAD))
+    return BitPlanes(values.contiguous(), words.contiguous(), offsets.contiguous(), (rows, cols))
 
 
 def unpack_bitplanes(layout: BitPlanes) -> torch.Tensor:
@@ -276,5 +279,5 @@ def unpack_bitplanes(layout: BitPlanes) -> torch.Tensor:
     words = layout.words.to(torch.int64) & 0xFFFFFFFF
     keep = ((words.unsqueeze(-1) >> torch.arange(32, device=words.device)) & 1).bool().reshape(rows, -1)
     dense = torch.zeros(rows, keep.shape[1], dtype=layout.values.dtype, device=layout.values.device)
-    dense[keep] = layout.values
+    dense[keep] = layout.values[: layout.values.numel() - PLANE_PAD]
     return dense[:, :cols]

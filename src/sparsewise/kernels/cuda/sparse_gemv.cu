@@ -232,58 +232,78 @@ __device__ __forceinline__ void gemv24_body(const u16* __restrict__ x, const u16
 }
 
 // ---------------------------------------------------------------------------------------------
-// Unstructured GEMV over bit planes. Warps split the 256-input tiles of K; the next tile's words
-// and offsets are loaded before this tile's values, and all of a tile's value loads are issued
-// before the first is used.
+// Bit-plane tiles (unstructured weights). One warp decodes one (row, tile): the tile's kept values
+// are contiguous from `off`, so the warp copies the 16-byte-aligned window [off & ~7, +264) into
+// shared memory with one 16-byte load per lane (lane 0 one more), independent of the mask words;
+// then lane l reads the value of bit l of word w at (off - start) + kept bits before it.
+// `values` is padded by PLANE_PAD halves at pack time so the window never leaves the allocation.
+constexpr int PLANE_WINDOW = 264;
+
+struct PlaneTile {
+  U4 lo, hi;   // the 8 mask words
+  U4 window;   // this lane's 16 bytes of the value window
+  U4 extra;    // lane 0: the window's last 16 bytes
+  int shift;   // off - start
+};
+
+__device__ __forceinline__ void plane_tile_load(PlaneTile& tile, const u32* __restrict__ words,
+                                                const u16* __restrict__ values, int off, int lane) {
+  const U4* wp = reinterpret_cast<const U4*>(words);
+  tile.lo = ld_cached(wp);  // the same 32 bytes for every lane: one broadcast
+  tile.hi = ld_cached(wp + 1);
+  const int start = off & ~7;
+  tile.shift = off - start;
+  const U4* vp = reinterpret_cast<const U4*>(values + start);
+  tile.window = ld_stream(vp + lane);
+  if (lane == 0) tile.extra = ld_stream(vp + 32);
+}
+
+// The 8 weights lane `lane` owns in the tile (bit lane of each word), as floats.
+template <class T>
+__device__ __forceinline__ void plane_tile_decode(const PlaneTile& tile, u16* buffer, int lane, float (&out)[8]) {
+  reinterpret_cast<U4*>(buffer)[lane] = tile.window;
+  if (lane == 0) reinterpret_cast<U4*>(buffer)[32] = tile.extra;
+  __syncwarp();
+  const u32 lower = (1u << lane) - 1u;
+  int base = tile.shift;
+#pragma unroll
+  for (int w = 0; w < 8; ++w) {
+    const u32 word = w < 4 ? word_of(tile.lo, w) : word_of(tile.hi, w - 4);
+    out[w] = (word >> lane) & 1u ? T::one(buffer[base + __popc(word & lower)]) : 0.f;
+    base += __popc(word);
+  }
+  __syncwarp();  // the buffer is refilled by the next tile
+}
+
+// Unstructured GEMV. Warp w takes tiles w, w + WARPS, ... of ROWS rows; the offsets of all its
+// tiles are loaded once per 32 tiles (lane i holds tile i's) and passed around by shuffles, so a
+// tile costs one round trip to memory (words and window loaded together).
 template <class T, int MR, int ROWS, int WARPS>
 __device__ __forceinline__ void gemvbm_body(const u16* __restrict__ x, const u16* __restrict__ values,
                                             const u32* __restrict__ words, const int* __restrict__ offsets,
                                             const u16* __restrict__ bias, u16* __restrict__ y, int M, int N,
                                             int K, int T_tiles) {
+  __shared__ __align__(16) u16 windows[WARPS][ROWS][PLANE_WINDOW];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int row0 = blockIdx.x * ROWS, m0 = blockIdx.y * MR;
-  const u32 lower = (1u << lane) - 1u;
   float acc[MR * ROWS];
 #pragma unroll
   for (int i = 0; i < MR * ROWS; ++i) acc[i] = 0.f;
   int rows[ROWS];
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) rows[r] = min(row0 + r, N - 1);
-  int t = warp;
-  U4 wa[ROWS], wb[ROWS];
-  int off[ROWS];
-  if (t < T_tiles) {
+  int tile_offsets[ROWS];
+  for (int i = 0, t = warp; t < T_tiles; ++i, t += WARPS) {
+    if ((i & 31) == 0) {
+      const int mine = t + lane * WARPS;
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) tile_offsets[r] = mine < T_tiles ? offsets[(size_t)rows[r] * T_tiles + mine] : 0;
+    }
+    PlaneTile tiles[ROWS];
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
-      const U4* wp = reinterpret_cast<const U4*>(words + ((size_t)rows[r] * T_tiles + t) * 8);
-      wa[r] = ld_cached(wp);  // the same 32 bytes for every lane: one broadcast transaction
-      wb[r] = ld_cached(wp + 1);
-      off[r] = offsets[(size_t)rows[r] * T_tiles + t];
-    }
-  }
-  for (; t < T_tiles; t += WARPS) {
-    const int next = t + WARPS;
-    U4 na[ROWS], nb[ROWS];
-    int noff[ROWS];
-    if (next < T_tiles) {
-#pragma unroll
-      for (int r = 0; r < ROWS; ++r) {
-        const U4* wp = reinterpret_cast<const U4*>(words + ((size_t)rows[r] * T_tiles + next) * 8);
-        na[r] = ld_cached(wp);
-        nb[r] = ld_cached(wp + 1);
-        noff[r] = offsets[(size_t)rows[r] * T_tiles + next];
-      }
-    }
-    u16 vals[ROWS][8];
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
-      int base = off[r];
-#pragma unroll
-      for (int w = 0; w < 8; ++w) {
-        const u32 word = w < 4 ? word_of(wa[r], w) : word_of(wb[r], w - 4);
-        vals[r][w] = (word >> lane) & 1u ? values[base + __popc(word & lower)] : (u16)0;
-        base += __popc(word);
-      }
+      const int off = __shfl_sync(0xffffffffu, tile_offsets[r], i & 31);
+      plane_tile_load(tiles[r], words + ((size_t)rows[r] * T_tiles + t) * 8, values, off, lane);
     }
     float xf[MR][8];
 #pragma unroll
@@ -297,44 +317,48 @@ __device__ __forceinline__ void gemvbm_body(const u16* __restrict__ x, const u16
     }
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
+      float wf[8];
+      plane_tile_decode<T>(tiles[r], windows[warp][r], lane, wf);
 #pragma unroll
-      for (int w = 0; w < 8; ++w) {
-        const float value = T::one(vals[r][w]);
+      for (int w = 0; w < 8; ++w)
 #pragma unroll
-        for (int m = 0; m < MR; ++m) acc[m * ROWS + r] = fmaf(value, xf[m][w], acc[m * ROWS + r]);
-      }
+        for (int m = 0; m < MR; ++m) acc[m * ROWS + r] = fmaf(wf[w], xf[m][w], acc[m * ROWS + r]);
     }
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r) { wa[r] = na[r]; wb[r] = nb[r]; off[r] = noff[r]; }
   }
   finish_rows<T, MR, ROWS, WARPS>(acc, bias, y, M, N, row0, m0);
 }
 
 // ---------------------------------------------------------------------------------------------
-// Activation sparsity. Block (128 threads): one 256-wide slice of the N outputs (8 per lane) and
-// K range [k0, k0 + kper) of split blockIdx.y. Kept inputs are compacted in order (ballots, so
-// the sum order and the result are deterministic), then the 4 warps take every 4th kept input.
-constexpr int ACT_THREADS = 128;
-constexpr int ACT_MAX_KPER = 1024;
+// Activation sparsity. Block (8 warps): one 256-wide slice of the N outputs and the K range
+// [k0, k0 + kper) of split blockIdx.y. Kept inputs are compacted in order (ballots: the sum
+// order, so the result, is deterministic); then the warps take every 8th kept input, AHEAD rows
+// in flight per warp, so a block's whole share is requested in about one round trip.
+constexpr int ACT_WARPS = 8;
+constexpr int ACT_THREADS = 32 * ACT_WARPS;
+constexpr int ACT_MAX_KPER = 512;
 
+// `tile_offsets` (bit-plane W^T only): offsets_t [T, K] of this block's tile, gathered with the list.
 template <class T, int MR>
 __device__ __forceinline__ int compact_inputs(const u16* __restrict__ x, const float* __restrict__ thresholds,
-                                              int M, int K, int k0, int kper, int* idx, float (*xs)[ACT_MAX_KPER]) {
-  __shared__ int warp_counts[ACT_THREADS / 32];
+                                              int M, int K, int k0, int kper, int* idx, float (*xs)[ACT_MAX_KPER],
+                                              const int* __restrict__ tile_offsets, int* offs) {
+  __shared__ int warp_counts[ACT_WARPS];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int k_end = min(K, k0 + kper);
   int count = 0;
   for (int base = k0; base < k_end; base += ACT_THREADS) {
     const int k = base + threadIdx.x;
+    const bool inside = k < k_end;
     float xv[MR];
     bool keep = false;
-    const float limit = k < k_end ? thresholds[k] : 0.f;
+    const float limit = inside ? thresholds[k] : 0.f;
+    const int off = (inside && tile_offsets) ? tile_offsets[k] : 0;
 #pragma unroll
     for (int m = 0; m < MR; ++m) {
-      xv[m] = (k < k_end && m < M) ? T::one(x[(size_t)m * K + k]) : 0.f;
+      xv[m] = (inside && m < M) ? T::one(x[(size_t)m * K + k]) : 0.f;
       const bool kept_m = fabsf(xv[m]) > limit;
       xv[m] = kept_m ? xv[m] : 0.f;
-      keep |= kept_m && k < k_end && m < M;
+      keep |= kept_m && inside && m < M;
     }
     const u32 ballot = __ballot_sync(0xffffffffu, keep);
     if (lane == 0) warp_counts[warp] = __popc(ballot);
@@ -344,24 +368,24 @@ __device__ __forceinline__ int compact_inputs(const u16* __restrict__ x, const f
     if (keep) {
       const int pos = before + __popc(ballot & ((1u << lane) - 1u));
       idx[pos] = k;
+      if (tile_offsets) offs[pos] = off;
 #pragma unroll
       for (int m = 0; m < MR; ++m) xs[m][pos] = xv[m];
     }
 #pragma unroll
-    for (int w = 0; w < ACT_THREADS / 32; ++w) count += warp_counts[w];
+    for (int w = 0; w < ACT_WARPS; ++w) count += warp_counts[w];
     __syncthreads();
   }
   return count;
 }
 
-// Cross-warp sum of acc[m][e] (e: this lane's 8 outputs) and the store: into y directly when the
-// launch has one K split, else into fp32 partials [splits, M, N].
+// Cross-warp sum of acc[m][e] and the store: slot e*32 + lane of the 256-wide slice is output
+// cols[slot]; into y directly when the launch has one K split, else into fp32 partials [splits, M, N].
 template <class T, int MR>
-__device__ __forceinline__ void finish_columns(float (&acc)[MR][8], float (*red)[ACT_THREADS / 32][256],
+__device__ __forceinline__ void finish_columns(float (&acc)[MR][8], float (*red)[ACT_WARPS][256],
                                                const int* __restrict__ cols, const u16* __restrict__ bias,
                                                u16* __restrict__ y, float* __restrict__ partial, int M, int N) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  // red is [MR][4 warps][256] floats; column slot of (lane, e) = e * 32 + lane (conflict-free)
 #pragma unroll
   for (int m = 0; m < MR; ++m)
 #pragma unroll
@@ -370,7 +394,9 @@ __device__ __forceinline__ void finish_columns(float (&acc)[MR][8], float (*red)
   for (int slot = threadIdx.x; slot < MR * 256; slot += ACT_THREADS) {
     const int m = slot / 256, s = slot % 256;
     const int col = cols[s];
-    float sum = red[m][0][s] + red[m][1][s] + red[m][2][s] + red[m][3][s];
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < ACT_WARPS; ++w) sum += red[m][w][s];
     if (col < N && m < M) {
       if (gridDim.y == 1) {
         if (bias) sum += T::one(bias[col]);
@@ -389,11 +415,11 @@ __device__ __forceinline__ void actdense_body(const u16* __restrict__ x, const f
                                               int kper) {
   __shared__ int idx[ACT_MAX_KPER];
   __shared__ float xs[MR][ACT_MAX_KPER];
-  __shared__ float red[MR][ACT_THREADS / 32][256];
+  __shared__ float red[MR][ACT_WARPS][256];
   __shared__ int cols[256];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int n0 = blockIdx.x * 256 + lane * 8;
-  const int count = compact_inputs<T, MR>(x, thresholds, M, K, blockIdx.y * kper, kper, idx, xs);
+  const int count = compact_inputs<T, MR>(x, thresholds, M, K, blockIdx.y * kper, kper, idx, xs, nullptr, nullptr);
   for (int s = threadIdx.x; s < 256; s += ACT_THREADS) cols[s] = blockIdx.x * 256 + (s % 32) * 8 + s / 32;
   float acc[MR][8];
 #pragma unroll
@@ -401,99 +427,78 @@ __device__ __forceinline__ void actdense_body(const u16* __restrict__ x, const f
 #pragma unroll
     for (int e = 0; e < 8; ++e) acc[m][e] = 0.f;
   if (n0 < N) {
-    constexpr int AHEAD = 4;  // weight rows in flight per lane
-    int j = warp;
-    for (; j + 4 * (AHEAD - 1) < count; j += 4 * AHEAD) {
+    constexpr int AHEAD = 8;  // weight rows in flight per lane
+    for (int j0 = warp; j0 < count; j0 += ACT_WARPS * AHEAD) {
       U4 w[AHEAD];
 #pragma unroll
-      for (int a = 0; a < AHEAD; ++a) w[a] = ld_stream(wt + (size_t)idx[j + 4 * a] * N + n0);
+      for (int a = 0; a < AHEAD; ++a) {
+        const int j = j0 + ACT_WARPS * a;
+        if (j < count) w[a] = ld_stream(wt + (size_t)idx[j] * N + n0);
+      }
 #pragma unroll
       for (int a = 0; a < AHEAD; ++a) {
+        const int j = j0 + ACT_WARPS * a;
+        if (j < count) {
 #pragma unroll
-        for (int m = 0; m < MR; ++m) {
-          const float xv = xs[m][j + 4 * a];
+          for (int m = 0; m < MR; ++m) {
+            const float xv = xs[m][j];
 #pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            const u32 pair = word_of(w[a], q);
-            acc[m][2 * q] = fmaf(T::lo(pair), xv, acc[m][2 * q]);
-            acc[m][2 * q + 1] = fmaf(T::hi(pair), xv, acc[m][2 * q + 1]);
+            for (int q = 0; q < 4; ++q) {
+              const u32 pair = word_of(w[a], q);
+              acc[m][2 * q] = fmaf(T::lo(pair), xv, acc[m][2 * q]);
+              acc[m][2 * q + 1] = fmaf(T::hi(pair), xv, acc[m][2 * q + 1]);
+            }
           }
         }
       }
     }
-    for (; j < count; j += 4) {
-      const U4 w = ld_stream(wt + (size_t)idx[j] * N + n0);
-#pragma unroll
-      for (int m = 0; m < MR; ++m) {
-        const float xv = xs[m][j];
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const u32 pair = word_of(w, q);
-          acc[m][2 * q] = fmaf(T::lo(pair), xv, acc[m][2 * q]);
-          acc[m][2 * q + 1] = fmaf(T::hi(pair), xv, acc[m][2 * q + 1]);
-        }
-      }
-    }
   }
-  // acc[m][e] belongs to column n0 + e; finish_columns expects slot e*32+lane -> cols[] maps it back
   finish_columns<T, MR>(acc, red, cols, bias, y, partial, M, N);
 }
 
 // W^T rows as bit planes along N: tile = 256 outputs, blockIdx.x = tile; lane l owns outputs
-// tile*256 + w*32 + l (w = 0..7).
+// tile*256 + w*32 + l. offsets_t [T, K]: the compaction gathers each kept row's offset.
 template <class T, int MR>
 __device__ __forceinline__ void actbm_body(const u16* __restrict__ x, const float* __restrict__ thresholds,
                                            const u16* __restrict__ values, const u32* __restrict__ words,
-                                           const int* __restrict__ offsets, const u16* __restrict__ bias,
+                                           const int* __restrict__ offsets_t, const u16* __restrict__ bias,
                                            u16* __restrict__ y, float* __restrict__ partial, int M, int N, int K,
                                            int kper) {
   __shared__ int idx[ACT_MAX_KPER];
+  __shared__ int offs[ACT_MAX_KPER];
   __shared__ float xs[MR][ACT_MAX_KPER];
-  __shared__ float red[MR][ACT_THREADS / 32][256];
+  __shared__ float red[MR][ACT_WARPS][256];
   __shared__ int cols[256];
+  constexpr int AHEAD = 4;
+  __shared__ __align__(16) u16 windows[ACT_WARPS][AHEAD][PLANE_WINDOW];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int tile = blockIdx.x, tiles = gridDim.x;
-  const u32 lower = (1u << lane) - 1u;
-  const int count = compact_inputs<T, MR>(x, thresholds, M, K, blockIdx.y * kper, kper, idx, xs);
-  for (int s = threadIdx.x; s < 256; s += ACT_THREADS) cols[s] = tile * 256 + s;  // slot e*32+lane = output
+  const int count = compact_inputs<T, MR>(x, thresholds, M, K, blockIdx.y * kper, kper, idx, xs,
+                                          offsets_t + (size_t)tile * K, offs);
+  for (int s = threadIdx.x; s < 256; s += ACT_THREADS) cols[s] = tile * 256 + s;
   float acc[MR][8];
 #pragma unroll
   for (int m = 0; m < MR; ++m)
 #pragma unroll
     for (int e = 0; e < 8; ++e) acc[m][e] = 0.f;
-  constexpr int AHEAD = 2;
-  for (int j0 = warp; j0 < count; j0 += 4 * AHEAD) {
-    U4 wa[AHEAD], wb[AHEAD];
-    int base[AHEAD];
+  for (int j0 = warp; j0 < count; j0 += ACT_WARPS * AHEAD) {
+    PlaneTile planes[AHEAD];
 #pragma unroll
     for (int a = 0; a < AHEAD; ++a) {
-      const int j = j0 + 4 * a;
-      const size_t row = j < count ? (size_t)idx[j] : (size_t)idx[j0];
-      const U4* wp = reinterpret_cast<const U4*>(words + (row * tiles + tile) * 8);
-      wa[a] = ld_cached(wp);
-      wb[a] = ld_cached(wp + 1);
-      base[a] = offsets[row * tiles + tile];
-    }
-    u16 vals[AHEAD][8];
-#pragma unroll
-    for (int a = 0; a < AHEAD; ++a) {
-      int b = base[a];
-#pragma unroll
-      for (int w = 0; w < 8; ++w) {
-        const u32 word = w < 4 ? word_of(wa[a], w) : word_of(wb[a], w - 4);
-        vals[a][w] = (word >> lane) & 1u ? values[b + __popc(word & lower)] : (u16)0;
-        b += __popc(word);
-      }
+      const int j = min(j0 + ACT_WARPS * a, count - 1);
+      plane_tile_load(planes[a], words + ((size_t)idx[j] * tiles + tile) * 8, values, offs[j], lane);
     }
 #pragma unroll
     for (int a = 0; a < AHEAD; ++a) {
-      const int j = j0 + 4 * a;
-      if (j < count) {
+      const int j = j0 + ACT_WARPS * a;
+      if (j < count) {  // uniform across the warp
+        float wf[8];
+        plane_tile_decode<T>(planes[a], windows[warp][a], lane, wf);
 #pragma unroll
         for (int m = 0; m < MR; ++m) {
           const float xv = xs[m][j];
 #pragma unroll
-          for (int w = 0; w < 8; ++w) acc[m][w] = fmaf(T::one(vals[a][w]), xv, acc[m][w]);
+          for (int w = 0; w < 8; ++w) acc[m][w] = fmaf(wf[w], xv, acc[m][w]);
         }
       }
     }
@@ -543,20 +548,21 @@ GEMV24_ALL(bf16, BF16)
 GEMVBM_ALL(f16, F16)
 GEMVBM_ALL(bf16, BF16)
 
-#define ACT(TN, T, MR)                                                                                         \
+#define ACTDENSE(TN, T, MR)                                                                                    \
   extern "C" __global__ void __launch_bounds__(ACT_THREADS)                                                   \
       actdense_##TN##_m##MR(const u16* x, const float* thresholds, const u16* wt, const u16* bias, u16* y,    \
                             float* partial, int M, int N, int K, int kper) {                                  \
     actdense_body<T, MR>(x, thresholds, wt, bias, y, partial, M, N, K, kper);                                \
-  }                                                                                                           \
+  }
+#define ACTBM(TN, T, MR)                                                                                       \
   extern "C" __global__ void __launch_bounds__(ACT_THREADS)                                                   \
       actbm_##TN##_m##MR(const u16* x, const float* thresholds, const u16* values, const u32* words,          \
-                         const int* offsets, const u16* bias, u16* y, float* partial, int M, int N, int K,    \
+                         const int* offsets_t, const u16* bias, u16* y, float* partial, int M, int N, int K,  \
                          int kper) {                                                                          \
-    actbm_body<T, MR>(x, thresholds, values, words, offsets, bias, y, partial, M, N, K, kper);               \
+    actbm_body<T, MR>(x, thresholds, values, words, offsets_t, bias, y, partial, M, N, K, kper);             \
   }
 #define ACT_ALL(TN, T)                                                                                         \
-  ACT(TN, T, 1) ACT(TN, T, 2) ACT(TN, T, 4)                                                                   \
+  ACTDENSE(TN, T, 1) ACTDENSE(TN, T, 2) ACTDENSE(TN, T, 4) ACTBM(TN, T, 1) ACTBM(TN, T, 2)                    \
   extern "C" __global__ void splitsum_##TN(const float* partial, const u16* bias, u16* y, int M, int N,       \
                                            int splits) {                                                      \
     splitsum_body<T>(partial, bias, y, M, N, splits);                                                         \
