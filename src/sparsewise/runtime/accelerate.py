@@ -1,15 +1,33 @@
-"""Swap the pruned linears of a model for :class:`SparseLinear`, and measure the dispatch table."""
+"""Swap the pruned linears of a model for :class:`SparseLinear` where that is faster, and say so.
+
+``accelerate(model)`` packs every pruned ``nn.Linear`` and, on CUDA, measures each distinct
+layer shape against dense cuBLAS at the row counts you serve (``rows``, default batch 1): a
+layer stays sparse only where a sparse kernel beats dense at every one of them; elsewhere the
+dense ``nn.Linear`` is kept (the form that wins) and the report says why. The measurements
+become the dispatch table (cached on disk) that serves each call by its row count.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..models.adapters import _embedding_weight_ids
 from . import dispatch
-from .sparse_linear import PLANES_MAX_ROWS, SparseLinear, planes_choices
+from .sparse_linear import SparseLinear, default_choice, gemv_choices
+
+
+@dataclass
+class LayerDecision:
+    name: str
+    shape: tuple[int, int]
+    kind: str  # "24" / "bitmask" / "" (not packed)
+    sparse: bool  # True: runs as SparseLinear
+    ratios: dict[int, float] = field(default_factory=dict)  # rows -> dense time / sparse time
+    reason: str = ""
 
 
 @dataclass
@@ -18,32 +36,54 @@ class AccelerateReport:
     skipped: dict[str, str] = field(default_factory=dict)
     dense_bytes: int = 0
     sparse_bytes: int = 0
+    decisions: list[LayerDecision] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def memory_ratio(self) -> float:
         """Weight bytes of the swapped layers, sparse runtime over dense."""
         return self.sparse_bytes / self.dense_bytes if self.dense_bytes else float("nan")
 
-    warnings: list[str] = field(default_factory=list)
+    def table(self) -> str:
+        """One line per distinct (shape, kind, decision): what was chosen and the measured ratios."""
+        groups: dict[tuple, list[LayerDecision]] = {}
+        for decision in self.decisions:
+            key = (decision.shape, decision.kind, decision.sparse, tuple(sorted(decision.ratios.items())),
+                   decision.reason)
+            groups.setdefault(key, []).append(decision)
+        lines = [f"{'layers':>6}  {'shape (out x in)':>17}  {'weights':>7}  {'runs as':>7}  measured dense/sparse"]
+        for (shape, kind, sparse, ratios, reason), members in groups.items():
+            measured = ", ".join(f"M={rows}: {ratio:.2f}x" for rows, ratio in ratios) or "-"
+            example = members[0].name if len(members) == 1 else f"e.g. {members[0].name}"
+            lines.append(f"{len(members):>6}  {shape[0]:>8} x {shape[1]:<6}  {('2:4' if kind == '24' else kind):>7}  "
+                         f"{'sparse' if sparse else 'dense':>7}  {measured}  {reason} ({example})".rstrip())
+        return "\n".join(lines)
 
     def summary(self) -> str:
         text = (f"accelerated {len(self.swapped)} linears ({len(self.skipped)} left dense); their weights take "
                 f"{self.sparse_bytes / 2**20:.1f} MiB vs {self.dense_bytes / 2**20:.1f} MiB dense "
                 f"({self.memory_ratio:.3f}x)")
-        return "\n".join([text, *(f"warning: {w}" for w in self.warnings)])
+        parts = [text]
+        if self.decisions:
+            parts.append(self.table())
+        return "\n".join(parts + [f"warning: {w}" for w in self.warnings])
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def accelerate(model: nn.Module, *, device: torch.device | str | None = None, min_sparsity: float = 0.4,
-               keep_dense: bool = False, prefill: bool = True, tune_rows: tuple[int, ...] | None = None,
-               ) -> AccelerateReport:
-    """Replace every ``nn.Linear`` whose weight is at least ``min_sparsity`` zeros by a SparseLinear.
+               rows: tuple[int, ...] | None = (1,), prefill: bool = False) -> AccelerateReport:
+    """Replace each ``nn.Linear`` with at least ``min_sparsity`` zeros by a SparseLinear where it pays.
 
-    Embedding-tied heads are never swapped. ``device`` moves the model first (the runtime needs
-    CUDA for its kernels; on CPU the SparseLinears compute through the PyTorch reference).
-    ``keep_dense`` keeps a dense copy for the row counts where no sparse backend wins (memory
-    goes up by 1x); ``prefill`` keeps cuSPARSELt's compressed copy for 2:4 layers (+~0.56x) so
-    long prompts run on sparse tensor cores. ``tune_rows`` measures the dispatch table for those
-    row counts (e.g. ``(1, 8, 2048)``) and caches it on disk. Returns what was swapped.
+    ``rows``: the row counts (batch x new tokens per step) the model will serve; on CUDA every
+    distinct layer shape is timed against dense cuBLAS at each (:func:`tune`) and a layer stays
+    sparse only if it wins at all of them, else its dense ``nn.Linear`` is kept. ``rows=None``
+    swaps every pruned layer untimed. ``prefill`` keeps a cuSPARSELt copy of 2:4 weights for long
+    inputs (+0.56x of dense memory; 1.2-1.3x faster prefill on MLP shapes). ``device`` moves the
+    model first. Embedding-tied heads are never swapped. Returns what was swapped and measured.
     """
     if not 0.0 <= min_sparsity <= 1.0:
         raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity}.")
@@ -51,8 +91,8 @@ def accelerate(model: nn.Module, *, device: torch.device | str | None = None, mi
         model.to(device)
     tied = _embedding_weight_ids(model)
     report = AccelerateReport()
-    targets = []
-    for name, module in model.named_modules():
+    swapped: dict[str, tuple[nn.Linear, SparseLinear]] = {}
+    for name, module in list(model.named_modules()):
         if type(module) is not nn.Linear:
             continue
         weight = module.weight
@@ -63,67 +103,88 @@ def accelerate(model: nn.Module, *, device: torch.device | str | None = None, mi
         if zeros < min_sparsity:
             report.skipped[name] = f"only {zeros:.0%} zeros"
             continue
-        targets.append((name, module))
-    for name, module in targets:
-        sparse = SparseLinear.from_linear(module, keep_dense=keep_dense, prefill=prefill)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, sparse)
-        report.swapped.append(name)
-        report.dense_bytes += module.weight.numel() * module.weight.element_size()
-        report.sparse_bytes += sparse.weight_nbytes
-    if targets and not any(sparse.device.type == "cuda" for sparse in
-                           (model.get_submodule(name) for name in report.swapped)):
+        sparse = SparseLinear.from_linear(module, prefill=prefill)
+        _replace(model, name, sparse)
+        swapped[name] = (module, sparse)
+    on_cuda = any(sparse.device.type == "cuda" for _, sparse in swapped.values())
+    measured = tune(model, rows=rows) if (rows and on_cuda) else {}
+    for name, (linear, sparse) in swapped.items():
+        entries = measured.get(sparse.dispatch_key, {})
+        ratios = {r: entries[dispatch.bucket(r)]["dense_ms"] / entries[dispatch.bucket(r)]["ms"]
+                  for r in rows or () if dispatch.bucket(r) in entries}
+        losing = [r for r, ratio in ratios.items() if ratio < 1.0]
+        decision = LayerDecision(name, (sparse.out_features, sparse.in_features), sparse.kind, not losing, ratios)
+        if losing:
+            _replace(model, name, linear)  # dense wins at a served row count: keep the dense weight
+            decision.reason = f"dense is faster at M={','.join(map(str, losing))}"
+            report.skipped[name] = decision.reason
+        else:
+            report.swapped.append(name)
+            report.dense_bytes += linear.weight.numel() * linear.weight.element_size()
+            report.sparse_bytes += sparse.weight_nbytes
+        report.decisions.append(decision)
+    if swapped and not on_cuda:
         report.warnings.append("the model is on the CPU: SparseLinear computes through the PyTorch reference "
                                "(decompressing the weight every call), slower than dense; pass device='cuda'.")
-    if tune_rows:
-        tune(model, rows=tune_rows)
     return report
 
 
 def _candidates(layer: SparseLinear, rows: int) -> list[dict]:
-    # decompressing a bitmask weight per call writes the whole dense weight: never worth timing
-    # for decode-sized rows (the planes kernels serve those), only as the long-prompt fallback
-    found = [] if layer.kind == "bitmask" and rows <= PLANES_MAX_ROWS else [{"backend": "decompress"}]
-    if layer.dense_weight is not None:
-        found.append({"backend": "dense"})
+    found = gemv_choices(layer.kind, rows)
     if layer.cslt is not None and rows >= 16:
         # y row-major from cuSPARSELt, or y^T (its fast layout on sm_90) + one Triton transpose
         found += [{"backend": "cusparselt"}, {"backend": "cusparselt", "transposed": True}]
-    tiles = layer.layout.meta.shape[1] // layer.width
-    found += planes_choices(layer.kind, rows, layer.width, tiles)
+    if rows > 16 or not found:
+        found.append({"backend": "decompress"})
     return found
 
 
-def tune(model: nn.Module, rows: tuple[int, ...] = (1, 2, 4, 8, 16, 64, 256, 2048)) -> dict[str, dict]:
-    """Time every backend of each distinct SparseLinear shape at each row bucket; keep the fastest.
+def _clones(layer: SparseLinear, copies: int) -> list[SparseLinear]:
+    """Copies of a layer's buffers (not of its cuSPARSELt state), to rotate weights through memory."""
+    out = [layer]
+    for _ in range(copies - 1):
+        clone = SparseLinear(layer.layout.__class__(*[t.clone() if isinstance(t, torch.Tensor) else t
+                                                      for t in vars(layer.layout).values()]), layer.bias,
+                             cslt=layer.cslt)
+        out.append(clone)
+    return out
 
-    Random inputs, CUDA events, medians; the table is written to the on-disk cache. Returns
-    {shape key: {bucket: choice with its time in ms}}.
+
+def tune(model: nn.Module, rows: tuple[int, ...] = (1, 2, 4, 8, 16)) -> dict[str, dict]:
+    """Time every backend of each distinct SparseLinear shape at each row bucket against dense cuBLAS.
+
+    CUDA-graph replays over rotated weight copies, medians; the fastest choice per bucket (with
+    ``ms`` and ``dense_ms``) goes to the on-disk dispatch table. Returns {shape key: {bucket: choice}}.
     """
-    layers = {}
+    layers: dict[str, SparseLinear] = {}
     for module in model.modules():
         if isinstance(module, SparseLinear) and module.device.type == "cuda":
             layers.setdefault(module.dispatch_key, module)
     measured: dict[str, dict] = {}
     for key, layer in layers.items():
         table = dispatch.table_for(layer.device)
+        dense = layer.dense_weight()
+        copies = dispatch.rotation_copies(layer.weight_nbytes)
+        clones = _clones(layer, copies)
+        dense_copies = [dense] + [dense.clone() for _ in range(copies - 1)]
         for count in sorted({dispatch.bucket(r) for r in rows}):
             x = torch.randn(count, layer.in_features, device=layer.device, dtype=layer.dtype)
+            dense_ms = dispatch.time_rotated([lambda w=w: F.linear(x, w, layer.bias) for w in dense_copies])
             best = None
             for choice in _candidates(layer, count):
                 try:
-                    elapsed = dispatch.time_call(lambda choice=choice, layer=layer, x=x: layer.run(x, choice))
-                except Exception:  # noqa: BLE001 - a backend that cannot serve this shape (e.g. out of shared memory)
+                    elapsed = dispatch.time_rotated([lambda c=c: c.run(x, choice) for c in clones])
+                except Exception:  # noqa: BLE001 - a backend that cannot serve this shape
                     continue
                 if best is None or elapsed < best[0]:
                     best = (elapsed, choice)
             if best is None:
-                continue
-            chosen = dict(best[1], ms=round(best[0], 5))
+                best = (float("inf"), default_choice(layer.kind, count, has_cslt=layer.cslt is not None, on_cuda=True))
+            chosen = dict(best[1], ms=round(best[0], 5), dense_ms=round(dense_ms, 5))
             table.put(key, count, chosen)
             measured.setdefault(key, {})[count] = chosen
         table.save()
+        del clones, dense_copies, dense
     for module in model.modules():
         if isinstance(module, SparseLinear):
             module._choices.clear()

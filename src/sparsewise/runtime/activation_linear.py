@@ -1,4 +1,4 @@
-"""Linears that skip the weight columns of zeroed activations (decode), from attached sparsifiers.
+"""Linears that skip the weight rows of zeroed activations (decode), from attached sparsifiers.
 
 :func:`accelerate_activations` turns the sites of :func:`sparsewise.sparsify_activations` into
 :class:`ActivationSparseLinear` modules. Where a method's rule is a threshold on |x_j| times a
@@ -13,42 +13,51 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import triton_colskip
-from ..kernels.layouts import Bitmask, unpack
+from ..kernels import decode
+from ..kernels.layouts import BitPlanes, pack_bitplanes, unpack_bitplanes
+
+
+def column_thresholds(threshold: float | torch.Tensor, in_features: int, *, device=None) -> torch.Tensor:
+    """A scalar or per-column threshold as the float32 [K] vector the kernels read (< 0: keep all)."""
+    values = torch.as_tensor(threshold, dtype=torch.float32, device=device)
+    if values.dim() == 0:
+        values = values.expand(in_features)
+    if values.shape != (in_features,):
+        raise ValueError(f"threshold must be a scalar or have {in_features} entries, got {tuple(values.shape)}.")
+    return values.contiguous()
 
 
 class ActivationSparseLinear(nn.Module):
-    """y = mask(x) W^T + b with W stored transposed ([K, N]: one contiguous row per input).
+    """y = (x ⊙ [|x| > t]) W^T + b with W stored transposed (one contiguous row per input).
 
-    ``thresholds`` [K] float32: x_j is kept where |x_j| > thresholds[j]. Up to 16 rows on CUDA
-    run the column-skipping Triton kernel; more rows (prefill) and CPU use the PyTorch reference.
-    ``weight_layout``: "dense" (W^T as is, the default) or "bitmask" (W^T compressed, for a pruned
-    weight: the kernel then reads only the surviving weights of the kept inputs). The bitmask
-    layout saves memory (0.57x at 50% weight sparsity) but is slower: on the H200 it ran at
-    0.16-0.36x of dense cuBLAS per LLaMA-3-8B layer and 0.26-0.30x end to end (RESULTS.md,
-    session 11), so it is never chosen for you.
+    ``thresholds`` [K] float32: x_j is kept where |x_j| > thresholds[j]. On CUDA, up to
+    ``decode.ACT_ROWS[-1]`` rows per launch run the CUDA kernel that reads only the rows of W^T
+    whose input is kept (more rows are served in slices up to 16; longer inputs, and the CPU,
+    use the PyTorch reference: cuBLAS on the masked x). ``weight_layout``: "dense" (W^T as is),
+    "bitmask" (W^T as bit planes along N: only the surviving weights of the kept inputs are
+    read, for a pruned W: 2:4 or unstructured), or "auto" (bitmask when W has >= 40% zeros).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, thresholds: torch.Tensor, *,
-                 split_k: int = 4, config: tuple[int, int, int, int] = (64, 128, 4, 3), premask: bool = False,
-                 weight_layout: str = "dense"):
+                 weight_layout: str = "auto", splits: int = 0):
         super().__init__()
-        if weight_layout not in ("dense", "bitmask"):
-            raise ValueError(f"weight_layout must be 'dense' or 'bitmask', got {weight_layout!r}.")
+        if weight_layout not in ("dense", "bitmask", "auto"):
+            raise ValueError(f"weight_layout must be 'dense', 'bitmask' or 'auto', got {weight_layout!r}.")
         self.out_features, self.in_features = weight.shape
         weight = weight.detach()
+        if weight_layout == "auto":
+            weight_layout = "bitmask" if float((weight == 0).float().mean()) >= 0.4 else "dense"
         self.packed = weight_layout == "bitmask"
-        layout = triton_colskip.pack_transposed(weight) if self.packed else None
-        self.register_buffer("weight_t", None if self.packed else triton_colskip.transpose_weight(weight))
-        self.register_buffer("values", layout.values if self.packed else None)
-        self.register_buffer("meta", layout.meta if self.packed else None)
-        self.register_buffer("tile_offsets", layout.tile_offsets if self.packed else None)
-        self._layout_shape, self._layout_width = (layout.shape, layout.width) if self.packed else (None, None)
+        weight_t = weight.t().contiguous()
+        planes = pack_bitplanes(weight_t) if self.packed else None
+        self.register_buffer("weight_t", None if self.packed else weight_t)
+        self.register_buffer("values", planes.values if self.packed else None)
+        self.register_buffer("words", planes.words if self.packed else None)
+        self.register_buffer("offsets_t", planes.offsets.t().contiguous() if self.packed else None)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self.register_buffer("thresholds", triton_colskip.column_thresholds(thresholds, self.in_features,
-                                                                            device=weight.device))
-        self.split_k, self.config, self.premask = split_k, config, premask
-        # nothing to skip (every threshold below 0): cuBLAS on the transposed view, no mask cost
+        self.register_buffer("thresholds", column_thresholds(thresholds, self.in_features, device=weight.device))
+        self.splits = splits
+        # nothing to skip (every threshold below 0): cuBLAS, no mask cost
         self.keeps_all = bool((self.thresholds < 0).all())
 
     @classmethod
@@ -59,33 +68,30 @@ class ActivationSparseLinear(nn.Module):
         return cls(weight, getattr(linear, "bias", None), torch.as_tensor(thresholds, dtype=torch.float32), **options)
 
     @property
-    def layout_t(self) -> Bitmask:
-        return Bitmask(self.values, self.meta, self.tile_offsets, self._layout_shape, self._layout_width)
+    def weight_nbytes(self) -> int:
+        tensors = (self.values, self.words, self.offsets_t) if self.packed else (self.weight_t,)
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def dense_weight_t(self) -> torch.Tensor:
-        """W^T [K, N]: the stored one, or decoded from the bitmask (one Triton pass on CUDA)."""
+        """W^T [K, N]: the stored one, or decoded from the bit planes."""
         if not self.packed:
             return self.weight_t
-        if self.meta.is_cuda:
-            from ..kernels import triton_planes
-
-            return triton_planes.unpack(self.layout_t)
-        return unpack(self.layout_t)
+        return unpack_bitplanes(BitPlanes(self.values, self.words, self.offsets_t.t(),
+                                          (self.in_features, self.out_features)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         if self.keeps_all:
             return F.linear(x, self.dense_weight_t().t().to(x.dtype), self.bias)
-        if x.is_cuda and rows <= triton_colskip.MAX_ROWS:
+        if x.is_cuda and rows <= decode.MAX_ROWS and x.dtype in (torch.float16, torch.bfloat16):
             if self.packed:
-                return triton_colskip.linear_packed(x, self.layout_t, self.thresholds, self.bias, split_k=self.split_k)
-            return triton_colskip.linear(x, self.weight_t, self.thresholds, self.bias, split_k=self.split_k,
-                                         config=self.config, premask=self.premask)
-        kept = torch.where(x.abs().float() > self.thresholds, x, torch.zeros((), dtype=x.dtype, device=x.device))
-        return F.linear(kept, self.dense_weight_t().t().to(x.dtype), self.bias)
+                return decode.act_gemv_bitplanes(x, self.thresholds, self.values, self.words, self.offsets_t,
+                                                 self.bias, self.out_features, self.splits)
+            return decode.act_gemv(x, self.thresholds, self.weight_t, self.bias, self.splits)
+        return decode.reference_act_gemv(x, self.thresholds, self.dense_weight_t(), self.bias)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, split_k={self.split_k}, "
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"weight={'bitmask' if self.packed else 'dense'}")
 
 

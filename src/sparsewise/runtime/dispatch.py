@@ -1,13 +1,13 @@
 """Which backend serves a sparse linear call: a table measured on the device, cached on disk.
 
 Key: (device name, weight kind "24"/"bitmask", N, K, dtype) -> per M bucket (the next power of
-two of the row count, capped at 8192) the fastest measured choice, e.g. ``{"backend": "planes",
-"use_dot": false, "xselect": true, "split_k": 1, "config": [16, 4, 2]}``. :func:`tune` times
-every candidate once per (shape, bucket) with device events (median of repeats, random inputs)
-and writes ``$SPARSEWISE_CACHE/dispatch/<device>.json`` atomically. Without a measured entry
-``sparse_linear.default_choice`` decides: the planes kernel for M <= 4, else the dense weight
-when one is kept, else cuSPARSELt for 2:4 from 16 rows, else the planes tensor-core path
-(M <= 64) or an on-the-fly decompression.
+two of the row count, capped at 8192) the fastest measured choice with its time and dense
+cuBLAS's on the same shape, e.g. ``{"backend": "gemv", "config": [1, 4, 4, 0], "ms": 0.0068,
+"dense_ms": 0.0129}``. :func:`sparsewise.runtime.tune` times every candidate per (shape,
+bucket) as CUDA-graph replays over rotated weight copies (more bytes than the L2 holds, so the
+weights stream from memory as in a real model), medians of repeats, random inputs, and writes
+``$SPARSEWISE_CACHE/dispatch/<device>.json`` atomically. Without a measured entry
+``sparse_linear.default_choice`` decides.
 """
 
 from __future__ import annotations
@@ -134,3 +134,22 @@ def time_call(fn, repeats: int = 7, calls: int = 20, warmup: int = 3) -> float:
             for _ in range(calls):
                 fn()
     return events_median(run, repeats, warmup=1) / calls
+
+
+def time_rotated(calls: list, repeats: int = 7) -> float:
+    """Median milliseconds per call of a CUDA graph that runs every function of ``calls`` once
+    (each on its own copy of the weights, so the timing streams them from device memory)."""
+
+    def step():
+        for call in calls:
+            call()
+
+    replay, _ = capture(step, calls=1, warmup=2)
+    return events_median(replay, repeats, warmup=1) / len(calls)
+
+
+def rotation_copies(nbytes: int, l2_bytes: int | None = None) -> int:
+    """Copies of ``nbytes`` of weights that exceed 4x the L2 (at least 2)."""
+    if l2_bytes is None:
+        l2_bytes = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 64 << 20)
+    return max(2, -(-4 * l2_bytes // max(nbytes, 1)))

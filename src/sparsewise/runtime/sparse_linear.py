@@ -1,17 +1,18 @@
 """SparseLinear: a pruned nn.Linear held compressed on the GPU, served by the fastest backend.
 
-Backends (chosen per call by the row count M, from the measured dispatch table):
-  * ``planes``: the Triton kernels over the planes layouts (2:4 or bitmask), M <= 64;
-  * ``cusparselt``: 2:4 sparse tensor cores with plans cached per M (kept only when
-    ``prefill=True``: it holds a second compressed copy, ~0.56x dense);
-  * ``dense``: cuBLAS on a kept dense weight (only with ``keep_dense=True``);
+Layouts (:mod:`sparsewise.kernels.layouts`): 2:4 weights whose K is a multiple of 16 are kept as
+:class:`Rows24` (values + 4-bit positions, 0.5625x of fp16), every other sparse weight as
+:class:`BitPlanes` (values + 1 bit per weight + tile offsets, ~0.57x at 50%). Backends, chosen
+per call by the row count M (the measured dispatch table, else :func:`default_choice`):
+  * ``gemv``: the CUDA C++ decode kernels (:mod:`sparsewise.kernels.decode`), M <= 16;
+  * ``cusparselt``: 2:4 sparse tensor cores with plans cached per M (only with ``prefill=True``:
+    a second compressed copy, +0.56x of dense);
   * ``decompress``: rebuild the dense weight for the call, then cuBLAS (always possible);
-  * on CPU (and in CI) the PyTorch reference: the same decompression, so results agree.
-The compressed tensors are buffers (``state_dict``, ``.to()`` work; a move drops the
-cuSPARSELt copy, which is device-bound). The forward is one custom op
-(``sparsewise::sparse_linear``), so ``torch.compile`` traces a model of SparseLinears without
-graph breaks, and nothing in the hot path reads device memory back to the host, so CUDA graphs
-capture it (run each shape once first: the first call compiles kernels and builds plans).
+  * on CPU (and in CI) the PyTorch reference of the same layouts.
+The compressed tensors are buffers (``state_dict``, ``.to()`` work; a move drops the cuSPARSELt
+copy, which is device-bound). The forward is one custom op (``sparsewise::sparse_linear``) so
+``torch.compile`` traces it without graph breaks, and nothing in the hot path reads device
+memory back to the host, so CUDA graphs capture it.
 """
 
 from __future__ import annotations
@@ -24,59 +25,42 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import PatternError
-from ..kernels.layouts import NM24, Bitmask, pack_24, pack_unstructured, unpack
+from ..kernels import decode
+from ..kernels.layouts import BitPlanes, Rows24, pack_bitplanes, pack_rows24, unpack_bitplanes, unpack_rows24
 from . import dispatch
 
-PLANES_MAX_ROWS = 64
 _LAYERS: weakref.WeakValueDictionary[int, SparseLinear] = weakref.WeakValueDictionary()
 _IDS = itertools.count()
 
 
 def weight_kind(weight: torch.Tensor) -> str:
-    """"24" when every group of 4 inputs holds at most 2 nonzeros, else "bitmask"."""
-    if weight.shape[1] % 4 == 0 and int((weight.reshape(-1, 4) != 0).sum(-1).max()) <= 2:
+    """"24" when every group of 4 inputs holds at most 2 nonzeros (and K % 16 == 0, what the 2:4
+    kernel reads), else "bitmask"."""
+    if weight.shape[1] % 16 == 0 and int((weight.reshape(-1, 4) != 0).sum(-1).max()) <= 2:
         return "24"
     return "bitmask"
 
 
-def default_choice(kind: str, rows: int, *, has_cslt: bool, has_dense: bool, width: int, on_cuda: bool) -> dict:
+def default_choice(kind: str, rows: int, *, has_cslt: bool, on_cuda: bool) -> dict:
+    """What serves ``rows`` rows without a measured entry: the decode kernel up to 16 rows,
+    cuSPARSELt for longer 2:4 inputs when its copy is kept, else decompression."""
     if not on_cuda:
         return {"backend": "decompress"}
-    if rows <= 4:
-        return {"backend": "planes", "use_dot": False, "xselect": kind == "24", "split_k": 4, "config": [16, 4, 1]}
-    if has_dense:  # untuned: the kept dense copy is never slower than a guess
-        return {"backend": "dense"}
-    if kind == "24" and has_cslt and rows >= 16:
+    if rows <= decode.MAX_ROWS:
+        config = decode.default_gemv24_config(rows) if kind == "24" else decode.default_bitplanes_config(rows)
+        return {"backend": "gemv", "config": list(config)}
+    if kind == "24" and has_cslt:
         return {"backend": "cusparselt"}
-    if rows <= PLANES_MAX_ROWS and width >= 16:
-        return {"backend": "planes", "use_dot": True, "xselect": False, "split_k": 4, "config": [32, 4, 2]}
     return {"backend": "decompress"}
 
 
-# Launch configs (BLOCK_N, warps, stages) that compile without spills for sm_90 (checked on the
-# CPU machine with Triton's ptxas). Stages 1: plain loads (the configs that won LLaMA-3-8B shapes
-# on the H200, benchmarks/RESULTS.md); stages 3: the K loop software-pipelined through cp.async
-# (16-byte copies for 2:4), more bytes in flight per SM. 64/128-row blocks never won; tensor
-# cores with 3 stages need 232+ KB of shared memory at 64 rows (over sm_90's limit).
-_FMA_CONFIGS = {"24": ([16, 4, 1], [32, 4, 1], [16, 4, 3], [32, 4, 3], [16, 2, 3]),
-                "bitmask": ([16, 4, 1], [32, 8, 1], [16, 4, 3], [32, 8, 3])}
-_DOT_CONFIGS = ([32, 4, 2],)
-_SPLITS = (1, 2, 4, 8)
-
-
-def planes_choices(kind: str, rows: int, width: int, tiles: int) -> list[dict]:
-    """Every Triton planes launch worth timing for ``rows`` activation rows: CUDA-core paths up to
-    4 rows (x-select for 2:4), tensor cores from 2 rows (width-16 layouts), each with K split
-    over 1-8 programs (only splits that divide the tile count, as the kernel does)."""
-    if rows > PLANES_MAX_ROWS:
+def gemv_choices(kind: str, rows: int) -> list[dict]:
+    """Every compiled decode-kernel variant worth timing for ``rows`` rows: passes of the
+    variant's row count, no more than two passes."""
+    if rows > decode.MAX_ROWS:
         return []
-    splits = sorted({max(d for d in range(1, min(s, tiles) + 1) if tiles % d == 0) for s in _SPLITS})
-    shapes = []
-    if rows <= 4:
-        shapes += [{"use_dot": False, "xselect": kind == "24", "config": c} for c in _FMA_CONFIGS[kind]]
-    if rows >= 2 and width >= 16:
-        shapes += [{"use_dot": True, "xselect": False, "config": c} for c in _DOT_CONFIGS]
-    return [{"backend": "planes", **shape, "split_k": split} for split in splits for shape in shapes]
+    configs = decode.GEMV24_CONFIGS if kind == "24" else decode.BITPLANES_CONFIGS
+    return [{"backend": "gemv", "config": list(c)} for c in configs if c[0] <= rows < 3 * c[0] or (rows == 1 and c[0] == 1)]
 
 
 @torch.library.custom_op("sparsewise::sparse_linear", mutates_args=())
@@ -92,66 +76,64 @@ def _(x: torch.Tensor, layer_id: int) -> torch.Tensor:
 
 
 class SparseLinear(nn.Module):
-    """y = x W^T + b with W stored compressed (planes layout); see the module docstring."""
+    """y = x W^T + b with W stored compressed; see the module docstring."""
 
-    def __init__(self, layout: NM24 | Bitmask, bias: torch.Tensor | None, *, cslt=None,
-                 dense_weight: torch.Tensor | None = None, dtype: torch.dtype):
+    def __init__(self, layout: Rows24 | BitPlanes, bias: torch.Tensor | None, *, cslt=None):
         super().__init__()
         self.out_features, self.in_features = layout.shape
-        self.kind = "24" if isinstance(layout, NM24) else "bitmask"
-        self.width = layout.width
+        self.kind = "24" if isinstance(layout, Rows24) else "bitmask"
         self.register_buffer("values", layout.values)
-        self.register_buffer("meta", layout.meta)
-        self.register_buffer("tile_offsets", layout.tile_offsets if isinstance(layout, Bitmask) else None)
+        self.register_buffer("meta", layout.meta if isinstance(layout, Rows24) else None)
+        self.register_buffer("words", layout.words if isinstance(layout, BitPlanes) else None)
+        self.register_buffer("tile_offsets", layout.offsets if isinstance(layout, BitPlanes) else None)
         self.register_buffer("bias", None if bias is None else bias.detach())
-        self.register_buffer("dense_weight", dense_weight)
         self.cslt = cslt
-        self.dtype = dtype
         self._choices: dict[int, dict] = {}
         self.layer_id = next(_IDS)
         _LAYERS[self.layer_id] = self
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, keep_dense: bool = False, prefill: bool = True,
+    def from_linear(cls, linear: nn.Linear, *, prefill: bool = False,
                     device: torch.device | str | None = None) -> SparseLinear:
         weight = linear.weight.detach()
         if device is not None:
             weight = weight.to(device)
-        # the packers validate (2-D, finite) and pack_24 refuses anything that is not 2:4
-        try:
-            layout = pack_24(weight)
+        try:  # the packers validate (2-D, finite); pack_rows24 refuses anything that is not 2:4
+            layout = pack_rows24(weight)
         except PatternError:
-            layout = pack_unstructured(weight)
+            layout = pack_bitplanes(weight)
         cslt = None
-        if isinstance(layout, NM24) and prefill and weight.is_cuda and weight.dtype in (torch.float16, torch.bfloat16):
+        if isinstance(layout, Rows24) and prefill and weight.is_cuda and weight.dtype in (torch.float16, torch.bfloat16):
             from ..kernels import cusparselt
 
-            n, k = weight.shape
-            if cusparselt.available() and n % 16 == 0 and k % 16 == 0:
+            if cusparselt.available() and weight.shape[0] % 16 == 0:
                 cslt = cusparselt.CsltLinear(weight)
         bias = None if linear.bias is None else linear.bias.detach().to(weight.device)
-        return cls(layout, bias, cslt=cslt, dense_weight=weight.clone() if keep_dense else None, dtype=weight.dtype)
+        return cls(layout, bias, cslt=cslt)
 
     @property
-    def layout(self) -> NM24 | Bitmask:
+    def layout(self) -> Rows24 | BitPlanes:
         shape = (self.out_features, self.in_features)
         if self.kind == "24":
-            return NM24(self.values, self.meta, shape, self.width)
-        return Bitmask(self.values, self.meta, self.tile_offsets, shape, self.width)
+            return Rows24(self.values, self.meta, shape)
+        return BitPlanes(self.values, self.words, self.tile_offsets, shape)
 
     @property
     def device(self) -> torch.device:
-        return self.meta.device
+        return self.values.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
 
     @property
     def weight_nbytes(self) -> int:
         """Bytes this layer holds for its weight (all copies), to compare with the dense size."""
-        total = self.layout.nbytes
-        if self.cslt is not None:
-            total += self.cslt.nbytes
-        if self.dense_weight is not None:
-            total += self.dense_weight.numel() * self.dense_weight.element_size()
-        return total
+        return self.layout.nbytes + (self.cslt.nbytes if self.cslt is not None else 0)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The dense [N, K] weight (decompressed; for references and the decompress backend)."""
+        return unpack_rows24(self.layout) if self.kind == "24" else unpack_bitplanes(self.layout)
 
     @property
     def dispatch_key(self) -> str:
@@ -162,7 +144,6 @@ class SparseLinear(nn.Module):
         super()._apply(fn, recurse)
         if self.cslt is not None and (self.cslt.device != self.device or self.cslt.dtype != self.values.dtype):
             self.cslt = None
-        self.dtype = self.values.dtype
         self._choices.clear()
         return self
 
@@ -170,12 +151,11 @@ class SparseLinear(nn.Module):
         size = dispatch.bucket(rows)
         chosen = self._choices.get(size)
         if chosen is None:
-            if self.device.type == "cuda":
+            on_cuda = self.device.type == "cuda"
+            if on_cuda:
                 chosen = dispatch.table_for(self.device).get(self.dispatch_key, rows)
             if chosen is None or not self._can_run(chosen, size):
-                chosen = default_choice(self.kind, size, has_cslt=self.cslt is not None,
-                                        has_dense=self.dense_weight is not None, width=self.width,
-                                        on_cuda=self.device.type == "cuda")
+                chosen = default_choice(self.kind, size, has_cslt=self.cslt is not None, on_cuda=on_cuda)
             self._choices[size] = chosen
         return chosen
 
@@ -183,30 +163,21 @@ class SparseLinear(nn.Module):
         backend = choice.get("backend")
         if backend == "cusparselt":
             return self.cslt is not None
-        if backend == "dense":
-            return self.dense_weight is not None
-        if backend == "planes":
-            return rows <= PLANES_MAX_ROWS and (not choice.get("use_dot") or self.width >= 16)
+        if backend == "gemv":
+            return rows <= decode.MAX_ROWS and self.dtype in (torch.float16, torch.bfloat16)
         return backend == "decompress"
 
     def run(self, x: torch.Tensor, choice: dict) -> torch.Tensor:
         backend = choice["backend"]
-        if backend == "planes":
-            from ..kernels import triton_planes
-
-            config = choice.get("config")
-            return triton_planes.linear(x, self.layout, self.bias, split_k=choice.get("split_k", 1),
-                                        use_dot=choice.get("use_dot"), xselect=choice.get("xselect"),
-                                        config=None if config is None else tuple(config))
+        if backend == "gemv" and x.is_cuda:
+            config = choice["config"]
+            if self.kind == "24":
+                return decode.gemv24(x, self.values, self.meta, self.bias, self.out_features, config)
+            return decode.gemv_bitplanes(x, self.values, self.words, self.tile_offsets, self.bias, self.out_features,
+                                         self.in_features, config)
         if backend == "cusparselt":
             return self.cslt(x, self.bias, transposed=choice.get("transposed", False))
-        if backend == "dense":
-            return F.linear(x, self.dense_weight, self.bias)
-        if self.device.type == "cuda":  # one Triton pass over the compressed bytes
-            from ..kernels import triton_planes
-
-            return F.linear(x, triton_planes.unpack(self.layout).to(x.dtype), self.bias)
-        return F.linear(x, unpack(self.layout).to(x.dtype), self.bias)
+        return F.linear(x, self.dense_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -224,6 +195,4 @@ class SparseLinear(nn.Module):
                  f"bias={self.bias is not None}"]
         if self.cslt is not None:
             extra.append("cusparselt")
-        if self.dense_weight is not None:
-            extra.append("dense kept")
         return ", ".join(extra)
