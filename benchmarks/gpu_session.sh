@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call = one or more stages, each with its own time limit, logs under $OUT.
-#   bash benchmarks/gpu_session.sh tests layers e2e probe      # in the repo root on the GPU machine
+#   bash benchmarks/gpu_session.sh tests e2e probe             # in the repo root on the GPU machine
 #   bash benchmarks/gpu_session.sh stage-half                  # copy .carry1/* to /tmp/sw_stage (kept while warm)
 #   bash benchmarks/gpu_session.sh smollm2                     # needs /tmp/sw_stage/smol.part1 + .carry2/*
 #   bash benchmarks/gpu_session.sh dist                        # NCCL on 2 GPUs (needs stage-half first): test + SmolLM2
@@ -20,9 +20,6 @@ for stage in "$@"; do
               tests/test_gpu.py 2>&1 | tail -25 | tee "$OUT/tests.txt" ;;
     rtests) timeout 300 python3 -m pytest -q -x -m gpu -p no:cacheprovider --tb=short tests/test_runtime.py 2>&1 \
               | tail -40 | tee "$OUT/rtests.txt" ;;
-    layers) timeout 420 python3 benchmarks/runtime_layers.py 2>&1 | grep -v "Warn\|return cls" | tee "$OUT/layers.txt" ;;
-    quick)  timeout 200 python3 benchmarks/runtime_layers.py --models llama3-8b --layers q_proj,gate_up,down_proj \
-              --ms ${QUICK_MS:-1,4,16} --no-stock --json-out "$OUT/quick.json" 2>&1 | grep -v "Warn\|return cls" | tee "$OUT/quick.txt" ;;
     e2e)    timeout 330 python3 benchmarks/runtime_e2e.py 2>&1 | grep -v "Warn\|return cls" | tee "$OUT/e2e.txt" ;;
     sgpt)   # the lazy-block Triton kernel (the CUDA default) vs the torch column loop: GPU test, then 7B block mode
             timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py -k sparsegpt 2>&1 | tail -5 \
@@ -33,7 +30,7 @@ for stage in "$@"; do
             timeout 30 python3 benchmarks/probes/cslt_format.py 2>&1 | grep -v Warn | tee "$OUT/cslt_format.txt" ;;
     actspeed) timeout 500 python3 benchmarks/activation_speed.py 2>&1 | grep -v "Warn\|return cls" | tee "$OUT/actspeed.txt" ;;
     atests) timeout 200 python3 -m pytest -q -x -m gpu -p no:cacheprovider --tb=short tests/test_activation.py \
-              tests/test_kernels.py -k "colskip or activation" 2>&1 | tail -30 | tee "$OUT/atests.txt" ;;
+              tests/test_decode_kernels.py -k "activation" 2>&1 | tail -30 | tee "$OUT/atests.txt" ;;
     stage-half) mkdir -p /tmp/sw_stage && cp .carry1/* /tmp/sw_stage/ && ls -la /tmp/sw_stage ;;
     smollm2)
       cat /tmp/sw_stage/smol.part1 .carry2/smol.part2 > /tmp/smol.gguf || exit 1

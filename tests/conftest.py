@@ -115,19 +115,6 @@ def requires_data(path: Path):
     return pytest.mark.skipif(not path.exists(), reason=f"shared data not found at {path}")
 
 
-def poison_rows(layout, rows: torch.Tensor):
-    """A copy of a bitmask layout whose listed rows are garbage: every meta bit set and their
-    stored values NaN. A kernel that reads any of those rows returns NaN or a wrong sum."""
-    from sparsewise.kernels.layouts import Bitmask
-
-    values, meta = layout.values.clone(), layout.meta.clone()
-    starts = layout.tile_offsets[:, 0].tolist() + [values.numel()]
-    for row in rows.nonzero().flatten().tolist():
-        values[starts[row]:starts[row + 1]] = float("nan")
-        meta[row] = -1
-    return Bitmask(values, meta, layout.tile_offsets, layout.shape, layout.width)
-
-
 @pytest.fixture
 def free_port() -> int:
     """A TCP port nothing listens on now, for a torch.distributed rendezvous on localhost."""

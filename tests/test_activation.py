@@ -335,29 +335,59 @@ def test_ppl_p_sparsity_grows_with_the_allowed_loss_and_is_near_zero_without():
     assert all(len(list(m._forward_pre_hooks)) == 0 for m in model.modules())  # nothing left attached
 
 
+def _poison_inputs(planes, dead: torch.Tensor):
+    """A copy of a W^T bit-plane layout (rows = inputs) whose ``dead`` rows are garbage: every keep
+    bit set and their stored values NaN. A kernel that reads any of those rows returns NaN or a wrong sum."""
+    from sparsewise.kernels.layouts import PLANE_PAD, BitPlanes
+
+    values, words = planes.values.clone(), planes.words.clone()
+    starts = planes.offsets[:, 0].tolist() + [values.numel() - PLANE_PAD]
+    for row in dead.nonzero().flatten().tolist():
+        values[starts[row]:starts[row + 1]] = float("nan")
+        words[row] = -1
+    return BitPlanes(values, words, planes.offsets, planes.shape)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 8])
-def test_packed_colskip_on_gpu_matches_float64_and_reads_only_surviving_weights(dtype, m):
-    from conftest import poison_rows
-
-    from sparsewise.kernels import triton_colskip as colskip
+@pytest.mark.parametrize("weight_layout", ["dense", "bitmask"])
+def test_activation_sparse_kernels_on_gpu_match_float64_and_read_only_kept_inputs(dtype, m, weight_layout):
+    """decode.act_gemv (dense W^T) and act_gemv_bitplanes (50% pruned W^T as bit planes), TEAL-like
+    and WINA-like thresholds, against float64; the W^T rows of inputs no row of x keeps are
+    poisoned and the result must not change."""
+    from sparsewise.kernels import decode
+    from sparsewise.kernels.layouts import pack_bitplanes
     from sparsewise.patterns import unstructured_mask
 
     generator = torch.Generator(device="cuda").manual_seed(m)
     n, k = 1000, 4096
     weight = torch.randn(n, k, device="cuda", dtype=dtype, generator=generator) / k**0.5
-    weight = weight * unstructured_mask(weight.abs().float(), 0.5).to(dtype)
+    if weight_layout == "bitmask":
+        weight = weight * unstructured_mask(weight.abs().float(), 0.5).to(dtype)
     x = torch.randn(m, k, device="cuda", dtype=dtype, generator=generator)
     bias = torch.randn(n, device="cuda", dtype=dtype, generator=generator)
-    thresholds = colskip.column_thresholds(0.8, k, device="cuda")
-    kept = torch.where(x.abs().float() > thresholds, x, torch.zeros((), dtype=dtype, device="cuda"))
-    ref = torch.nn.functional.linear(kept.double(), weight.double(), bias.double())
-    layout = colskip.pack_transposed(weight)
-    dead = (kept == 0).all(0)
-    for split_k in (1, 4):
-        for packed in (layout, poison_rows(layout, dead)):
-            out = colskip.linear_packed(x, packed, thresholds, bias, split_k=split_k)
-            error = ((out.double() - ref).norm() / ref.norm()).item()
-            assert error < (1e-2 if dtype == torch.bfloat16 else 2e-3)
+    norms = weight.float().norm(dim=0)
+    for thresholds in (torch.full((k,), 0.8, device="cuda"), 0.8 * norms.mean() / norms):
+        kept = torch.where(x.abs().float() > thresholds, x, torch.zeros((), dtype=dtype, device="cuda"))
+        ref = torch.nn.functional.linear(kept.double(), weight.double(), bias.double())
+        dead = (kept == 0).all(0)
+        assert dead.any()
+        weight_t = weight.t().contiguous()
+        if weight_layout == "dense":
+            poisoned = weight_t.clone()
+            poisoned[dead] = float("nan")
+            layouts = (weight_t, poisoned)
+        else:
+            planes = pack_bitplanes(weight_t)
+            layouts = (planes, _poison_inputs(planes, dead))
+        for splits in (0, 1, 4):
+            for stored in layouts:
+                if weight_layout == "dense":
+                    out = decode.act_gemv(x, thresholds, stored, bias, splits)
+                else:
+                    out = decode.act_gemv_bitplanes(x, thresholds, stored.values, stored.words,
+                                                    stored.offsets.t().contiguous(), bias, n, splits)
+                error = ((out.double() - ref).norm() / ref.norm()).item()
+                assert error < (1.5e-2 if dtype == torch.bfloat16 else 2e-3), (splits, error)

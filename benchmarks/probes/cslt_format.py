@@ -1,7 +1,7 @@
 """Probe: dump cuSPARSELt's compressed 2:4 buffers for matrices whose kept values are unique
 integers, so the value order and the metadata encoding can be decoded offline (CPU).
 
-Why: holding both cuSPARSELt's copy (prefill) and the planes layout (decode) costs 1.125x dense;
+Why: holding both cuSPARSELt's copy (prefill) and the decode layout (Rows24) costs 1.125x dense;
 if the decode kernel could read cuSPARSELt's buffer, 2:4 would stay at ~0.56x with both paths.
 
     python benchmarks/probes/cslt_format.py   # -> $OUT/cslt_format.safetensors

@@ -169,11 +169,11 @@ def tune(model: nn.Module, rows: tuple[int, ...] = (1, 2, 4, 8, 16)) -> dict[str
         dense_copies = [dense] + [dense.clone() for _ in range(copies - 1)]
         for count in sorted({dispatch.bucket(r) for r in rows}):
             x = torch.randn(count, layer.in_features, device=layer.device, dtype=layer.dtype)
-            dense_ms = dispatch.time_rotated([lambda w=w: F.linear(x, w, layer.bias) for w in dense_copies])
+            dense_ms = dispatch.time_rotated([lambda w=w, x=x, b=layer.bias: F.linear(x, w, b) for w in dense_copies])
             best = None
             for choice in _candidates(layer, count):
                 try:
-                    elapsed = dispatch.time_rotated([lambda c=c: c.run(x, choice) for c in clones])
+                    elapsed = dispatch.time_rotated([lambda c=c, x=x, choice=choice: c.run(x, choice) for c in clones])
                 except Exception:  # noqa: BLE001 - a backend that cannot serve this shape
                     continue
                 if best is None or elapsed < best[0]:
