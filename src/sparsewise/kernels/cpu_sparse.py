@@ -168,7 +168,10 @@ def reference_conv1x1(x: torch.Tensor, row_ptr: torch.Tensor, cols: torch.Tensor
 # ------------------------------------------------------------------------------- the calls
 
 def _torch_csr(row_ptr, cols, values, in_features):
-    return torch.sparse_csr_tensor(row_ptr, cols.to(torch.int64), values, size=(row_ptr.numel() - 1, in_features))
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": said once by our own warning instead
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(row_ptr, cols.to(torch.int64), values, size=(row_ptr.numel() - 1, in_features),
+                                       check_invariants=False)
 
 
 def torch_csr_linear(x2d: torch.Tensor, row_ptr: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
@@ -181,11 +184,12 @@ def torch_csr_linear(x2d: torch.Tensor, row_ptr: torch.Tensor, cols: torch.Tenso
 def linear(x2d: torch.Tensor, row_ptr: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
            bias: torch.Tensor | None, in_features: int) -> torch.Tensor:
     """y [M, N] = x2d [M, K] W^T + b in float32 (x2d is cast to float32 first)."""
-    x2d = x2d.to(torch.float32)
+    if x2d.dtype != torch.float32:
+        x2d = x2d.float()
     ops = load_extension()
     if ops is None:
         return torch_csr_linear(x2d, row_ptr, cols, values, bias, in_features)
-    return ops.csr_linear(x2d, row_ptr, cols, values, bias, in_features)
+    return ops.csr_linear.default(x2d, row_ptr, cols, values, bias, in_features)
 
 
 def conv1x1(x: torch.Tensor, row_ptr: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
@@ -202,5 +206,5 @@ def conv1x1(x: torch.Tensor, row_ptr: torch.Tensor, cols: torch.Tensor, values: 
             out = out + bias[:, None]
         out = out.reshape(-1, batch, height * width).permute(1, 0, 2)
     else:
-        out = ops.csr_conv1x1(flat, row_ptr, cols, values, bias, in_features)
+        out = ops.csr_conv1x1.default(flat, row_ptr, cols, values, bias, in_features)
     return out.reshape(batch, -1, height, width).contiguous()

@@ -22,8 +22,7 @@ from .layouts import BitPlanes, Rows24, unpack_bitplanes, unpack_rows24
 # (rows of x per pass, weight rows per block, warps per block, fp16x2 partial sums) -- as compiled
 GEMV24_CONFIGS = ((1, 4, 4, 0), (1, 8, 4, 0), (1, 4, 8, 0), (1, 2, 4, 0), (1, 8, 2, 0), (2, 4, 4, 0), (2, 2, 4, 0),
                   (2, 4, 4, 1), (4, 4, 4, 1), (4, 2, 4, 1), (4, 2, 4, 0), (8, 2, 4, 1), (8, 1, 4, 1))
-BITPLANES_CONFIGS = ((1, 4, 4), (1, 2, 4), (1, 8, 4), (1, 4, 2), (2, 4, 4), (2, 2, 4), (4, 2, 4), (4, 4, 4),
-                     (8, 2, 4), (8, 1, 4))
+BITPLANES_CONFIGS = ((1, 4, 4), (1, 2, 4), (1, 1, 4), (1, 2, 8), (2, 4, 4), (2, 2, 4), (4, 2, 4), (8, 1, 4))
 ACT_ROWS = (1, 2, 4)  # rows of x one activation-sparse launch serves (over a dense W^T)
 ACT_BITPLANES_ROWS = (1, 2)  # over a bit-plane W^T (shared memory)
 ACT_MAX_KPER = 512  # inputs one block compacts (shared-memory list in the kernel)

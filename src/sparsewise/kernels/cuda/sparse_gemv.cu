@@ -293,18 +293,26 @@ __device__ __forceinline__ void gemvbm_body(const u16* __restrict__ x, const u16
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) rows[r] = min(row0 + r, N - 1);
   int tile_offsets[ROWS];
-  for (int i = 0, t = warp; t < T_tiles; ++i, t += WARPS) {
+  // software pipeline: tile i+1's words and value windows are requested before tile i is decoded
+  PlaneTile tiles[ROWS];
+  auto request = [&](int i, int t) {
     if ((i & 31) == 0) {
       const int mine = t + lane * WARPS;
 #pragma unroll
       for (int r = 0; r < ROWS; ++r) tile_offsets[r] = mine < T_tiles ? offsets[(size_t)rows[r] * T_tiles + mine] : 0;
     }
-    PlaneTile tiles[ROWS];
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
       const int off = __shfl_sync(0xffffffffu, tile_offsets[r], i & 31);
       plane_tile_load(tiles[r], words + ((size_t)rows[r] * T_tiles + t) * 8, values, off, lane);
     }
+  };
+  if (warp < T_tiles) request(0, warp);
+  for (int i = 0, t = warp; t < T_tiles; ++i, t += WARPS) {
+    PlaneTile current[ROWS];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) current[r] = tiles[r];
+    if (t + WARPS < T_tiles) request(i + 1, t + WARPS);
     float xf[MR][8];
 #pragma unroll
     for (int m = 0; m < MR; ++m) {
@@ -318,7 +326,7 @@ __device__ __forceinline__ void gemvbm_body(const u16* __restrict__ x, const u16
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
       float wf[8];
-      plane_tile_decode<T>(tiles[r], windows[warp][r], lane, wf);
+      plane_tile_decode<T>(current[r], windows[warp][r], lane, wf);
 #pragma unroll
       for (int w = 0; w < 8; ++w)
 #pragma unroll
@@ -542,9 +550,8 @@ GEMV24_ALL(bf16, BF16)
     gemvbm_body<T, MR, ROWS, WARPS>(x, values, words, offsets, bias, y, M, N, K, T_tiles);                   \
   }
 #define GEMVBM_ALL(TN, T)                                                                                      \
-  GEMVBM(TN, T, 1, 4, 4) GEMVBM(TN, T, 1, 2, 4) GEMVBM(TN, T, 1, 8, 4) GEMVBM(TN, T, 1, 4, 2)                \
-  GEMVBM(TN, T, 2, 4, 4) GEMVBM(TN, T, 2, 2, 4) GEMVBM(TN, T, 4, 2, 4) GEMVBM(TN, T, 4, 4, 4)                \
-  GEMVBM(TN, T, 8, 2, 4) GEMVBM(TN, T, 8, 1, 4)
+  GEMVBM(TN, T, 1, 4, 4) GEMVBM(TN, T, 1, 2, 4) GEMVBM(TN, T, 1, 1, 4) GEMVBM(TN, T, 1, 2, 8)                \
+  GEMVBM(TN, T, 2, 4, 4) GEMVBM(TN, T, 2, 2, 4) GEMVBM(TN, T, 4, 2, 4) GEMVBM(TN, T, 8, 1, 4)
 GEMVBM_ALL(f16, F16)
 GEMVBM_ALL(bf16, BF16)
 
