@@ -280,6 +280,14 @@ def test_activation_sparse_linears_over_pruned_weights_store_only_survivors():
     assert swapped and all(module.packed for module in swapped)
     for module in swapped:  # only the surviving weights are stored (+ the kernel's read-window padding)
         assert module.values.numel() - PLANE_PAD == int((module.dense_weight_t() != 0).sum())
+    from sparsewise.patterns import nm_mask
+
+    dense24 = torch.randn(64, 128)
+    dense24 = dense24 * nm_mask(dense24.abs(), 2, 4)
+    fused = ActivationSparseLinear(dense24, None, torch.full((128,), 0.6))  # auto: the 2:4 kernel's layout
+    assert fused.layout_name == "2:4" and fused.weight_nbytes < 0.6 * dense24.numel() * 4
+    x = torch.randn(3, 128)
+    torch.testing.assert_close(fused(x), torch.where(x.abs() > 0.6, x, torch.zeros(())) @ dense24.t())
     big = torch.randn(512, 1024) * (torch.rand(512, 1024) > 0.5)
     packed = ActivationSparseLinear(big.half(), None, torch.tensor(0.5), weight_layout="bitmask")
     assert packed.weight_nbytes < 0.58 * big.numel() * 2  # fp16 values of half the weights + 1 bit each

@@ -68,6 +68,8 @@ def test_reference_ops_compute_the_linear():
                                                      [1, 4, 4]), expected)
     thresholds = torch.rand(64)
     kept = torch.where(x.abs() > thresholds, x, torch.zeros(()))
+    torch.testing.assert_close(decode.gemv24(x, layout.values, layout.meta, bias, 40, [1, 4, 4, 0], thresholds),
+                               F.linear(kept, weight, bias))
     torch.testing.assert_close(decode.act_gemv(x, thresholds, weight.t().contiguous(), bias, 0),
                                F.linear(kept, weight, bias))
     planes_t = pack_bitplanes(weight.t().contiguous())
@@ -107,6 +109,10 @@ def test_gpu_gemv24_every_variant(config, dtype):
         out = decode.gemv24(x, layout.values, layout.meta, bias, n, list(config))
         assert torch.isfinite(out).all()
         assert _rel(out, ref) < TOL[dtype], (config, m)
+        thresholds = torch.rand(k, device="cuda")  # activation sparsity fused into the kernel
+        kept = torch.where(x.abs().float() > thresholds, x, torch.zeros((), dtype=dtype, device="cuda"))
+        out = decode.gemv24(x, layout.values, layout.meta, bias, n, list(config), thresholds)
+        assert _rel(out, F.linear(kept.double(), weight.double(), bias.double())) < TOL[dtype], (config, m)
 
 
 @needs_cuda

@@ -61,22 +61,27 @@ def default_bitplanes_config(rows: int) -> tuple[int, int, int]:
 # ------------------------------------------------------------------------------------------ 2:4 GEMV
 @torch.library.custom_op("sparsewise::gemv24", mutates_args=())
 def gemv24(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None, n_out: int,
-           config: list[int]) -> torch.Tensor:
+           config: list[int], thresholds: torch.Tensor | None = None) -> torch.Tensor:
+    """``thresholds`` (fp32 [K], optional): only inputs with |x_k| > thresholds[k] count (activation
+    sparsity applied inside the kernel, so 2:4 weights and TEAL thresholds cost one launch)."""
     k = values.shape[1] * 2
     if not x.is_cuda:
+        if thresholds is not None:
+            x = torch.where(x.abs().float() > thresholds.to(x.device), x, torch.zeros((), dtype=x.dtype, device=x.device))
         return reference_gemv24(x, Rows24(values, meta, (n_out, k)), bias)
     name = _check_dtype(x, values)
     mr, rows, warps, acc16 = config
     flat = _rows(x, k)
     m = flat.shape[0]
     y = torch.empty(m, n_out, device=x.device, dtype=x.dtype)
-    kernel = _module(x).kernel(f"gemv24_{name}_m{mr}_r{rows}_w{warps}{'_h' if acc16 else ''}", "pppppiii")
-    kernel((-(-n_out // rows), -(-m // mr), 1), 32 * warps, flat, values, meta, bias, y, m, n_out, k)
+    suffix = ("_h" if acc16 else "") + ("_t" if thresholds is not None else "")
+    kernel = _module(x).kernel(f"gemv24_{name}_m{mr}_r{rows}_w{warps}{suffix}", "ppppppiii")
+    kernel((-(-n_out // rows), -(-m // mr), 1), 32 * warps, flat, values, meta, bias, thresholds, y, m, n_out, k)
     return y.reshape(*x.shape[:-1], n_out)
 
 
 @gemv24.register_fake
-def _(x, values, meta, bias, n_out, config):
+def _(x, values, meta, bias, n_out, config, thresholds=None):
     return x.new_empty(*x.shape[:-1], n_out)
 
 

@@ -145,10 +145,34 @@ __device__ __forceinline__ void finish_rows(float (&acc)[MR * ROWS], const u16* 
 // 2:4 GEMV. Block: ROWS output rows, WARPS warps splitting the chunks of K; gridDim.y walks the
 // x rows in groups of MR. ACC16: products of a chunk summed in f16x2/bf16x2 (8 per half), then
 // added to fp32 (halves the instructions at MR >= 4); else every product in fp32.
-template <class T, int MR, int ROWS, int WARPS, bool ACC16>
+// Zero the halves of x whose |x| <= threshold (activation sparsity fused into the 2:4 GEMV).
+template <class T>
+__device__ __forceinline__ u32 mask_pair(u32 pair, float t_lo, float t_hi) {
+  const u32 keep_lo = fabsf(T::lo(pair)) > t_lo ? 0x0000ffffu : 0u;
+  const u32 keep_hi = fabsf(T::hi(pair)) > t_hi ? 0xffff0000u : 0u;
+  return pair & (keep_lo | keep_hi);
+}
+
+template <class T>
+__device__ __forceinline__ void mask_chunk(U4& xa, U4& xb, const float* __restrict__ thresholds, int c) {
+  const float4* tp = reinterpret_cast<const float4*>(thresholds + (c << 4));
+  const float4 t0 = tp[0], t1 = tp[1], t2 = tp[2], t3 = tp[3];
+  xa.a = mask_pair<T>(xa.a, t0.x, t0.y);
+  xa.b = mask_pair<T>(xa.b, t0.z, t0.w);
+  xa.c = mask_pair<T>(xa.c, t1.x, t1.y);
+  xa.d = mask_pair<T>(xa.d, t1.z, t1.w);
+  xb.a = mask_pair<T>(xb.a, t2.x, t2.y);
+  xb.b = mask_pair<T>(xb.b, t2.z, t2.w);
+  xb.c = mask_pair<T>(xb.c, t3.x, t3.y);
+  xb.d = mask_pair<T>(xb.d, t3.z, t3.w);
+}
+
+// `thresholds` (optional, fp32 [K]): x_k counts only where |x_k| > thresholds[k] (TEAL-style).
+template <class T, int MR, int ROWS, int WARPS, bool ACC16, bool MASK>
 __device__ __forceinline__ void gemv24_body(const u16* __restrict__ x, const u16* __restrict__ values,
                                             const u16* __restrict__ meta, const u16* __restrict__ bias,
-                                            u16* __restrict__ y, int M, int N, int K) {
+                                            const float* __restrict__ thresholds, u16* __restrict__ y, int M,
+                                            int N, int K) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int row0 = blockIdx.x * ROWS, m0 = blockIdx.y * MR;
   const int chunks = K >> 4;
@@ -186,6 +210,7 @@ __device__ __forceinline__ void gemv24_body(const u16* __restrict__ x, const u16
       const U4* xp = reinterpret_cast<const U4*>(x + (size_t)xm * K + (c << 4));
       xa[m] = ld_cached(xp);
       xb[m] = ld_cached(xp + 1);
+      if (MASK) mask_chunk<T>(xa[m], xb[m], thresholds, c);
     }
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
@@ -527,12 +552,16 @@ __device__ __forceinline__ void splitsum_body(const float* __restrict__ partial,
 
 // ---------------------------------------------------------------------------------------------
 // Instantiations: <family>_<dtype>_m<MR>_r<ROWS>_w<WARPS>[_h] (the Python side builds the names).
-#define GEMV24(TN, T, MR, ROWS, WARPS, ACC16, SUFFIX)                                                          \
+#define GEMV24_ONE(TN, T, MR, ROWS, WARPS, ACC16, MASK, SUFFIX)                                                \
   extern "C" __global__ void __launch_bounds__(WARPS * 32)                                                    \
       gemv24_##TN##_m##MR##_r##ROWS##_w##WARPS##SUFFIX(const u16* x, const u16* values, const u16* meta,      \
-                                                       const u16* bias, u16* y, int M, int N, int K) {        \
-    gemv24_body<T, MR, ROWS, WARPS, ACC16>(x, values, meta, bias, y, M, N, K);                               \
+                                                       const u16* bias, const float* thresholds, u16* y,      \
+                                                       int M, int N, int K) {                                 \
+    gemv24_body<T, MR, ROWS, WARPS, ACC16, MASK>(x, values, meta, bias, thresholds, y, M, N, K);             \
   }
+// each variant twice: plain, and with the activation thresholds applied to x (suffix _t)
+#define GEMV24(TN, T, MR, ROWS, WARPS, ACC16, SUFFIX)                                                          \
+  GEMV24_ONE(TN, T, MR, ROWS, WARPS, ACC16, false, SUFFIX) GEMV24_ONE(TN, T, MR, ROWS, WARPS, ACC16, true, SUFFIX##_t)
 #define GEMV24_ALL(TN, T)                                                                                      \
   GEMV24(TN, T, 1, 4, 4, false, ) GEMV24(TN, T, 1, 8, 4, false, ) GEMV24(TN, T, 1, 4, 8, false, )           \
   GEMV24(TN, T, 1, 2, 4, false, ) GEMV24(TN, T, 1, 8, 2, false, ) GEMV24(TN, T, 2, 4, 4, false, )           \
