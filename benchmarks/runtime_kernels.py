@@ -134,6 +134,7 @@ def bench_activation(name: str, n: int, k: int, rows: list, args) -> None:
     weight_t = [w.t().contiguous() for w in dense_copies]
     planes = [pack_bitplanes(weight24.t().contiguous()) for _ in range(copies)]
     planes_offsets_t = [lay.offsets.t().contiguous() for lay in planes]
+    rows24 = [pack_rows24(weight24.clone()) for _ in range(copies)]
     for sparsity in args.act_sparsities:
         if sparsity <= 0:
             thresholds = torch.full((k,), -1.0, device="cuda")
@@ -141,19 +142,25 @@ def bench_activation(name: str, n: int, k: int, rows: list, args) -> None:
             thresholds = torch.full((k,), float(x.abs().float().quantile(sparsity)), device="cuda")
         kept = torch.where(x.abs().float() > thresholds, x, torch.zeros_like(x)).double()
         measured = float((kept == 0).double().mean())
-        for mode, weight_ref in (("act", weight), ("2:4+act", weight24)):
+        variants = [("act", weight, None), ("2:4+act", weight24, None)]
+        variants += [("2:4 fused act", weight24, config) for config in ((1, 4, 4, 0), (1, 8, 4, 0))]
+        for mode, weight_ref, config in variants:
             ref = F.linear(kept, weight_ref.double())
             if mode == "act":
                 def make(i):
                     return lambda: decode.act_gemv(x, thresholds, weight_t[i], None, 0)
-            else:
+            elif config is None:
                 def make(i):
                     lay, offsets_t = planes[i], planes_offsets_t[i]
                     return lambda: decode.act_gemv_bitplanes(x, thresholds, lay.values, lay.words, offsets_t,
                                                              None, n, 0)
+            else:
+                def make(i, config=config):
+                    lay = rows24[i]
+                    return lambda: decode.gemv24(x, lay.values, lay.meta, None, n, list(config), thresholds)
             err = checked(make(0), ref)
             sparse_ms = timed(make, copies)
-            row = {"shape": name, "n": n, "k": k, "mode": f"{mode} {sparsity:.0%}", "m": 1, "config": [],
+            row = {"shape": name, "n": n, "k": k, "mode": f"{mode} {sparsity:.0%}", "m": 1, "config": list(config or []),
                    "sparse_us": sparse_ms * 1e3, "dense_us": dense_ms * 1e3, "ratio": dense_ms / sparse_ms,
                    "rel_err": err, "act_sparsity": measured}
             rows.append(row)
