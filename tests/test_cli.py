@@ -30,11 +30,11 @@ def test_prune_eval_report_round_trip(tmp_path, capsys, smollm2):
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["windows"] == 2 and evaluated["ppl"] > 1
 
-    # the same checkpoint through the sparse runtime (CPU: the reference path) gives the same perplexity
+    # the same checkpoint through the sparse runtime (CPU: the CSR kernel where it measures faster)
     assert main(["eval", str(out), "--eval", str(WIKITEXT_TEST), "--seqlen", "128", "--max-windows", "2",
                  "--json", "--no-progress", "--accelerate", "--device", "cpu"]) == 0
     accelerated = json.loads(capsys.readouterr().out)
-    assert "accelerated 210 linears" in accelerated["runtime"]
+    assert "accelerated" in accelerated["runtime"] and "measured dense/sparse" in accelerated["runtime"]
     assert accelerated["ppl"] == pytest.approx(evaluated["ppl"], rel=1e-4)
 
     # activation sparsity on top, calibrated on C4 (never the eval text), measured sparsity reported

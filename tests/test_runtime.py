@@ -11,6 +11,7 @@ from conftest import VOCAB, build_tiny
 import sparsewise as sw
 from sparsewise.patterns import nm_mask, unstructured_mask
 from sparsewise.runtime import SparseLinear, accelerate, dispatch, weight_kind
+from sparsewise.runtime.cpu_linear import CpuSparseLinear
 
 
 def _pruned_linear(n, k, pattern, bias=True, dtype=torch.float32, device="cpu", seed=0):
@@ -71,10 +72,10 @@ def test_accelerate_swaps_pruned_linears_and_generate_is_unchanged(family):
         expected = model.generate(prompt, max_new_tokens=8, do_sample=False)
     pruned = [name for name, layer in model.named_modules()
               if type(layer) is torch.nn.Linear and float((layer.weight == 0).float().mean()) >= 0.4]
-    report = accelerate(model)
+    report = accelerate(model, rows=None)  # CPU model: every pruned layer to the CSR kernel, untimed
     assert sorted(report.swapped) == sorted(pruned) and report.swapped
-    assert all(isinstance(model.get_submodule(name), SparseLinear) for name in report.swapped)
-    assert 0.4 < report.memory_ratio < 0.7  # fp32 2:4 planes: 0.5 + 1/32 of dense, plus padding
+    assert all(isinstance(model.get_submodule(name), CpuSparseLinear) for name in report.swapped)
+    assert 0.5 < report.memory_ratio < 0.85  # fp32 values + int16 columns of half the weights: 0.75x
     with torch.no_grad():
         torch.testing.assert_close(model(prompt).logits, expected_logits, rtol=1e-4, atol=1e-4)
         assert torch.equal(model.generate(prompt, max_new_tokens=8, do_sample=False), expected)
@@ -92,8 +93,8 @@ def test_accelerate_leaves_dense_and_tied_layers():
 def test_load_can_return_the_accelerated_model(tmp_path):
     model = _prune_tiny("unstructured")
     sw.save(model, tmp_path / "ckpt")
-    loaded = sw.load(tmp_path / "ckpt", accelerate=True)
-    assert any(isinstance(module, SparseLinear) for module in loaded.modules())
+    loaded = sw.load(tmp_path / "ckpt", accelerate={"rows": None})
+    assert any(isinstance(module, CpuSparseLinear) for module in loaded.modules())
     prompt = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(loaded(prompt).logits, model(prompt).logits, rtol=1e-4, atol=1e-4)
@@ -184,9 +185,25 @@ def test_sparse_linear_buffers_move_cast_copy_and_state_dict():
 
 def test_accelerated_model_compiles_without_graph_breaks():
     model = _prune_tiny()
-    accelerate(model)
+    accelerate(model, rows=None)
     prompt = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(4))
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(prompt).logits, model(prompt).logits)
+
+
+def test_accelerate_on_cpu_keeps_dense_where_the_csr_kernel_loses(monkeypatch):
+    from sparsewise.runtime import cpu_linear
+
+    model = _prune_tiny()
+    speed = {64: 1.3}  # pretend: only layers with 64 outputs win
+    monkeypatch.setattr(cpu_linear, "measure_speedup",
+                        lambda module, rows, **_: speed.get(module.weight.shape[0], 0.5))
+    report = accelerate(model, rows=(1,))
+    swapped = {name for name, m in model.named_modules() if isinstance(m, CpuSparseLinear)}
+    assert swapped == set(report.swapped) and swapped
+    assert all(model.get_submodule(name).out_features == 64 for name in swapped)
+    kept = [d for d in report.decisions if not d.sparse]
+    assert kept and all(d.reason == "dense is faster at M=1" and d.ratios == {1: 0.5} for d in kept)
+    assert "dense is faster at M=1" in report.summary()

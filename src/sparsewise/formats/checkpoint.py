@@ -643,14 +643,15 @@ def load(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     model: nn.Module | None = None,
-    accelerate: bool = False,
+    accelerate: bool | dict = False,
 ) -> nn.Module:
     """Load a sparsewise checkpoint: verified, decompressed, ties and records restored, eval mode.
 
     The module is rebuilt from the saved HF config, or the weights go into ``model`` when given
     (needed for plain nn.Modules). ``dtype`` casts the floating-point tensors after loading.
-    ``accelerate=True`` swaps the pruned linears for the sparse runtime's SparseLinear (use
-    with ``device="cuda"``; see :func:`sparsewise.runtime.accelerate`).
+    ``accelerate=True`` swaps the pruned layers for the sparse runtime's where they measure
+    faster (CUDA kernels on ``device="cuda"``, the CSR kernel on the CPU); a dict passes options
+    to :func:`sparsewise.runtime.accelerate` (e.g. ``{"rows": (1, 8)}``).
     """
     directory = Path(path).expanduser()
     manifest = _read_manifest(directory)
@@ -702,7 +703,7 @@ def load(
     if accelerate:
         from ..runtime import accelerate as accelerate_model  # runtime only when asked: loading stays light
 
-        accelerate_model(model)
+        accelerate_model(model, **(accelerate if isinstance(accelerate, dict) else {}))
     return model
 
 

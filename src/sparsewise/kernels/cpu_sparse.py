@@ -64,7 +64,7 @@ def _isa_flags() -> list[str]:
     # PyTorch's own runtime detection of this CPU; -march=native would break a cache shared by
     # machines of different generations, so only the flags the kernel uses go in (and in the hash)
     if platform.machine() in ("x86_64", "AMD64") and torch.backends.cpu.get_cpu_capability().startswith("AVX"):
-        return ["-mavx2", "-mfma", "-mf16c"]
+        return ["-mavx2", "-mfma"]
     return []
 
 

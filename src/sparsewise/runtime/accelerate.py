@@ -1,10 +1,12 @@
-"""Swap the pruned linears of a model for :class:`SparseLinear` where that is faster, and say so.
+"""Swap the pruned layers of a model for sparse ones where that is faster, and say so.
 
-``accelerate(model)`` packs every pruned ``nn.Linear`` and, on CUDA, measures each distinct
-layer shape against dense cuBLAS at the row counts you serve (``rows``, default batch 1): a
-layer stays sparse only where a sparse kernel beats dense at every one of them; elsewhere the
-dense ``nn.Linear`` is kept (the form that wins) and the report says why. The measurements
-become the dispatch table (cached on disk) that serves each call by its row count.
+``accelerate(model)`` packs every pruned layer and measures each distinct layer against the
+dense one at the row counts you serve (``rows``, default batch 1): a layer stays sparse only
+where the sparse kernel beats dense at every one of them; elsewhere the dense layer is kept (the
+form that wins) and the report says why. On CUDA: ``nn.Linear`` -> :class:`SparseLinear` (CUDA
+C++ decode kernels; the measurements become the dispatch table, cached on disk, that serves
+each call by its row count). On the CPU: ``nn.Linear``, transformers ``Conv1D`` and 1x1
+``nn.Conv2d`` -> :class:`~.cpu_linear.CpuSparseLinear` (C++ CSR kernel, Elsen et al. 2020).
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.adapters import _embedding_weight_ids
+from ..models.adapters import _embedding_weight_ids, _is_conv1d
 from . import dispatch
 from .sparse_linear import SparseLinear, default_choice, gemv_choices
+
+CONV_SPATIAL = (14, 14)  # the feature-map size 1x1 convolutions are timed at on the CPU
 
 
 @dataclass
@@ -60,9 +64,10 @@ class AccelerateReport:
         return "\n".join(lines)
 
     def summary(self) -> str:
-        text = (f"accelerated {len(self.swapped)} linears ({len(self.skipped)} left dense); their weights take "
-                f"{self.sparse_bytes / 2**20:.1f} MiB vs {self.dense_bytes / 2**20:.1f} MiB dense "
-                f"({self.memory_ratio:.3f}x)")
+        text = f"accelerated {len(self.swapped)} layers ({len(self.skipped)} left dense)"
+        if self.swapped:
+            text += (f"; their weights take {self.sparse_bytes / 2**20:.1f} MiB vs {self.dense_bytes / 2**20:.1f} MiB "
+                     f"dense ({self.memory_ratio:.3f}x)")
         parts = [text]
         if self.decisions:
             parts.append(self.table())
@@ -74,16 +79,28 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+def _on_cpu(module: nn.Module) -> bool:
+    return all(p.device.type == "cpu" for p in module.parameters(recurse=False))
+
+
+def _cpu_target(module: nn.Module) -> bool:
+    if type(module) is nn.Linear or _is_conv1d(module):
+        return True
+    return (type(module) is nn.Conv2d and module.kernel_size == (1, 1) and module.stride == (1, 1)
+            and module.padding == (0, 0) and module.groups == 1 and module.dilation == (1, 1))
+
+
 def accelerate(model: nn.Module, *, device: torch.device | str | None = None, min_sparsity: float = 0.4,
                rows: tuple[int, ...] | None = (1,), prefill: bool = False) -> AccelerateReport:
-    """Replace each ``nn.Linear`` with at least ``min_sparsity`` zeros by a SparseLinear where it pays.
+    """Replace each pruned layer (at least ``min_sparsity`` zeros) by a sparse one where it pays.
 
-    ``rows``: the row counts (batch x new tokens per step) the model will serve; on CUDA every
-    distinct layer shape is timed against dense cuBLAS at each (:func:`tune`) and a layer stays
-    sparse only if it wins at all of them, else its dense ``nn.Linear`` is kept. ``rows=None``
-    swaps every pruned layer untimed. ``prefill`` keeps a cuSPARSELt copy of 2:4 weights for long
-    inputs (+0.56x of dense memory; 1.2-1.3x faster prefill on MLP shapes). ``device`` moves the
-    model first. Embedding-tied heads are never swapped. Returns what was swapped and measured.
+    ``rows``: the row counts (batch x new tokens per step; the batch for convolutions) the model
+    will serve; each distinct layer is timed against its dense form at each (CUDA: :func:`tune`,
+    CUDA-graph replays; CPU: :func:`~.cpu_linear.measure_speedup`) and stays sparse only if it
+    wins at all of them, else the dense layer is kept. ``rows=None`` swaps every pruned layer
+    untimed. ``prefill`` (CUDA) keeps a cuSPARSELt copy of 2:4 weights for long inputs (+0.56x of
+    dense memory). ``device`` moves the model first. Embedding-tied heads are never swapped.
+    Returns what was swapped and measured (``report.summary()`` prints the per-shape table).
     """
     if not 0.0 <= min_sparsity <= 1.0:
         raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity}.")
@@ -91,9 +108,11 @@ def accelerate(model: nn.Module, *, device: torch.device | str | None = None, mi
         model.to(device)
     tied = _embedding_weight_ids(model)
     report = AccelerateReport()
-    swapped: dict[str, tuple[nn.Linear, SparseLinear]] = {}
+    gpu: dict[str, tuple[nn.Module, SparseLinear]] = {}
+    cpu: dict[str, nn.Module] = {}
     for name, module in list(model.named_modules()):
-        if type(module) is not nn.Linear:
+        on_cpu = _on_cpu(module)
+        if not (_cpu_target(module) if on_cpu else type(module) is nn.Linear):
             continue
         weight = module.weight
         if id(weight) in tied:
@@ -103,30 +122,54 @@ def accelerate(model: nn.Module, *, device: torch.device | str | None = None, mi
         if zeros < min_sparsity:
             report.skipped[name] = f"only {zeros:.0%} zeros"
             continue
-        sparse = SparseLinear.from_linear(module, prefill=prefill)
-        _replace(model, name, sparse)
-        swapped[name] = (module, sparse)
-    on_cuda = any(sparse.device.type == "cuda" for _, sparse in swapped.values())
-    measured = tune(model, rows=rows) if (rows and on_cuda) else {}
-    for name, (linear, sparse) in swapped.items():
+        if on_cpu:
+            cpu[name] = module
+        else:
+            sparse = SparseLinear.from_linear(module, prefill=prefill)
+            _replace(model, name, sparse)
+            gpu[name] = (module, sparse)
+    measured = tune(model, rows=rows) if (rows and gpu) else {}
+    for name, (linear, sparse) in gpu.items():
         entries = measured.get(sparse.dispatch_key, {})
         ratios = {r: entries[dispatch.bucket(r)]["dense_ms"] / entries[dispatch.bucket(r)]["ms"]
                   for r in rows or () if dispatch.bucket(r) in entries}
-        losing = [r for r, ratio in ratios.items() if ratio < 1.0]
-        decision = LayerDecision(name, (sparse.out_features, sparse.in_features), sparse.kind, not losing, ratios)
-        if losing:
-            _replace(model, name, linear)  # dense wins at a served row count: keep the dense weight
-            decision.reason = f"dense is faster at M={','.join(map(str, losing))}"
-            report.skipped[name] = decision.reason
-        else:
-            report.swapped.append(name)
-            report.dense_bytes += linear.weight.numel() * linear.weight.element_size()
-            report.sparse_bytes += sparse.weight_nbytes
-        report.decisions.append(decision)
-    if swapped and not on_cuda:
-        report.warnings.append("the model is on the CPU: SparseLinear computes through the PyTorch reference "
-                               "(decompressing the weight every call), slower than dense; pass device='cuda'.")
+        _decide(model, report, name, linear, sparse, sparse.kind, ratios)
+    if cpu:
+        _accelerate_cpu(model, report, cpu, rows)
     return report
+
+
+def _decide(model, report, name, dense, sparse, kind, ratios) -> None:
+    """Keep ``sparse`` in the model unless dense wins at a served row count; record the decision."""
+    losing = [r for r, ratio in ratios.items() if ratio < 1.0]
+    shape = (sparse.out_features, sparse.in_features)
+    decision = LayerDecision(name, shape, kind, not losing, ratios)
+    if losing:
+        _replace(model, name, dense)  # dense wins at a served row count: keep the dense weight
+        decision.reason = f"dense is faster at M={','.join(map(str, losing))}"
+        report.skipped[name] = decision.reason
+    else:
+        report.swapped.append(name)
+        report.dense_bytes += dense.weight.numel() * dense.weight.element_size()
+        report.sparse_bytes += sparse.weight_nbytes
+    report.decisions.append(decision)
+
+
+def _accelerate_cpu(model, report, layers: dict[str, nn.Module], rows) -> None:
+    from .cpu_linear import CpuSparseLinear, measure_speedup
+
+    measured: dict[tuple, dict[int, float]] = {}  # layers of one shape and density share a timing
+    for name, module in layers.items():
+        sparse = CpuSparseLinear.from_module(module)
+        ratios = {}
+        if rows:
+            key = (type(module).__name__, sparse.out_features, sparse.in_features, round(sparse.density, 2))
+            if key not in measured:
+                spatial = CONV_SPATIAL if sparse.conv else None
+                measured[key] = {r: measure_speedup(module, r, spatial=spatial) for r in rows}
+            ratios = measured[key]
+        _replace(model, name, sparse)
+        _decide(model, report, name, module, sparse, "csr", ratios)
 
 
 def _candidates(layer: SparseLinear, rows: int) -> list[dict]:
