@@ -38,9 +38,9 @@ def test_decode_benchmark_tiny_runs_and_matches_the_reference(tmp_path):
             assert row["first_step_logits"]["max_abs_rel"] < 1e-4
             assert row["prefill_logits"]["l2_rel"] < 1e-4
             assert row["tokens_match"] == 1.0
-    # 2:4 weights are stored compressed (planes; bitmask W^T with activation sparsity)
-    for mode in ("2:4", "2:4+act50"):
-        assert rows[(mode, 1)]["block_weight_mib"] < 0.7 * rows[("dense", 1)]["block_weight_mib"]
+    # 2:4 weights with activation sparsity are stored compressed (the 2:4 kernel's layout); plain 2:4
+    # on the CPU stays dense where accelerate() measured the CSR kernel slower (tiny layers always are)
+    assert rows[("2:4+act50", 1)]["block_weight_mib"] < 0.7 * rows[("dense", 1)]["block_weight_mib"]
     assert 0.4 < rows[("2:4+act50", 1)]["act_sparsity_measured"] < 0.6
 
 
