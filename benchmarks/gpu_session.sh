@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call = one or more stages, each with its own time limit, logs under $OUT.
-#   bash benchmarks/gpu_session.sh tests e2e probe             # in the repo root on the GPU machine
+#   bash benchmarks/gpu_session.sh tests kernels decode        # in the repo root on the GPU machine: GPU tests,
+#                                                              # per-layer kernels (runtime_kernels.py), HF decode loop
 #   bash benchmarks/gpu_session.sh stage-half                  # copy .carry1/* to /tmp/sw_stage (kept while warm)
 #   bash benchmarks/gpu_session.sh smollm2                     # needs /tmp/sw_stage/smol.part1 + .carry2/*
 #   bash benchmarks/gpu_session.sh dist                        # NCCL on 2 GPUs (needs stage-half first): test + SmolLM2
@@ -16,10 +17,12 @@ OUT="${OUT:-/tmp/sw_out}"; mkdir -p "$OUT"
 for stage in "$@"; do
   echo "=== $stage $(date -u +%H:%M:%S)"
   case "$stage" in
-    tests)  timeout 420 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_runtime.py tests/test_kernels.py \
+    tests)  timeout 420 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_runtime.py tests/test_kernels.py tests/test_decode_kernels.py \
               tests/test_gpu.py 2>&1 | tail -25 | tee "$OUT/tests.txt" ;;
     rtests) timeout 300 python3 -m pytest -q -x -m gpu -p no:cacheprovider --tb=short tests/test_runtime.py 2>&1 \
               | tail -40 | tee "$OUT/rtests.txt" ;;
+    kernels) timeout 200 python3 benchmarks/runtime_kernels.py --json-out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt" ;;
+    decode) timeout 420 python3 benchmarks/decode_hf.py --json-out "$OUT/decode_hf.json" 2>&1 | tee "$OUT/decode_hf.txt" ;;
     e2e)    timeout 330 python3 benchmarks/runtime_e2e.py 2>&1 | grep -v "Warn\|return cls" | tee "$OUT/e2e.txt" ;;
     sgpt)   # the lazy-block Triton kernel (the CUDA default) vs the torch column loop: GPU test, then 7B block mode
             timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py -k sparsegpt 2>&1 | tail -5 \

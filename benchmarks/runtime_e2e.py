@@ -6,7 +6,9 @@ KV cache) and random fp16 weights: speed does not depend on the values. Every bl
 pruned (magnitude 2:4, or 50% unstructured per row); embeddings and lm_head stay dense, as in
 a pruned checkpoint. The dense baseline runs the same pruned weights through cuBLAS.
 
-Measured (CUDA events, medians): decode step at batch 1 and 8 after a 512-token prompt, replayed
+The decode loop of a real Hugging Face model is ``benchmarks/decode_hf.py`` (it supersedes the decode
+part here); this script remains for prefill. Measured (CUDA events, medians): decode step at batch 1
+and 8 after a 512-token prompt, replayed
 from a CUDA graph (how serving stacks run decode; eager PyTorch would measure the Python
 launch overhead instead), tokens/s = batch / step time; prefill latency of 2048 tokens (eager);
 weight bytes on the GPU. ``sparsewise.runtime.tune`` measures the dispatch table first.
@@ -165,14 +167,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--tiny", action="store_true", help="small shapes (smoke test)")
     parser.add_argument("--no-prefill-copy", action="store_true", help="accelerate(prefill=False): no cuSPARSELt copy")
-    parser.add_argument("--keep-dense", action="store_true",
-                        help="accelerate(keep_dense=True): dense copy kept for the row counts no sparse path wins")
+    parser.add_argument("--rows", default="1",
+                        help="accelerate(rows=...): the row counts a layer must win at to stay sparse (comma list)")
     parser.add_argument("--json-out", default=os.environ.get("OUT", ".") + "/runtime_e2e.json")
     args = parser.parse_args()
     cfg = dict(TINY if args.tiny else LLAMA3_8B, layers=args.layers if not args.tiny else TINY["layers"])
-    import triton
-
-    header = (f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | fp16 | "
+    header = (f"{torch.cuda.get_device_name()} | torch {torch.__version__} | fp16 | "
               f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} | cfg {cfg}")
     print(header, flush=True)
     results = {"header": header, "runs": []}
@@ -205,16 +205,18 @@ def run_pattern(pattern: str, cfg: dict, args, results: dict) -> None:
     print(f"{pattern}: dense decode b1 {run['dense']['decode_b1_tok_s']:.1f} tok/s, b8 "
           f"{run['dense']['decode_b8_tok_s']:.1f}, prefill {run['dense']['prefill_ms']:.1f} ms", flush=True)
     clock = time.perf_counter()
-    report = accelerate(model, prefill=not args.no_prefill_copy, keep_dense=args.keep_dense)
+    report = accelerate(model, prefill=not args.no_prefill_copy, rows=tuple(int(r) for r in args.rows.split(",")))
     run["accelerate_s"] = time.perf_counter() - clock
     torch.cuda.empty_cache()
     clock = time.perf_counter()
     from sparsewise.runtime import tune
 
+    # the prefill bucket too (cuSPARSELt or decompression), for the layers that stayed sparse
     run["dispatch"] = {key: {str(b): c for b, c in table.items()}
-                       for key, table in tune(model, rows=(1, 8, args.prefill)).items()}
+                       for key, table in tune(model, rows=(args.prefill,)).items()}
     run["tune_s"] = time.perf_counter() - clock
-    print(f"{pattern}: accelerate {run['accelerate_s']:.1f} s, dispatch tuned in {run['tune_s']:.1f} s", flush=True)
+    print(f"{pattern}: accelerate {run['accelerate_s']:.1f} s, prefill dispatch tuned in {run['tune_s']:.1f} s\n"
+          f"{report.summary()}", flush=True)
     for batch in (1, 8):
         step, logits = decode_step_ms(model, batch, args.prompt, args.repeats)
         run["sparse"][f"decode_b{batch}_ms"] = step

@@ -53,7 +53,7 @@ def main() -> None:
         row["ppl_masked"] = sw.evaluate.perplexity(model, tok, args.wiki, seqlen=512, max_windows=32,
                                                    progress=False).ppl
         row["tok_s_masked"] = tokens_per_second(model, tok)
-        report = accelerate(model, tune_rows=(1, 512))
+        report = accelerate(model, rows=(1,))
         row["accelerate"] = report.summary()
         row["ppl_accelerated"] = sw.evaluate.perplexity(model, tok, args.wiki, seqlen=512, max_windows=32,
                                                         progress=False).ppl
