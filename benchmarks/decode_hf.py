@@ -81,10 +81,12 @@ def make_llama(cfg: dict, device: torch.device, dtype: torch.dtype, seed: int = 
         torch.set_default_dtype(previous)
     # transformers' init already draws N(0, 0.02); drawn again here so every mode gets the same weights
     generator = torch.Generator(device=device).manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            module.weight.normal_(0.0, 0.02, generator=generator)
-    return model.eval().requires_grad_(False)
+    model.eval().requires_grad_(False)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, 0.02, generator=generator)
+    return model
 
 
 def block_linears(model: nn.Module):
@@ -479,6 +481,11 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    with torch.no_grad():  # scoped: the test suite calls main() in-process
+        return _main(argv)
+
+
+def _main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
     parser.add_argument("--batches", default="1,8")
@@ -526,8 +533,6 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = dict(TINY if args.tiny else LLAMA3_8B)
     if args.layers:
         cfg["num_hidden_layers"] = args.layers
-    torch.set_grad_enabled(False)
-
     import transformers
 
     import sparsewise
