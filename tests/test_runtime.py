@@ -207,3 +207,15 @@ def test_accelerate_on_cpu_keeps_dense_where_the_csr_kernel_loses(monkeypatch):
     kept = [d for d in report.decisions if not d.sparse]
     assert kept and all(d.reason == "dense is faster at M=1" and d.ratios == {1: 0.5} for d in kept)
     assert "dense is faster at M=1" in report.summary()
+
+
+def test_accelerate_follows_the_pruning_records():
+    from sparsewise.records import get_records, set_records
+
+    model = _prune_tiny()
+    records = get_records(model)
+    dropped = sorted(records)[0]
+    set_records(model, {name: record for name, record in records.items() if name != dropped})
+    report = accelerate(model, rows=None)
+    assert dropped not in report.swapped and report.skipped[dropped] == "not pruned (no record)"
+    assert sorted(report.swapped) == sorted(set(records) - {dropped})

@@ -80,6 +80,12 @@ class ScoreMethod:
     def prepare(self, site: Site) -> None:
         pass
 
+    def column_thresholds(self, site: Site, threshold: float) -> torch.Tensor | None:
+        """This method's rule at ``threshold`` as per-input thresholds t_j on |x_j| (keep where
+        |x_j| > t_j), or None when the score is not |x_j| times a per-input constant. The sparse
+        runtime applies such a rule inside its kernels (runtime.accelerate_activations)."""
+        return None
+
     def finish_observing(self, site: Site) -> None:
         pass
 

@@ -42,3 +42,8 @@ class Chess(ScoreMethod):
         if site.kind != "gate":  # attention inputs: one |x| threshold per projection
             return x.abs()
         return x.square() * site.constants["up_mean_square"].to(x.device, x.dtype)
+
+    def column_thresholds(self, site: Site, threshold: float) -> torch.Tensor | None:
+        if site.kind == "gate":  # g^2 * E[u^2]: a threshold on |g| per channel, but read by the down projection
+            return None
+        return torch.full((site.width,), float(threshold), dtype=torch.float32)

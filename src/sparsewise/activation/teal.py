@@ -14,3 +14,6 @@ class Teal(ScoreMethod):
 
     def score(self, site: Site, x: torch.Tensor) -> torch.Tensor:
         return x.abs()
+
+    def column_thresholds(self, site: Site, threshold: float) -> torch.Tensor:
+        return torch.full((site.width,), float(threshold), dtype=torch.float32)

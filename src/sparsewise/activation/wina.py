@@ -19,3 +19,8 @@ class Wina(ScoreMethod):
 
     def score(self, site: Site, x: torch.Tensor) -> torch.Tensor:
         return x.abs() * site.constants["column_norm"].to(x.device, x.dtype)
+
+    def column_thresholds(self, site: Site, threshold: float) -> torch.Tensor:
+        # |x_j| * ||W[:, j]|| > t  <=>  |x_j| > t / ||W[:, j]|| (a zero column never contributes)
+        norms = site.constants["column_norm"].float().cpu()
+        return torch.where(norms > 0, threshold / norms, torch.full_like(norms, float("inf")))

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.adapters import _embedding_weight_ids, _is_conv1d
+from ..records import get_records
 from . import dispatch
 from .sparse_linear import SparseLinear, default_choice, gemv_choices
 
@@ -100,6 +101,9 @@ def accelerate(model: nn.Module, *, device: torch.device | str | None = None, mi
     wins at all of them, else the dense layer is kept. ``rows=None`` swaps every pruned layer
     untimed. ``prefill`` (CUDA) keeps a cuSPARSELt copy of 2:4 weights for long inputs (+0.56x of
     dense memory). ``device`` moves the model first. Embedding-tied heads are never swapped.
+    Which layers are sparse, and with which pattern, comes from the pruning records the model
+    carries (``sw.prune``, ``sw.load``, sparse training's ``finalize``); a model without records
+    (pruned elsewhere) is scanned for layers with at least ``min_sparsity`` zeros instead.
     Returns what was swapped and measured (``report.summary()`` prints the per-shape table).
     """
     if not 0.0 <= min_sparsity <= 1.0:
@@ -107,6 +111,7 @@ def accelerate(model: nn.Module, *, device: torch.device | str | None = None, mi
     if device is not None:
         model.to(device)
     tied = _embedding_weight_ids(model)
+    records = get_records(model)
     report = AccelerateReport()
     gpu: dict[str, tuple[nn.Module, SparseLinear]] = {}
     cpu: dict[str, nn.Module] = {}
@@ -118,14 +123,19 @@ def accelerate(model: nn.Module, *, device: torch.device | str | None = None, mi
         if id(weight) in tied:
             report.skipped[name] = "tied to the embeddings"
             continue
-        zeros = float((weight == 0).float().mean())
+        record = records.get(name)
+        if records and record is None:
+            report.skipped[name] = "not pruned (no record)"
+            continue
+        zeros = record.achieved if record is not None else float((weight == 0).float().mean())
         if zeros < min_sparsity:
             report.skipped[name] = f"only {zeros:.0%} zeros"
             continue
         if on_cpu:
             cpu[name] = module
         else:
-            sparse = SparseLinear.from_linear(module, prefill=prefill)
+            sparse = SparseLinear.from_linear(module, pattern=None if record is None else record.pattern,
+                                              prefill=prefill)
             _replace(model, name, sparse)
             gpu[name] = (module, sparse)
     measured = tune(model, rows=rows) if (rows and gpu) else {}

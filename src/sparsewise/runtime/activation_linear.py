@@ -121,16 +121,13 @@ class ActivationSparseLinear(nn.Module):
 
 
 def _column_thresholds(hook) -> torch.Tensor | None:
-    """The hook's rule as per-column thresholds on |x|, or None when it is not one."""
+    """The hook's rule as per-column thresholds on |x| (the method's own ``column_thresholds``),
+    or None when it is not one (top-k, gate sites, two-sided hooks)."""
     method, site = hook.method, hook.site
     if site.kind != "input" or method.selection != "threshold" or hook.side is not None:
         return None
-    if method.name in ("teal", "chess"):  # CHESS's attention inputs: one |x| threshold
-        return torch.full((site.width,), hook.threshold, dtype=torch.float32)
-    if method.name == "wina":
-        norms = site.constants["column_norm"].float().cpu()
-        return torch.where(norms > 0, hook.threshold / norms, torch.full_like(norms, float("inf")))
-    return None
+    rule = getattr(method, "column_thresholds", None)
+    return None if rule is None else rule(site, hook.threshold)
 
 
 def accelerate_activations(model: nn.Module, **options) -> dict[str, str]:

@@ -93,14 +93,21 @@ class SparseLinear(nn.Module):
         _LAYERS[self.layer_id] = self
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, prefill: bool = False,
+    def from_linear(cls, linear: nn.Linear, *, pattern: str | None = None, prefill: bool = False,
                     device: torch.device | str | None = None) -> SparseLinear:
+        """``pattern``: the pruning record's pattern ("2:4" -> the 2:4 layout, anything else -> bit
+        planes); None: 2:4 when the weight is 2:4 (and K % 16 == 0), else bit planes."""
         weight = linear.weight.detach()
         if device is not None:
             weight = weight.to(device)
-        try:  # the packers validate (2-D, finite); pack_rows24 refuses anything that is not 2:4
-            layout = pack_rows24(weight)
-        except PatternError:
+        layout = None
+        if pattern in (None, "2:4") and weight.shape[1] % 16 == 0:
+            try:  # the packers validate (2-D, finite); pack_rows24 refuses anything that is not 2:4
+                layout = pack_rows24(weight)
+            except PatternError:
+                if pattern == "2:4":
+                    raise
+        if layout is None:
             layout = pack_bitplanes(weight)
         cslt = None
         if isinstance(layout, Rows24) and prefill and weight.is_cuda and weight.dtype in (torch.float16, torch.bfloat16):
