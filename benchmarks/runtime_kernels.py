@@ -89,10 +89,15 @@ def bench_weights(name: str, n: int, k: int, ms: list[int], rows: list, args) ->
             dense_ms = timed(lambda i: (lambda: F.linear(x, dense_copies[i])), copies)
             want = min(8, 1 << (m - 1).bit_length())
             best = None
-            for config in configs:
-                if config[0] not in (want, want // 2) or (m == 1 and config[0] != 1):
-                    continue
-                if kind == "2:4":
+            variants = [("gemv", c) for c in configs if c[0] in (want, want // 2) and not (m == 1 and c[0] != 1)]
+            if kind == "2:4" and m >= 2:  # sparse tensor cores
+                variants += [("tc", c) for c in decode.GEMV24_TC_CONFIGS if m <= 8 * c[1] and (c[1] == 1 or m > 8)]
+            for backend, config in variants:
+                if backend == "tc":
+                    def make(i, config=config):
+                        lay = layouts[i]
+                        return lambda: decode.gemv24_tc(x, lay.values, lay.meta, None, n, list(config))
+                elif kind == "2:4":
                     def make(i, config=config):
                         lay = layouts[i]
                         return lambda: decode.gemv24(x, lay.values, lay.meta, None, n, list(config))
@@ -107,7 +112,7 @@ def bench_weights(name: str, n: int, k: int, ms: list[int], rows: list, args) ->
                 except Exception as exc:  # noqa: BLE001 - report and go on
                     print(f"  {name} {kind} M={m} {config}: {exc}", file=sys.stderr)
                     continue
-                row = {"shape": name, "n": n, "k": k, "mode": kind, "m": m, "config": list(config),
+                row = {"shape": name, "n": n, "k": k, "mode": kind, "m": m, "config": [backend, *config],
                        "sparse_us": sparse_ms * 1e3, "dense_us": dense_ms * 1e3, "ratio": dense_ms / sparse_ms,
                        "tbps": (sparse_bytes + m * k * 2) / sparse_ms / 1e9, "dense_tbps": dense_bytes / dense_ms / 1e9,
                        "rel_err": err, "bytes_ratio": sparse_bytes / dense_bytes}

@@ -70,6 +70,8 @@ def test_reference_ops_compute_the_linear():
     kept = torch.where(x.abs() > thresholds, x, torch.zeros(()))
     torch.testing.assert_close(decode.gemv24(x, layout.values, layout.meta, bias, 40, [1, 4, 4, 0], thresholds),
                                F.linear(kept, weight, bias))
+    torch.testing.assert_close(decode.gemv24_tc(x, layout.values, layout.meta, bias, 40, [1, 1, 4], thresholds),
+                               F.linear(kept, weight, bias))
     torch.testing.assert_close(decode.act_gemv(x, thresholds, weight.t().contiguous(), bias, 0),
                                F.linear(kept, weight, bias))
     planes_t = pack_bitplanes(weight.t().contiguous())
@@ -112,6 +114,25 @@ def test_gpu_gemv24_every_variant(config, dtype):
         thresholds = torch.rand(k, device="cuda")  # activation sparsity fused into the kernel
         kept = torch.where(x.abs().float() > thresholds, x, torch.zeros((), dtype=dtype, device="cuda"))
         out = decode.gemv24(x, layout.values, layout.meta, bias, n, list(config), thresholds)
+        assert _rel(out, F.linear(kept.double(), weight.double(), bias.double())) < TOL[dtype], (config, m)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("config", decode.GEMV24_TC_CONFIGS)
+def test_gpu_gemv24_tensor_cores_every_variant(config, dtype):
+    n, k = 333, 1056  # odd N (partial 16-row tiles), K = 33 steps of 32 (not a multiple of the warps)
+    weight = _weight(n, k, "2:4", seed=8, device="cuda", dtype=dtype)
+    weight[0, :4] = 0  # an empty group: its two positions still have to be in order
+    layout = pack_rows24(weight)
+    bias = torch.randn(n, device="cuda", dtype=dtype)
+    for m in (1, 3, 8, 9, 16, 17):
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        out = decode.gemv24_tc(x, layout.values, layout.meta, bias, n, list(config))
+        assert _rel(out, F.linear(x.double(), weight.double(), bias.double())) < TOL[dtype], (config, m)
+        thresholds = torch.rand(k, device="cuda")
+        kept = torch.where(x.abs().float() > thresholds, x, torch.zeros((), dtype=dtype, device="cuda"))
+        out = decode.gemv24_tc(x, layout.values, layout.meta, bias, n, list(config), thresholds)
         assert _rel(out, F.linear(kept.double(), weight.double(), bias.double())) < TOL[dtype], (config, m)
 
 

@@ -6,6 +6,7 @@ any other device it computes the same function in PyTorch (what CI tests). ``con
 compiled variant; :data:`GEMV24_CONFIGS` etc. list the ones that exist.
 
 * ``gemv24``: y = x W^T + b, W 2:4 in :class:`~.layouts.Rows24`, x up to 16 rows per launch.
+* ``gemv24_tc``: the same on sparse tensor cores (``mma.sp``; K % 32 == 0), for 4-16 rows.
 * ``gemv_bitplanes``: the same for any sparse W in :class:`~.layouts.BitPlanes`.
 * ``act_gemv`` / ``act_gemv_bitplanes``: y = (x ⊙ [|x| > t]) W^T + b with W^T stored [K, N]
   (dense, or bit planes along N), skipping every input that no row of x keeps (TEAL-style
@@ -22,6 +23,8 @@ from .layouts import BitPlanes, Rows24, unpack_bitplanes, unpack_rows24
 # (rows of x per pass, weight rows per block, warps per block, fp16x2 partial sums) -- as compiled
 GEMV24_CONFIGS = ((1, 4, 4, 0), (1, 8, 4, 0), (1, 4, 8, 0), (1, 2, 4, 0), (1, 8, 2, 0), (2, 4, 4, 0), (2, 2, 4, 0),
                   (2, 4, 4, 1), (4, 4, 4, 1), (4, 2, 4, 1), (4, 2, 4, 0), (8, 2, 4, 1), (8, 1, 4, 1))
+# (weight row tiles of 16 per warp, x row tiles of 8, warps per block): sparse tensor cores (mma.sp)
+GEMV24_TC_CONFIGS = ((1, 1, 4), (2, 1, 4), (1, 1, 8), (2, 1, 8), (1, 2, 4), (2, 2, 4))
 BITPLANES_CONFIGS = ((1, 4, 4), (1, 2, 4), (1, 1, 4), (1, 2, 8), (2, 4, 4), (2, 2, 4), (4, 2, 4), (8, 1, 4))
 ACT_ROWS = (1, 2, 4)  # rows of x one activation-sparse launch serves (over a dense W^T)
 ACT_BITPLANES_ROWS = (1, 2)  # over a bit-plane W^T (shared memory)
@@ -87,6 +90,32 @@ def _(x, values, meta, bias, n_out, config, thresholds=None):
 
 def reference_gemv24(x: torch.Tensor, layout: Rows24, bias: torch.Tensor | None = None) -> torch.Tensor:
     return F.linear(x, unpack_rows24(layout).to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+@torch.library.custom_op("sparsewise::gemv24_tc", mutates_args=())
+def gemv24_tc(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None, n_out: int,
+              config: list[int], thresholds: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`gemv24` on sparse tensor cores: the Rows24 layout is mma.sp's own operand format."""
+    k = values.shape[1] * 2
+    if not x.is_cuda:
+        return gemv24(x, values, meta, bias, n_out, [1, 4, 4, 0], thresholds)
+    if k % 32:
+        raise ValueError(f"the tensor-core 2:4 kernel needs K divisible by 32, got {k}; use gemv24.")
+    name = _check_dtype(x, values)
+    row_tiles, x_tiles, warps = config
+    flat = _rows(x, k)
+    m = flat.shape[0]
+    y = torch.empty(m, n_out, device=x.device, dtype=x.dtype)
+    suffix = "_t" if thresholds is not None else ""
+    kernel = _module(x).kernel(f"gemv24tc_{name}_r{row_tiles}_n{x_tiles}_w{warps}{suffix}", "ppppppiii")
+    kernel((-(-n_out // (16 * row_tiles)), -(-m // (8 * x_tiles)), 1), 32 * warps, flat, values, meta, bias,
+           thresholds, y, m, n_out, k)
+    return y.reshape(*x.shape[:-1], n_out)
+
+
+@gemv24_tc.register_fake
+def _(x, values, meta, bias, n_out, config, thresholds=None):
+    return x.new_empty(*x.shape[:-1], n_out)
 
 
 # ------------------------------------------------------------------------------------ bitmask GEMV

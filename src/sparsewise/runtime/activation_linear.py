@@ -103,6 +103,9 @@ class ActivationSparseLinear(nn.Module):
             return F.linear(x, self.dense_weight_t().t().to(x.dtype), self.bias)
         if x.is_cuda and rows <= decode.MAX_ROWS and x.dtype in (torch.float16, torch.bfloat16):
             if self.layout_name == "2:4":
+                if rows > 4 and self.in_features % 32 == 0:  # sparse tensor cores
+                    return decode.gemv24_tc(x, self.values24, self.meta24, self.bias, self.out_features,
+                                            [1, 1 if rows <= 8 else 2, 4], self.thresholds)
                 return decode.gemv24(x, self.values24, self.meta24, self.bias, self.out_features,
                                      list(decode.default_gemv24_config(rows)), self.thresholds)
             if rows > self.skip_rows:

@@ -5,6 +5,7 @@ Layouts (:mod:`sparsewise.kernels.layouts`): 2:4 weights whose K is a multiple o
 :class:`BitPlanes` (values + 1 bit per weight + tile offsets, ~0.57x at 50%). Backends, chosen
 per call by the row count M (the measured dispatch table, else :func:`default_choice`):
   * ``gemv``: the CUDA C++ decode kernels (:mod:`sparsewise.kernels.decode`), M <= 16;
+  * ``gemv_tc``: 2:4 on sparse tensor cores (``mma.sp`` over the same layout), M <= 16;
   * ``cusparselt``: 2:4 sparse tensor cores with plans cached per M (only with ``prefill=True``:
     a second compressed copy, +0.56x of dense);
   * ``decompress``: rebuild the dense weight for the call, then cuBLAS (always possible);
@@ -41,12 +42,14 @@ def weight_kind(weight: torch.Tensor) -> str:
     return "bitmask"
 
 
-def default_choice(kind: str, rows: int, *, has_cslt: bool, on_cuda: bool) -> dict:
+def default_choice(kind: str, rows: int, *, has_cslt: bool, on_cuda: bool, tensor_cores: bool = True) -> dict:
     """What serves ``rows`` rows without a measured entry: the decode kernel up to 16 rows,
     cuSPARSELt for longer 2:4 inputs when its copy is kept, else decompression."""
     if not on_cuda:
         return {"backend": "decompress"}
     if rows <= decode.MAX_ROWS:
+        if kind == "24" and rows > 4 and tensor_cores:  # CUDA cores run out of instructions from ~8 rows
+            return {"backend": "gemv_tc", "config": [1, 1 if rows <= 8 else 2, 4]}
         config = decode.default_gemv24_config(rows) if kind == "24" else decode.default_bitplanes_config(rows)
         return {"backend": "gemv", "config": list(config)}
     if kind == "24" and has_cslt:
@@ -60,7 +63,11 @@ def gemv_choices(kind: str, rows: int) -> list[dict]:
     if rows > decode.MAX_ROWS:
         return []
     configs = decode.GEMV24_CONFIGS if kind == "24" else decode.BITPLANES_CONFIGS
-    return [{"backend": "gemv", "config": list(c)} for c in configs if c[0] <= rows < 3 * c[0] or (rows == 1 and c[0] == 1)]
+    found = [{"backend": "gemv", "config": list(c)} for c in configs if c[0] <= rows < 3 * c[0] or (rows == 1 and c[0] == 1)]
+    if kind == "24" and rows >= 2:
+        found += [{"backend": "gemv_tc", "config": list(c)} for c in decode.GEMV24_TC_CONFIGS
+                  if rows <= 8 * c[1] and (c[1] == 1 or rows > 8)]
+    return found
 
 
 @torch.library.custom_op("sparsewise::sparse_linear", mutates_args=())
@@ -162,7 +169,8 @@ class SparseLinear(nn.Module):
             if on_cuda:
                 chosen = dispatch.table_for(self.device).get(self.dispatch_key, rows)
             if chosen is None or not self._can_run(chosen, size):
-                chosen = default_choice(self.kind, size, has_cslt=self.cslt is not None, on_cuda=on_cuda)
+                chosen = default_choice(self.kind, size, has_cslt=self.cslt is not None, on_cuda=on_cuda,
+                                        tensor_cores=self.in_features % 32 == 0)
             self._choices[size] = chosen
         return chosen
 
@@ -170,12 +178,15 @@ class SparseLinear(nn.Module):
         backend = choice.get("backend")
         if backend == "cusparselt":
             return self.cslt is not None
-        if backend == "gemv":
-            return rows <= decode.MAX_ROWS and self.dtype in (torch.float16, torch.bfloat16)
+        if backend in ("gemv", "gemv_tc"):
+            return (rows <= decode.MAX_ROWS and self.dtype in (torch.float16, torch.bfloat16)
+                    and (backend == "gemv" or (self.kind == "24" and self.in_features % 32 == 0)))
         return backend == "decompress"
 
     def run(self, x: torch.Tensor, choice: dict) -> torch.Tensor:
         backend = choice["backend"]
+        if backend == "gemv_tc" and x.is_cuda:
+            return decode.gemv24_tc(x, self.values, self.meta, self.bias, self.out_features, choice["config"])
         if backend == "gemv" and x.is_cuda:
             config = choice["config"]
             if self.kind == "24":

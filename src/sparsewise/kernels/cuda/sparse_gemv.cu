@@ -257,6 +257,124 @@ __device__ __forceinline__ void gemv24_body(const u16* __restrict__ x, const u16
 }
 
 // ---------------------------------------------------------------------------------------------
+// 2:4 on sparse tensor cores (mma.sp m16n8k32), for 4-16 rows of x, where the CUDA-core GEMV runs
+// out of instructions. The Rows24 layout is the instruction's own operand format: a 16-input
+// chunk's 16-bit meta word holds the four groups' (pos0 | pos1 << 2) nibbles, exactly the
+// metadata one thread of a quad supplies for 16 logical k (threads 0/1 of each quad: k 0-15 /
+// 16-31 of the 32-k step; low half row r, high half row r + 8). A warp owns 16*RT weight rows x
+// 8*NT rows of x; its K steps of 32 are split over the block's warps, then summed in shared memory.
+template <class T>
+__device__ __forceinline__ void mma_sp(float (&d)[4], const u32 (&a)[4], const u32 (&b)[4], u32 e);
+
+template <>
+__device__ __forceinline__ void mma_sp<F16>(float (&d)[4], const u32 (&a)[4], const u32 (&b)[4], u32 e) {
+  asm volatile(
+      "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9,%10,%11}, {%0,%1,%2,%3}, %12, 0x0;"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e));
+}
+
+template <>
+__device__ __forceinline__ void mma_sp<BF16>(float (&d)[4], const u32 (&a)[4], const u32 (&b)[4], u32 e) {
+  asm volatile(
+      "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9,%10,%11}, {%0,%1,%2,%3}, %12, 0x0;"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e));
+}
+
+__device__ __forceinline__ u32 ld_u32(const u16* ptr) {
+  u32 r;
+  asm volatile("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(r) : "l"(ptr));
+  return r;
+}
+
+template <class T, int RT, int NT, int WARPS, bool MASK>
+__device__ __forceinline__ void gemv24tc_body(const u16* __restrict__ x, const u16* __restrict__ values,
+                                              const u16* __restrict__ meta, const u16* __restrict__ bias,
+                                              const float* __restrict__ thresholds, u16* __restrict__ y, int M,
+                                              int N, int K) {
+  __shared__ float partial[WARPS][RT][NT][4][32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int quad = lane >> 2, in_quad = lane & 3;
+  const int row_base = blockIdx.x * 16 * RT, m_base = blockIdx.y * 8 * NT;
+  const int steps = K >> 5, half_k = K >> 1, chunks = K >> 4;
+  float acc[RT][NT][4];
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[rt][nt][i] = 0.f;
+  const u16* vrow[RT][2];
+  const u16* mrow[RT][2];
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt) {
+    const int r0 = min(row_base + rt * 16 + quad, N - 1), r1 = min(row_base + rt * 16 + quad + 8, N - 1);
+    vrow[rt][0] = values + (size_t)r0 * half_k + in_quad * 2;
+    vrow[rt][1] = values + (size_t)r1 * half_k + in_quad * 2;
+    mrow[rt][0] = meta + (size_t)r0 * chunks + (lane & 1);
+    mrow[rt][1] = meta + (size_t)r1 * chunks + (lane & 1);
+  }
+  const u16* xrow[NT];
+  bool xvalid[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int m = m_base + nt * 8 + quad;
+    xvalid[nt] = m < M;
+    xrow[nt] = x + (size_t)min(m, M - 1) * K + in_quad * 2;
+  }
+#pragma unroll 4  // lets the next steps' loads issue before this step's mma
+  for (int step = warp; step < steps; step += WARPS) {
+    u32 a[RT][4], e[RT], b[NT][4];
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt) {
+      const int col = step * 16;
+      a[rt][0] = ld_u32(vrow[rt][0] + col);
+      a[rt][1] = ld_u32(vrow[rt][1] + col);
+      a[rt][2] = ld_u32(vrow[rt][0] + col + 8);
+      a[rt][3] = ld_u32(vrow[rt][1] + col + 8);
+      e[rt] = (u32)mrow[rt][0][step * 2] | ((u32)mrow[rt][1][step * 2] << 16);
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int k = step * 32 + in_quad * 2 + 8 * j;
+        u32 pair = xvalid[nt] ? *reinterpret_cast<const u32*>(xrow[nt] + step * 32 + 8 * j) : 0u;
+        if (MASK) pair = mask_pair<T>(pair, thresholds[k], thresholds[k + 1]);
+        b[nt][j] = pair;
+      }
+    }
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) mma_sp<T>(acc[rt][nt], a[rt], b[nt], e[rt]);
+  }
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) partial[warp][rt][nt][i][lane] = acc[rt][nt][i];
+  __syncthreads();
+  // d[i] of lane l: weight row quad (+8 for i >= 2), x row 2*in_quad + (i & 1)
+  for (int slot = threadIdx.x; slot < RT * NT * 4 * 32; slot += WARPS * 32) {
+    const int l = slot & 31, i = (slot >> 5) & 3, nt = (slot >> 7) % NT, rt = (slot >> 7) / NT;
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) sum += partial[w][rt][nt][i][l];
+    const int row = row_base + rt * 16 + (l >> 2) + (i >= 2 ? 8 : 0);
+    const int m = m_base + nt * 8 + 2 * (l & 3) + (i & 1);
+    if (row < N && m < M) {
+      if (bias) sum += T::one(bias[row]);
+      y[(size_t)m * N + row] = T::from_float(sum);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Bit-plane tiles (unstructured weights). One warp decodes one (row, tile): the tile's kept values
 // are contiguous from `off`, so the warp copies the 16-byte-aligned window [off & ~7, +264) into
 // shared memory with one 16-byte load per lane (lane 0 one more), independent of the mask words;
@@ -605,3 +723,17 @@ GEMVBM_ALL(bf16, BF16)
   }
 ACT_ALL(f16, F16)
 ACT_ALL(bf16, BF16)
+
+#define GEMV24TC_ONE(TN, T, RT, NT, WARPS, MASK, SUFFIX)                                                        \
+  extern "C" __global__ void __launch_bounds__(WARPS * 32)                                                    \
+      gemv24tc_##TN##_r##RT##_n##NT##_w##WARPS##SUFFIX(const u16* x, const u16* values, const u16* meta,      \
+                                                       const u16* bias, const float* thresholds, u16* y,      \
+                                                       int M, int N, int K) {                                 \
+    gemv24tc_body<T, RT, NT, WARPS, MASK>(x, values, meta, bias, thresholds, y, M, N, K);                    \
+  }
+#define GEMV24TC(TN, T, RT, NT, WARPS) GEMV24TC_ONE(TN, T, RT, NT, WARPS, false, ) GEMV24TC_ONE(TN, T, RT, NT, WARPS, true, _t)
+#define GEMV24TC_ALL(TN, T)                                                                                    \
+  GEMV24TC(TN, T, 1, 1, 4) GEMV24TC(TN, T, 2, 1, 4) GEMV24TC(TN, T, 1, 1, 8) GEMV24TC(TN, T, 2, 1, 8)        \
+  GEMV24TC(TN, T, 1, 2, 4) GEMV24TC(TN, T, 2, 2, 4)
+GEMV24TC_ALL(f16, F16)
+GEMV24TC_ALL(bf16, BF16)
