@@ -22,6 +22,13 @@ masks; embeddings and lm_head stay dense):
                   tokens, measured zeros printed), ``runtime.accelerate_activations``;
   2:4+act50       2:4 weights, then TEAL 50%: ``accelerate_activations`` (its "auto" layout holds a
                   pruned W^T as bit planes: only surviving weights of kept inputs are read).
+Fused (``--fuse``, off by default; the same for every mode, so ratios compare like with like):
+each (model, batch)'s decode forward goes through ``torch.compile(mode="default", dynamic=False,
+fullgraph=False)`` (Inductor: RMSNorm, rotary, residual adds, the attention glue and the cache
+writes become a few fused kernels; the sparse linears stay opaque ``sparsewise::`` custom ops;
+in mode "default" the dense matmuls stay cuBLAS), compiled by one untimed call (seconds printed,
+with Dynamo's graph and graph-break counts), then captured in our own CUDA graph as above. A
+failed compile or a failed capture of the compiled step falls back to the uncompiled step, said.
 ``build_model`` is the one place that knows how a mode is built: adapt it when the runtime's API
 (e.g. for combining weight and activation sparsity) changes.
 Correctness, batch 1: the accelerated model's first ``--check`` greedy tokens against the same
@@ -35,6 +42,7 @@ output by t * ||W[:, j]||, and a random deep network amplifies it), not a wrong 
 
     python benchmarks/decode_hf.py [--modes dense,2:4,unstructured50,2:4+act50,act50] [--batches 1,8]
     python benchmarks/decode_hf.py --tiny        # same code, tiny config, runs on a CPU (no graphs)
+    python benchmarks/decode_hf.py --fuse        # every mode's step compiled by Inductor, then captured
 """
 
 from __future__ import annotations
@@ -180,11 +188,12 @@ def build_model(mode: str, cfg: dict, args, rows: tuple[int, ...] = (1,), refere
 def block_linear_bytes(model: nn.Module) -> int:
     """Bytes the block linears hold for their weights (all copies: cuSPARSELt's prefill copy too)."""
     from sparsewise.runtime import ActivationSparseLinear, SparseLinear
+    from sparsewise.runtime.cpu_linear import CpuSparseLinear  # what accelerate() swaps in on the CPU
 
     total = 0
     for block in model.model.layers:
         for module in block.modules():
-            if isinstance(module, (SparseLinear, ActivationSparseLinear)):
+            if isinstance(module, (SparseLinear, ActivationSparseLinear, CpuSparseLinear)):
                 total += module.weight_nbytes
             elif isinstance(module, nn.Linear):
                 total += module.weight.numel() * module.weight.element_size()
@@ -200,6 +209,14 @@ def sync() -> None:
 def empty_cache() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def compile_counts() -> dict:
+    """Dynamo's running totals: graphs compiled, graph breaks (and their reasons)."""
+    from torch._dynamo.utils import counters
+
+    return {"graphs": counters["stats"]["unique_graphs"], "breaks": sum(counters["graph_break"].values()),
+            "reasons": Counter(counters["graph_break"])}
 
 
 def set_cache_length(cache, length: int) -> None:
@@ -219,9 +236,17 @@ class GreedyDecoder:
     ``graph``: "capture" (the step in one CUDA graph, own capture), "compile"
     (torch.compile(mode="reduce-overhead") on the forward), or "eager". Token i of the output
     (``out[:, i]``) is the prefill's argmax for i = 0, then one per step.
+
+    ``fuse`` (an Inductor mode, e.g. "default"; None: off; ignored by "compile", which is Inductor
+    already): the per-step forward goes through ``torch.compile(mode=fuse, dynamic=False,
+    fullgraph=False)`` so norms, rotary, residual adds and the attention glue become fused Triton
+    (C++ on the CPU) kernels, while the sparse linears stay opaque custom ops; compiled by one
+    untimed call here (``compile_s``), outside any capture, then captured like the eager step. The
+    argmax/advance stays eager (a handful of tiny kernels, inside the same CUDA graph). A failed
+    compile falls back to the uncompiled forward (``fuse_error`` says why).
     """
 
-    def __init__(self, model: nn.Module, prompt: torch.Tensor, new: int, graph: str):
+    def __init__(self, model: nn.Module, prompt: torch.Tensor, new: int, graph: str, fuse: str | None = None):
         from transformers import StaticCache
 
         self.model, self.graph_mode = model, graph
@@ -242,6 +267,12 @@ class GreedyDecoder:
         sync()
         self.prefill_s = time.perf_counter() - clock
         self.graph = self.logits = self.compiled = None
+        self.forward = self._forward
+        self.fuse = fuse if graph != "compile" else None
+        self.fuse_error: str | None = None
+        self.fuse_stats: dict = {}
+        if self.fuse:
+            self._fuse()
         clock = time.perf_counter()
         if graph == "capture":
             self._capture()
@@ -251,9 +282,45 @@ class GreedyDecoder:
         sync()
         self.capture_s = time.perf_counter() - clock
 
+    def recompiles(self) -> int:
+        """Graphs compiled after the first call (warm-ups, capture, eager steps so far): a guard failing
+        per step would recompile (and, past the recompile limit, run uncompiled); none expected
+        (static shapes; the cache length and the position are tensors, not Python ints)."""
+        return compile_counts()["graphs"] - self.fuse_stats["after_first_call"] if self.fuse_stats else 0
+
     def _forward(self) -> torch.Tensor:
         return self.model(input_ids=self.tok, position_ids=self.pos, use_cache=True,
                           **{self.cache_key: self.cache}).logits[:, -1]
+
+    def _fuse(self) -> None:
+        """Compile the per-step forward (one call from the post-prefill state, cache rewound after)."""
+        # a clean slate per (model, batch): this model's graphs only (counted below), and no cached
+        # code keeping an earlier model alive; shapes are static, so one graph per (model, batch)
+        torch._dynamo.reset()
+        before = compile_counts()
+        compiled = torch.compile(self._forward, mode=self.fuse, dynamic=False, fullgraph=False)
+        clock = time.perf_counter()
+        try:
+            self.reset()
+            compiled()
+            sync()
+        except Exception as error:  # noqa: BLE001 - fall back to the uncompiled step, and say so
+            first_line = (str(error).strip().splitlines() or [""])[0]
+            self.fuse_error = f"{type(error).__name__}: {first_line[:300]}"
+            print(f"  torch.compile(mode={self.fuse!r}) of the decode step failed ({self.fuse_error}); "
+                  "the uncompiled step is used", flush=True)
+            traceback.print_exc()
+            torch._dynamo.reset()
+            self.reset()
+            return
+        after = compile_counts()
+        self.forward = compiled
+        reasons = after["reasons"] - before["reasons"]
+        self.fuse_stats = {"compile_s": time.perf_counter() - clock, "graphs": after["graphs"] - before["graphs"],
+                           "graph_breaks": after["breaks"] - before["breaks"],
+                           "break_reasons": [reason for reason, _ in reasons.most_common(3)],
+                           "after_first_call": after["graphs"]}
+        self.reset()
 
     def _advance(self, logits: torch.Tensor) -> None:
         token = logits.argmax(-1)
@@ -262,7 +329,7 @@ class GreedyDecoder:
         self.pos.add_(1)
 
     def _step(self) -> torch.Tensor:
-        logits = self._forward()
+        logits = self.forward()
         self._advance(logits)
         return logits
 
@@ -330,22 +397,41 @@ class GreedyDecoder:
 
     def close(self) -> None:
         self.graph = self.logits = self.compiled = self.cache = None
+        if self.fuse_stats:
+            self.forward = None
+            torch._dynamo.reset()  # Dynamo's caches would keep this model alive
 
 
-def make_decoder(model, prompt, new, graph: str, notes: list[str]) -> GreedyDecoder:
-    """Own CUDA-graph capture; if it fails, torch.compile(mode="reduce-overhead"), said in the output."""
-    if graph != "capture":
-        return GreedyDecoder(model, prompt, new, graph)
-    try:
-        return GreedyDecoder(model, prompt, new, "capture")
-    except Exception as error:  # noqa: BLE001 - fall back, and say so
-        note = f"own CUDA-graph capture failed ({type(error).__name__}: {error}); torch.compile(reduce-overhead) used"
-        print("  " + note, flush=True)
-        traceback.print_exc()
-        notes.append(note)
-        gc.collect()
-        empty_cache()
-        return GreedyDecoder(model, prompt, new, "compile")
+def make_decoder(model, prompt, new, graph: str, notes: list[str], fuse: str | None = None) -> GreedyDecoder:
+    """Own CUDA-graph capture (of the compiled step with ``fuse``); if the fused capture fails, the
+    unfused one; if that fails, torch.compile(mode="reduce-overhead"); each fallback said in the output."""
+    attempts = [(graph, fuse)]
+    if fuse and graph == "capture":
+        attempts.append(("capture", None))
+    if graph == "capture":
+        attempts.append(("compile", None))
+    for index, (how, fused) in enumerate(attempts):
+        try:
+            decoder = GreedyDecoder(model, prompt, new, how, fuse=fused)
+        except Exception as error:  # noqa: BLE001 - fall back, and say so
+            if index == len(attempts) - 1:
+                raise
+            following = attempts[index + 1][0]
+            what = "own CUDA-graph capture" + (f" of the Inductor-compiled step (mode={fused!r})" if fused else "")
+            then = ("the uncompiled step captured" if following == "capture" else
+                    "torch.compile(reduce-overhead) used")
+            note = f"{what} failed ({type(error).__name__}: {error}); {then}"
+            print("  " + note, flush=True)
+            traceback.print_exc()
+            notes.append(note)
+            torch._dynamo.reset()
+            gc.collect()
+            empty_cache()
+            continue
+        if decoder.fuse_error:
+            notes.append(f"torch.compile(mode={fuse!r}) failed ({decoder.fuse_error}): uncompiled step used")
+        return decoder
+    raise AssertionError("unreachable")
 
 
 def logit_errors(got: torch.Tensor, ref: torch.Tensor) -> dict:
@@ -420,16 +506,26 @@ def run_mode(mode: str, cfg: dict, args, prompts: torch.Tensor, dense_tok_s: dic
 def measure(model, mode: str, batch: int, args, prompts, refs: dict, check: int, dense_tok_s: dict,
             notes: list[str]) -> dict:
     """One (model, batch): greedy decode loops timed, batch 1 checked against the reference."""
-    decoder = make_decoder(model, prompts[:batch], args.new, args.graph, notes)
+    decoder = make_decoder(model, prompts[:batch], args.new, args.graph, notes, fuse=args.fuse)
     row = {"mode": mode, "batch": batch, "graph": "capture" if decoder.graph is not None else
            ("compile" if decoder.compiled is not None else "eager"), "prefill_s": decoder.prefill_s,
-           "capture_s": decoder.capture_s}
+           "capture_s": decoder.capture_s,
+           "fused": bool(decoder.fuse_stats) or decoder.compiled is not None}
+    if decoder.fuse_stats:
+        row.update({f"fuse_{key}": value for key, value in decoder.fuse_stats.items() if key != "after_first_call"})
+    if args.fuse and not row["fused"]:
+        notes.append(f"{mode} batch {batch} runs unfused while --fuse is on: its ratio compares unlike steps")
     if batch == 1 and refs:
         decoder.reset(start=refs["first"])  # the reference's first token: same input, comparable logits
         row["first_step_logits"] = logit_errors(decoder.step(), refs["first_step_logits"])
         row["prefill_logits"] = logit_errors(decoder.prefill_logits, refs["prefill_logits"])
         row["ref_noise_sensitivity"] = refs["noise_sensitivity"]
     times = decoder.time_loop(args.new, args.repeats)
+    if decoder.fuse_stats:
+        row["fuse_recompiles"] = decoder.recompiles()
+        if row["fuse_recompiles"]:
+            notes.append(f"{mode} batch {batch}: the compiled step recompiled {row['fuse_recompiles']} time(s) after "
+                         "its first call (a guard failing per step?)")
     median = statistics.median(times)
     row.update(loop_ms=times, median_ms=median, ms_per_token=median / args.new,
                tok_s=batch * args.new * 1e3 / median)
@@ -453,15 +549,23 @@ def measure(model, mode: str, batch: int, args, prompts, refs: dict, check: int,
         checked = (f", tokens match {row['tokens_match']:.2f} (first {row['tokens_match_prefix']}/{check} "
                    f"identical), first-step logits max err {row['first_step_logits']['max_abs_rel']:.1e} "
                    f"(reference's noise sensitivity {row['ref_noise_sensitivity']['max_abs_rel']:.1e})")
+    fused = ""
+    if "fuse_compile_s" in row:
+        fused = (f" + Inductor ({args.fuse}: compile {row['fuse_compile_s']:.1f} s, {row['fuse_graphs']} graph(s), "
+                 f"{row['fuse_graph_breaks']} break(s), {row['fuse_recompiles']} recompile(s))")
+    elif args.fuse and row["graph"] != "compile":
+        fused = " UNFUSED (compile failed)"
     print(f"  batch {batch}: {row['tok_s']:.1f} tok/s ({row['ms_per_token']:.2f} ms/token, loops "
-          f"{', '.join(f'{t:.0f}' for t in times)} ms, {row['graph']}; prefill {row['prefill_s']:.1f} s, capture "
-          f"{row['capture_s']:.1f} s), ratio vs dense {row['ratio_vs_dense']:.3f}{checked}", flush=True)
+          f"{', '.join(f'{t:.0f}' for t in times)} ms, {row['graph']}{fused}; prefill {row['prefill_s']:.1f} s, "
+          f"capture {row['capture_s']:.1f} s), ratio vs dense {row['ratio_vs_dense']:.3f}{checked}", flush=True)
+    for reason in row.get("fuse_break_reasons", []):
+        print(f"    graph break: {reason[:300]}", flush=True)
     return row
 
 
 def print_table(rows: list[dict]) -> None:
-    header = ("mode", "batch", "tok/s", "ratio vs dense", "sparse linears", "block-linear weights MiB", "tokens match (b1)",
-              "first-step logit err (ref. noise sensitivity)")
+    header = ("mode", "batch", "step", "tok/s", "ratio vs dense", "sparse linears", "block-linear weights MiB",
+              "tokens match (b1)", "first-step logit err (ref. noise sensitivity)")
     lines = [header]
     for row in rows:
         match = f"{row['tokens_match']:.2f} ({row['tokens_match_prefix']} first)" if "tokens_match" in row else ""
@@ -471,8 +575,9 @@ def print_table(rows: list[dict]) -> None:
                  if "first_step_logits" in row else "")
         total = row.get("sparse_linears", 0) + row.get("kept_dense", 0)
         swapped = f"{row['sparse_linears']}/{total}" if "sparse_linears" in row else "-"
-        lines.append((row["mode"], str(row["batch"]), f"{row['tok_s']:.1f}", f"{row['ratio_vs_dense']:.3f}", swapped,
-                      f"{row['block_weight_mib']:.{0 if row['block_weight_mib'] >= 100 else 2}f}", match, error))
+        step = row["graph"] + ("+inductor" if row.get("fused") and row["graph"] != "compile" else "")
+        lines.append((row["mode"], str(row["batch"]), step, f"{row['tok_s']:.1f}", f"{row['ratio_vs_dense']:.3f}",
+                      swapped, f"{row['block_weight_mib']:.{0 if row['block_weight_mib'] >= 100 else 2}f}", match, error))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     for index, line in enumerate(lines):
         print("| " + " | ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)) + " |")
@@ -481,7 +586,14 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    with torch.no_grad():  # scoped: the test suite calls main() in-process
+    # scoped: the test suite calls main() in-process. Dynamo's recompile limit (8 per code object by
+    # default) raised: a graph break inside a decoder layer would compile that layer's code once per
+    # layer (each SparseLinear's id is a constant of its graph), and past the limit run uncompiled
+    import torch._dynamo
+
+    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    limit = max(getattr(torch._dynamo.config, name), 256)
+    with torch.no_grad(), torch._dynamo.config.patch({name: limit}):
         return _main(argv)
 
 
@@ -498,6 +610,11 @@ def _main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--graph", choices=("capture", "compile", "eager"), default=None,
                         help="decode step: own CUDA graph (default on CUDA), torch.compile reduce-overhead, eager "
                              "(default on CPU)")
+    parser.add_argument("--fuse", nargs="?", const="default", default=None,
+                        choices=("default", "max-autotune-no-cudagraphs"),
+                        help="compile every mode's decode step with Inductor (torch.compile(mode=FUSE, "
+                             "dynamic=False); sparse linears stay opaque custom ops), then capture/run it as --graph "
+                             "says; '--fuse' alone: mode 'default' (matmuls stay cuBLAS: like with like). Default: off")
     parser.add_argument("--serve", choices=("per-batch", "together"), default="per-batch",
                         help="weight-sparse modes: accelerate(rows=(batch,)) one model per batch, or one model "
                              "with rows = every batch (a layer stays sparse only where it wins at all of them)")
@@ -547,10 +664,14 @@ def _main(argv: list[str] | None = None) -> dict:
     header = (f"{gpu} | torch {torch.__version__} | CUDA {torch.version.cuda} | transformers "
               f"{transformers.__version__} | triton {triton_version} | sparsewise "
               f"{getattr(sparsewise, '__version__', '?')} | {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    fuse = (f"fused: torch.compile(mode={args.fuse!r}, dynamic=False, fullgraph=False) of every mode's step"
+            if args.fuse else "not fused (no torch.compile)")
+    if args.fuse and args.graph == "compile":
+        fuse = "fused: reduce-overhead is Inductor already (--fuse adds nothing)"
     settings = (f"{'tiny' if args.tiny else 'LLaMA-3-8B'} config {cfg} | {args.dtype} random N(0, 0.02) | modes "
                 f"{modes} | batches {args.batches} | prompt {args.prompt} random tokens, {args.new} new (greedy, "
-                f"StaticCache {args.prompt + args.new}) | decode step: {args.graph} | {args.repeats} timed loops after "
-                f"1 warm-up, median | accelerate rows: {args.serve} | act W^T layout {args.act_layout or 'runtime default'} | "
+                f"StaticCache {args.prompt + args.new}) | decode step: {args.graph}, {fuse} | {args.repeats} timed "
+                f"loops after 1 warm-up, median | accelerate rows: {args.serve} | act W^T layout {args.act_layout or 'runtime default'} | "
                 f"cuSPARSELt prefill copy {args.prefill_copy} | TEAL calibration "
                 f"{args.calib_seqs}x{args.calib_len} random tokens")
     print(header, flush=True)
@@ -558,8 +679,8 @@ def _main(argv: list[str] | None = None) -> dict:
     generator = torch.Generator().manual_seed(1)
     prompts = torch.randint(0, cfg["vocab_size"], (max(args.batches), args.prompt), generator=generator)
     prompts = prompts.to(args.device)
-    results: dict = {"header": header, "settings": settings, "config": cfg, "rows": [], "notes": [],
-                     "failed": {}}
+    results: dict = {"header": header, "settings": settings, "config": cfg, "fuse": args.fuse, "rows": [],
+                     "notes": [], "failed": {}}
     dense_tok_s: dict = {}
     started = time.perf_counter()
     for mode in modes:

@@ -10,56 +10,124 @@ from pathlib import Path
 from .config import PruneConfig
 from .errors import ConfigError, SparsewiseError
 
+PRUNE_EXAMPLES = """\
+examples:
+  # SparseGPT 2:4 on C4, perplexity on WikiText-2, saved compressed in bf16
+  sparsewise prune --model smollm2-135m --method sparsegpt --pattern 2:4 \\
+      --calib c4-train.00000-of-01024.jsonl --eval wiki.test.raw --out pruned/ --dtype bf16
+
+  # Wanda at 60% with OWL's per-layer ratios and DSnoT refinement, settings from a recipe
+  sparsewise prune --recipe recipe.yaml --sparsity 0.6 --allocation owl --allocation-option lam=0.08 \\
+      --refine dsnot --out pruned-owl/ --overwrite
+"""
+
+
+def _registry_choices() -> dict[str, list[str]]:
+    """Choices of the name flags, from the registries (a newly registered class shows up by itself)."""
+    from .allocation import available_allocators
+    from .calibration.engine import SEQUENTIAL_MODES
+    from .config import SAVE_DTYPES
+    from .correction import available_refiners
+    from .formats.checkpoint import FORMATS
+    from .methods import available_methods
+
+    return {"method": sorted({*available_methods(), "armor"}),  # armor: sparsewise.correction.armor
+            "allocation": available_allocators(), "refine": available_refiners(),
+            "sequential": list(SEQUENTIAL_MODES), "save_format": list(FORMATS), "dtype": list(SAVE_DTYPES)}
+
+
+def _name(text: str) -> str:
+    return text.strip().lower()
+
 
 def _prune_parser(sub) -> None:
+    choices = _registry_choices()
     cmd = sub.add_parser("prune", help="prune a model (defaults: bundled SmolLM2-135M, Wanda, 50%%)",
-                         description="Prune a model and print a before/after summary. Every flag is also a "
-                                     "field of a YAML recipe (--recipe); flags given here win.")
-    add = cmd.add_argument
-    add("--recipe", type=Path, help="YAML file with the same fields as these flags (dashes or underscores)")
-    add("--model", help="short name (smollm2-135m, minilm-l6), HF dir, .gguf file, hub id or sparsewise dir")
-    add("--method", help="magnitude | random | wanda | sparsegpt (default wanda) | armor (with --pattern 2:4; "
-                         "--option iterations=N, block_size=32)")
-    add("--sparsity", type=float, help="fraction of zeros per layer, e.g. 0.5 (N:M patterns fix it)")
-    add("--pattern", help="unstructured (per row) | unstructured:layer | unstructured:global | N:M | block:RxC | "
-                          "mixed N:M choices such as 2:4,1:4 (with --sparsity and --allocation)")
-    add("--calib", help="calibration: .txt/.raw/.jsonl/.parquet path, dataset name, or 'self' (default)")
-    add("--calib-n", type=int, help="calibration windows (default 128; 'self' uses --self-n)")
-    add("--calib-seqlen", type=int, help="tokens per calibration window (default 512)")
-    add("--self-n", type=int, help="self-generated calibration sequences (default 32)")
-    add("--self-seqlen", type=int, help="tokens per self-generated sequence (default 256)")
-    add("--seed", type=int, help="seed of every random choice (default 0)")
-    add("--eval", help="perplexity text: path or dataset name (optional)")
-    add("--eval-seqlen", "--seqlen", dest="eval_seqlen", type=int, help="perplexity window (default 512)")
-    add("--max-windows", type=int, help="evenly spaced subset of eval windows (default 32; 0 = all)")
-    add("--fidelity-n", type=int, help="held-out self-generated sequences for KL/top-1 (default 8)")
-    add("--fidelity-seqlen", type=int, help="tokens per held-out sequence (default 256)")
-    add("--sequential", choices=["layer", "block"],
-        help="layer: one pass per block, layers pruned in order (default); block: classic two-pass scheme")
-    add("--resume-dir", help="checkpoint progress after every block here; rerun the same command to resume")
-    add("--option", action="append", metavar="KEY=VALUE",
-        help="method option, e.g. --option damp_ratio=0.1 --option block_size=64 (recipe: method_options)")
-    add("--allocation", help="per-layer ratios under the global sparsity: uniform (default) | er | erk | owl | ecoflap")
-    add("--allocation-option", action="append", metavar="KEY=VALUE",
-        help="allocator option, e.g. --allocation-option m=5 --allocation-option lam=0.08 (recipe: "
-             "allocation_options)")
-    add("--refine", help="mask refiner run after the method on every layer: dsnot")
-    add("--refine-option", action="append", metavar="KEY=VALUE",
-        help="refiner option, e.g. --refine-option skip_modules=[mlp] (recipe: refine_options)")
-    add("--reconstruct", action="store_true", default=None,
-        help="after each block is pruned, refit its kept weights to the dense model's block outputs on the "
-             "calibration samples (masks fixed; EBFT-style block-wise reconstruction)")
-    add("--reconstruct-option", action="append", metavar="KEY=VALUE",
-        help="reconstruction option: epochs, lr, micro_batch, holdout, patience, seed (recipe: "
-             "reconstruct_options)")
-    add("--include", nargs="+", help="regexes of module names to prune (default: every linear in the blocks)")
-    add("--exclude", nargs="+", help="regexes of module names to skip")
-    add("--device", help="auto | cpu | cuda (default auto)")
-    add("--batch-size", type=int, help="calibration batch size (default 8)")
-    add("--out", help="directory to save the pruned model to")
-    add("--save-format", choices=["sparsewise", "hf-dense"], help="compressed sparsewise (default) or plain HF")
-    add("--overwrite", action="store_true", default=None, help="replace an existing --out directory")
-    add("--no-progress", action="store_true", help="no progress bars")
+                         description="Prune a model and print a before/after summary. Every flag is also a field\n"
+                                     "of a YAML recipe (--recipe); flags given here win. --out is checked before\n"
+                                     "any work.",
+                         epilog=PRUNE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = cmd.add_argument_group("model")
+    group.add_argument("--model", help="short name (smollm2-135m, minilm-l6), HF dir, .gguf file, hub id or "
+                                       "sparsewise dir")
+    group.add_argument("--include", nargs="+",
+                       help="regexes of module names to prune (default: every linear in the blocks)")
+    group.add_argument("--exclude", nargs="+", help="regexes of module names to skip")
+
+    group = cmd.add_argument_group("method")
+    group.add_argument("--method", type=_name, choices=choices["method"], metavar="NAME",
+                       help=f"{' | '.join(choices['method'])} (default wanda); armor needs --pattern 2:4 "
+                            "(--option iterations=N, block_size=32)")
+    group.add_argument("--option", action="append", metavar="KEY=VALUE",
+                       help="method option, e.g. --option damp_ratio=0.1 --option block_size=64 (recipe: "
+                            "method_options)")
+
+    group = cmd.add_argument_group("pattern")
+    group.add_argument("--sparsity", type=float,
+                       help="fraction of zeros per layer, e.g. 0.5 (default 0.5; N:M patterns imply 1 - N/M)")
+    group.add_argument("--pattern", help="unstructured (per row) | unstructured:layer | unstructured:global | N:M | "
+                                         "block:RxC | mixed N:M choices such as 2:4,1:4 (with --sparsity and "
+                                         "--allocation)")
+
+    group = cmd.add_argument_group("calibration")
+    group.add_argument("--calib", help="calibration: .txt/.raw/.jsonl/.parquet path, dataset name, or 'self' "
+                                       "(default)")
+    group.add_argument("--calib-n", type=int, help="calibration windows (default 128; 'self' uses --self-n)")
+    group.add_argument("--calib-seqlen", type=int, help="tokens per calibration window (default 512)")
+    group.add_argument("--self-n", type=int, help="self-generated calibration sequences (default 32)")
+    group.add_argument("--self-seqlen", type=int, help="tokens per self-generated sequence (default 256)")
+    group.add_argument("--batch-size", type=int, help="calibration batch size (default 8)")
+    group.add_argument("--sequential", type=_name, choices=choices["sequential"],
+                       help="layer: one pass per block, layers pruned in order (default); block: classic "
+                            "two-pass scheme")
+
+    group = cmd.add_argument_group("allocation")
+    group.add_argument("--allocation", type=_name, choices=choices["allocation"], metavar="NAME",
+                       help="per-layer ratios under the global sparsity: "
+                            f"{' | '.join(choices['allocation'])} (default uniform)")
+    group.add_argument("--allocation-option", action="append", metavar="KEY=VALUE",
+                       help="allocator option, e.g. --allocation-option m=5 --allocation-option lam=0.08 (recipe: "
+                            "allocation_options)")
+
+    group = cmd.add_argument_group("correction")
+    group.add_argument("--refine", type=_name, choices=choices["refine"], metavar="NAME",
+                       help=f"mask refiner run after the method on every layer: {' | '.join(choices['refine'])}")
+    group.add_argument("--refine-option", action="append", metavar="KEY=VALUE",
+                       help="refiner option, e.g. --refine-option skip_modules=[mlp] (recipe: refine_options)")
+    group.add_argument("--reconstruct", action="store_true", default=None,
+                       help="after each block is pruned, refit its kept weights to the dense model's block outputs "
+                            "on the calibration samples (masks fixed; EBFT-style block-wise reconstruction)")
+    group.add_argument("--reconstruct-option", action="append", metavar="KEY=VALUE",
+                       help="reconstruction option: epochs, lr, micro_batch, holdout, patience, seed (recipe: "
+                            "reconstruct_options)")
+
+    group = cmd.add_argument_group("evaluation")
+    group.add_argument("--eval", help="perplexity text: path or dataset name (optional)")
+    group.add_argument("--eval-seqlen", "--seqlen", dest="eval_seqlen", type=int,
+                       help="perplexity window (default 512; at most the model's positions)")
+    group.add_argument("--max-windows", type=int, help="evenly spaced subset of eval windows (default 32; 0 = all)")
+    group.add_argument("--fidelity-n", type=int, help="held-out self-generated sequences for KL/top-1 (default 8)")
+    group.add_argument("--fidelity-seqlen", type=int, help="tokens per held-out sequence (default 256)")
+
+    group = cmd.add_argument_group("output")
+    group.add_argument("--out", help="directory to save the pruned model to (checked before any work: it must "
+                                     "not exist, be empty, or hold a sparsewise checkpoint and --overwrite)")
+    group.add_argument("--save-format", choices=choices["save_format"],
+                       help="compressed sparsewise (default) or plain HF")
+    group.add_argument("--dtype", type=_name, choices=choices["dtype"],
+                       help="float type of the saved checkpoint (default: the model's, fp32)")
+    group.add_argument("--overwrite", action="store_true", default=None,
+                       help="replace an existing --out directory holding a sparsewise checkpoint (never other files)")
+
+    group = cmd.add_argument_group("run")
+    group.add_argument("--recipe", type=Path,
+                       help="YAML file with the same fields as these flags (dashes or underscores)")
+    group.add_argument("--device", help="auto | cpu | cuda (default auto)")
+    group.add_argument("--seed", type=int, help="seed of every random choice (default 0)")
+    group.add_argument("--resume-dir",
+                       help="checkpoint progress after every block here; rerun the same command to resume")
+    group.add_argument("--no-progress", action="store_true",
+                       help="no progress bars (without a terminal they are plain periodic lines)")
 
 
 def _eval_parser(sub) -> None:
@@ -84,16 +152,28 @@ def _eval_parser(sub) -> None:
 
 
 def _report_parser(sub) -> None:
-    cmd = sub.add_parser("report", help="per-layer sparsity table, N:M pattern check, size on disk; "
-                                        "or the summary of a sparse-training log")
+    cmd = sub.add_parser("report", help="how a saved model was made, its sparsity, N:M check and size on disk "
+                                        "(--layers, --plot, --html); or the summary of a sparse-training log",
+                         description="One screen about a saved model: how it was made (the prune job's settings "
+                                     "kept in the checkpoint; 'not recorded' where missing), target vs achieved "
+                                     "sparsity, size on disk vs dense, the N:M pattern check and the most/least "
+                                     "sparse layers. --layers adds the per-layer table; --plot and --html draw it.")
     cmd.add_argument("path", nargs="?", help="a sparsewise checkpoint directory (or an --save-format hf-dense "
                                              "folder); optional with --training-log")
     cmd.add_argument("--training-log", type=Path, metavar="CSV",
                      help="summarize a sparse-training log (attach(..., log=CSV)): steps, global sparsity, "
                           "mask flips per interval, per-layer final sparsity")
+    cmd.add_argument("--layers", action="store_true",
+                     help="also print the full per-layer table (shape, zeros, achieved vs target sparsity, "
+                          "pattern check, the error the records hold)")
     cmd.add_argument("--plot", type=Path, metavar="PNG",
-                     help="with --training-log: write sparsity, mask flips and PQ Index over steps to a PNG")
-    cmd.add_argument("--max-rows", type=int, default=None, help="show at most this many layer rows")
+                     help="write a PNG: for a model, per-layer sparsity along depth per layer kind (and per-layer "
+                          "error where recorded); for --training-log, sparsity, mask flips and PQ Index over steps "
+                          "(with both, the training plot goes to NAME-training.png)")
+    cmd.add_argument("--html", type=Path, metavar="HTML",
+                     help="write the same report as one self-contained HTML page (tables, plot embedded)")
+    cmd.add_argument("--max-rows", type=int, default=None,
+                     help="show at most this many layer rows (implies --layers)")
     cmd.add_argument("--json", action="store_true")
 
 
@@ -110,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from .jobs import prune_job
+    from .jobs import JobState, prune_job
 
     config = PruneConfig.from_yaml(args.recipe) if args.recipe else PruneConfig()
     # KEY=VALUE flags add to the recipe's option dicts instead of replacing them
@@ -132,6 +212,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     joined = init_from_env()  # torchrun: ranks share the calibration samples, all-reduce statistics
     rank, world_size = world()
+    state = JobState()
     try:
         if world_size > 1:
             if config.resume_dir:
@@ -141,9 +222,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
             if rank != 0:  # every rank prunes the same masks; one writes and reports
                 config.out, config.eval = None, None
         report = prune_job(config, progress=not args.no_progress and rank == 0,
-                           log=print if rank == 0 else (lambda *_args, **_kwargs: None))
+                           log=print if rank == 0 else (lambda *_args, **_kwargs: None), state=state)
         if rank == 0:
             print(report.summary())
+    except KeyboardInterrupt as exc:
+        exc.sparsewise_message = state.interrupted_message()  # what main() prints
+        raise
     finally:
         if joined:
             torch.distributed.destroy_process_group()
@@ -165,12 +249,14 @@ def _parse_options(items: list[str], flag: str = "--option") -> dict:
 def cmd_eval(args: argparse.Namespace) -> int:
 
     from .metrics import perplexity
+    from .metrics.perplexity import check_seqlen
     from .models import load_model
     from .oneshot import pick_device
 
     model, tokenizer = load_model(args.model)
     if tokenizer is None:
         raise SparsewiseError(f"{args.model} has no tokenizer saved beside it; perplexity needs one.")
+    check_seqlen(model, args.seqlen, name="--seqlen")  # before any calibration or evaluation
     model.to(pick_device(args.device, model))
     runtime_note = None
     if args.accelerate:
@@ -211,48 +297,80 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report_training_log(args: argparse.Namespace) -> None:
+def _report_training_log(args: argparse.Namespace) -> tuple[str, bytes | None]:
+    """Print (or --json) the training log's summary, write its plot; return (text, PNG) for --html."""
     from .training.metrics import format_training_log, read_training_log, summarize_training_log
 
     rows = read_training_log(args.training_log)
+    text = f"training log: {args.training_log}\n{format_training_log(rows, max_rows=args.max_rows)}"
     if args.json:
         print(json.dumps({"training_log": str(args.training_log), **summarize_training_log(rows)}, indent=2))
     else:
-        print(f"training log: {args.training_log}")
-        print(format_training_log(rows, max_rows=args.max_rows))
-    if args.plot is not None:
-        from .metrics.plots import plot_training_log
+        print(text)
+    png = None
+    if args.plot is not None or args.html is not None:
+        from .metrics.plots import plot_training_log, png_bytes
 
-        written = plot_training_log(rows, args.plot, title=args.training_log.name)
-        print(f"plot written to {written}", file=sys.stderr if args.json else sys.stdout)
+        title = args.training_log.name
+        if args.plot is not None:
+            # with a model too, the model's plot takes --plot and this one goes beside it
+            target = args.plot if args.path is None else \
+                args.plot.with_name(f"{args.plot.stem}-training{args.plot.suffix or '.png'}")
+            written = plot_training_log(rows, target, title=title)
+            print(f"plot written to {written}", file=sys.stderr if args.json else sys.stdout)
+            png = written.read_bytes() if args.html is not None else None
+        else:
+            try:
+                png = png_bytes(plot_training_log, rows, title=title)
+            except ConfigError as exc:  # no matplotlib: the page goes without the plot
+                print(f"sparsewise: note: {exc}; the HTML page has no plot.", file=sys.stderr)
+    return text, png
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    if args.plot is not None and args.training_log is None:
-        raise ConfigError("--plot draws a training log: pass --training-log CSV too.")
-    if args.training_log is not None:
-        _report_training_log(args)
-        if args.path is None:
-            return 0
-        print()
-    elif args.path is None:
-        raise ConfigError("report needs a model directory, or --training-log CSV.")
-    from .formats import checkpoint_size
-    from .metrics import sparsity_report
-    from .models import load_model
-    from .records import get_records
+    if args.path is None and args.training_log is None:
+        raise ConfigError("report needs a model directory, or --training-log CSV (--plot and --html draw either).")
+    from .metrics.report import checkpoint_report, html_page, text_section, write_html
 
-    model, _ = load_model(args.path)  # a sparsewise checkpoint or a plain (hf-dense) HF folder
-    report = sparsity_report(model, records=get_records(model) or None)
-    size = checkpoint_size(args.path)
+    notes = sys.stderr if args.json else sys.stdout
+    sections = []
+    if args.training_log is not None:
+        text, png = _report_training_log(args)
+        sections.append((f"Training log: {args.training_log.name}", text_section(text, png, "training log plot")))
+        if args.path is None:
+            if args.html is not None:
+                written = write_html(args.html, html_page(f"sparsewise report: {args.training_log}", sections))
+                print(f"html report written to {written}", file=notes)
+            return 0
+        if not args.json:
+            print()
+
+    report = checkpoint_report(args.path)  # a sparsewise checkpoint or a plain (hf-dense) HF folder
     if args.json:
-        print(json.dumps({"sparsity": report.to_json(), "size": size}, indent=2))
-        return 0
-    print(report.table(max_rows=args.max_rows))
-    print(f"size on disk: {size['weights_bytes'] / 2**20:.1f} MiB weights vs {size['dense_bytes'] / 2**20:.1f} MiB "
-          f"dense ({size['weights_bytes'] / max(size['dense_bytes'], 1):.3f}x)")
-    print("pattern check: " + ("every N:M group valid" if report.all_patterns_ok else "VIOLATIONS (see table)"))
-    return 0 if report.all_patterns_ok else 1
+        print(json.dumps(report.to_json(), indent=2, default=str))
+    else:
+        if args.layers or args.max_rows is not None:
+            print(report.layers_table(max_rows=args.max_rows))
+            print()
+        print(report.summary())
+    png = None
+    if args.plot is not None or args.html is not None:
+        from .metrics.plots import plot_model_report, png_bytes
+
+        title = f"{Path(args.path).name}: per-layer sparsity"
+        if args.plot is not None:
+            written = plot_model_report(report, args.plot, title=title)
+            print(f"plot written to {written}", file=notes)
+            png = written.read_bytes() if args.html is not None else None
+        else:
+            try:
+                png = png_bytes(plot_model_report, report, title=title)
+            except ConfigError as exc:  # no matplotlib: the page goes without the plot
+                print(f"sparsewise: note: {exc}; the HTML page has no plot.", file=sys.stderr)
+    if args.html is not None:
+        written = write_html(args.html, report.to_html(png, layers_open=args.layers, extra_sections=sections))
+        print(f"html report written to {written}", file=notes)
+    return 0 if report.sparsity.all_patterns_ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -267,6 +385,10 @@ def main(argv: list[str] | None = None) -> int:
     except SparsewiseError as exc:
         print(f"sparsewise: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:  # Ctrl-C: one line, not a traceback (saves are atomic)
+        print(f"sparsewise: {getattr(exc, 'sparsewise_message', None) or 'interrupted; nothing written'}",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -7,7 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, PatternError
+
+DEFAULT_SPARSITY = 0.5
+SAVE_DTYPES = ("fp32", "fp16", "bf16")
 
 
 @dataclass
@@ -16,11 +19,15 @@ class PruneConfig:
 
     ``calib`` is a path (.txt/.raw/.jsonl/.parquet), a dataset name, or "self" (text sampled
     from the model with ``seed``; then ``self_n``/``self_seqlen`` apply, sized for a CPU).
+
+    ``sparsity`` None means "not given": an N:M pattern then prunes at its implied ratio 1 - N/M,
+    every other pattern at ``DEFAULT_SPARSITY`` (see :meth:`effective_sparsity`). ``dtype`` is the
+    float type of the saved checkpoint (fp32, fp16, bf16; None keeps the model's own).
     """
 
     model: str = "smollm2-135m"
     method: str = "wanda"
-    sparsity: float | None = 0.5
+    sparsity: float | None = None
     pattern: str = "unstructured"
     calib: str = "self"
     calib_n: int = 128
@@ -49,6 +56,7 @@ class PruneConfig:
     out: str | None = None
     save_format: str = "sparsewise"
     overwrite: bool = False
+    dtype: str | None = None
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -84,7 +92,7 @@ class PruneConfig:
             for part in str(self.pattern).split(","):
                 Pattern.parse(part)
         else:
-            Pattern.parse(self.pattern).resolve_sparsity(self.sparsity)
+            Pattern.parse(self.pattern).resolve_sparsity(self.effective_sparsity())
         if self.method == "armor":  # a factorization, not a per-layer mask method (sparsewise.correction.armor)
             if str(Pattern.parse(self.pattern)) != "2:4":
                 raise ConfigError(f"method 'armor' needs pattern 2:4, got {self.pattern!r}: pass --pattern 2:4.")
@@ -97,11 +105,28 @@ class PruneConfig:
             raise ConfigError(f"sequential must be 'layer' or 'block', got {self.sequential!r}.")
         if self.save_format not in ("sparsewise", "hf-dense"):
             raise ConfigError(f"save_format must be 'sparsewise' or 'hf-dense', got {self.save_format!r}.")
+        if self.dtype is not None and str(self.dtype).lower() not in SAVE_DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(SAVE_DTYPES)} (or unset), got {self.dtype!r}.")
         for name in ("calib_n", "calib_seqlen", "self_n", "self_seqlen", "eval_seqlen", "fidelity_n",
                      "fidelity_seqlen", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
         return self
+
+    def effective_sparsity(self) -> float | None:
+        """The ratio to prune at: the one given; else None for a single N:M pattern (its implied
+        1 - N/M), ``DEFAULT_SPARSITY`` for every other pattern (mixed N:M choices included)."""
+        from .patterns import Pattern
+
+        if self.sparsity is not None:
+            return self.sparsity
+        if "," not in str(self.pattern):
+            try:
+                if Pattern.parse(self.pattern).kind == "nm":
+                    return None  # the pattern fixes the ratio
+            except PatternError:
+                pass  # validate() reports it
+        return DEFAULT_SPARSITY
 
     def merged(self, overrides: dict[str, Any]) -> PruneConfig:
         """A copy with every non-None override applied (flags given on the command line win)."""

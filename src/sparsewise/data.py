@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import re
 import sys
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +34,16 @@ _WIKITEXT_NAME = re.compile(r"^wiki\..+\.raw$")
 # A WikiText article starts with a level-1 heading row " = Title = " (sections use " = = ... = = ").
 _ARTICLE_HEADING = re.compile(r"^ = [^=].* = $")
 _TEXT_SUFFIXES = (".txt", ".raw", ".text", ".md", ".tokens")
+# suffixes that mark a one-line string as a file name rather than text
+_PATH_SUFFIXES = (*_TEXT_SUFFIXES, ".jsonl", ".json", ".parquet", ".csv", ".tsv", ".gz")
+
+
+class DataFileNotFoundError(DataError, FileNotFoundError):
+    """A data path (or a string that looks like one) names no file."""
+
+
+class MissingDependencyError(DataError, ImportError):
+    """Reading this data needs an optional package that is not installed."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -64,7 +76,9 @@ def _looks_like_wikitext_rows(path: Path, text: str) -> bool:
 
 def _check_exists(path: Path) -> None:
     if not path.exists():
-        raise DataError(f"data file not found: {path} (give an existing .txt/.raw/.jsonl/.parquet path).")
+        raise DataFileNotFoundError(
+            f"data file not found: {path} does not exist (give an existing .txt/.raw/.jsonl/.parquet path)."
+        )
     if path.is_dir():
         raise DataError(f"{path} is a directory: give a file inside it (.txt/.raw/.jsonl/.parquet).")
 
@@ -91,8 +105,9 @@ def _read_parquet_texts(path: Path, column: str = "text") -> list[str]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise ImportError(
-            f"reading {path} needs pyarrow: pip install pyarrow (or pip install 'sparsewise[data]')."
+        raise MissingDependencyError(
+            f"reading {path} needs the optional package pyarrow, which is not installed: "
+            "pip install pyarrow (or pip install 'sparsewise[data]'), or convert the file to .jsonl."
         ) from None
     table = pq.read_table(path)
     if column not in table.column_names:
@@ -138,6 +153,69 @@ def _resolve(source: str | Path) -> Path | str:
     path = Path(text).expanduser()
     _check_exists(path)  # names nothing else: say the path is missing
     return path
+
+
+def looks_like_path(text: str) -> bool:
+    """Whether a one-line string reads as a file path rather than as text.
+
+    True when it starts with ``./``, ``../``, ``~`` or ``/``, ends with a data or text suffix
+    (.txt .raw .jsonl .json .parquet .csv ...), or holds a path separator and no whitespace
+    ("data/wiki.test.raw", but not "and/or more words"). Strings with a newline, or of 4096
+    characters and more, are text.
+    """
+    if not isinstance(text, str) or "\n" in text or len(text) >= 4096:
+        return False
+    body = text.strip()
+    if not body:
+        return False
+    separators = tuple(sep for sep in ("/", os.sep, os.altsep) if sep)
+    if body.startswith(("./", "../", ".\\", "..\\", "~", *separators)):
+        return True
+    if Path(body).suffix.lower() in _PATH_SUFFIXES:
+        return True
+    return any(sep in body for sep in separators) and not any(char.isspace() for char in body)
+
+
+def check_path_like(text: str | Path, *, literal_text: str | None = None) -> None:
+    """Raise :class:`DataFileNotFoundError` when ``text`` looks like a path (:func:`looks_like_path`)
+    but names no file (nor a dataset name): a typo in a path must not be read as the text itself.
+
+    ``literal_text`` says how the caller accepts literal text, for the message.
+    """
+    if isinstance(text, Path):
+        _check_exists(text)
+        return
+    if not looks_like_path(str(text)):
+        return
+    body = str(text).strip()
+    if body.lower() in DATASET_NAMES:
+        return
+    path = Path(body).expanduser()
+    if path.exists():
+        return
+    hint = f" {literal_text}" if literal_text else ""
+    raise DataFileNotFoundError(f"{body} does not exist: check the path (it looks like a file name, so it is not "
+                                f"read as text).{hint}")
+
+
+def resolve_text(text_or_path: str | Path, *, split: str = "test") -> tuple[str, str]:
+    """(text, label) of an evaluation source: a file, a dataset name ("wikitext2", "c4"), or the
+    text itself.
+
+    A one-line string that looks like a path (:func:`looks_like_path`) but names no file raises
+    :class:`DataFileNotFoundError` instead of being taken as a few characters of text. Literal
+    text is any other string; text that must look like a path is passed with a newline in it.
+    """
+    if isinstance(text_or_path, Path):
+        return read_text(text_or_path, split=split), str(text_or_path)
+    text = str(text_or_path)
+    single_line = "\n" not in text and len(text) < 4096
+    if single_line and text.strip() and os.path.exists(os.path.expanduser(text)):
+        return read_text(text, split=split), text
+    if single_line and text.strip().lower() in DATASET_NAMES:
+        return read_text(text.strip().lower(), split=split), text.strip().lower()
+    check_path_like(text, literal_text="To evaluate literal text, pass a string with a newline in it.")
+    return text, f"<text: {len(text)} chars>"
 
 
 def read_text(source: str | Path, *, split: str = "test", text_format: TextFormat = "auto") -> str:
@@ -280,6 +358,174 @@ class CalibrationSet:
         return parts[0], parts[1]
 
 
+CALIBRATION_FORMS = (
+    "a CalibrationSet (sw.data.calibration(source, tokenizer, n=..., seqlen=...)); "
+    "a tensor of token ids [n, seqlen] (or [seqlen] for one sample); "
+    "a list of such tensors; "
+    "one dict of model inputs holding all samples, e.g. {'input_ids': [n, seqlen], 'attention_mask': ...}; "
+    "or a list (any iterable) of such dicts"
+)
+
+
+def _batch_rows(batch: Mapping[str, Any]) -> int:
+    """Samples in a model-input dict: the first dim of input_ids, else the largest first dim."""
+    ids = batch.get("input_ids")
+    if isinstance(ids, torch.Tensor) and ids.dim():
+        return int(ids.shape[0])
+    rows = [int(value.shape[0]) for value in batch.values() if isinstance(value, torch.Tensor) and value.dim()]
+    return max(rows, default=0)
+
+
+class CalibrationBatches:
+    """Calibration samples that do not stack into one tensor per input (samples of different
+    lengths, or inputs that are not per-sample tensors), kept as the model-input dicts given.
+
+    :meth:`batches` cuts every dict into pieces of at most ``batch_size`` samples (tensors whose
+    first dim is the dict's sample count are cut, anything else is shared by every piece); pieces
+    of different dicts are never joined.
+    """
+
+    seed = None
+    seqlen = None
+    note = ""
+
+    def __init__(self, parts: list[dict[str, Any]], source: str = "batches") -> None:
+        self.parts = [dict(part) for part in parts]
+        self.source = source
+        if not self.parts or any(_batch_rows(part) < 1 for part in self.parts):
+            raise DataError("calibration holds no samples: every model-input dict needs a tensor with a "
+                            "sample dimension (e.g. input_ids [n, seqlen]).")
+
+    @property
+    def n(self) -> int:
+        return sum(_batch_rows(part) for part in self.parts)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def batches(self, batch_size: int = 8, device: torch.device | str | None = None) -> Iterator[dict[str, Any]]:
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
+        for part in self.parts:
+            rows = _batch_rows(part)
+            for start in range(0, rows, batch_size):
+                batch = {key: value[start : start + batch_size]
+                         if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == rows else value
+                         for key, value in part.items()}
+                if device is not None:
+                    batch = {key: value.to(device) if isinstance(value, torch.Tensor) else value
+                             for key, value in batch.items()}
+                yield batch
+
+
+def _form_error(what: str) -> DataError:
+    return DataError(f"calibration: cannot use {what}. Accepted forms: {CALIBRATION_FORMS}.")
+
+
+def _token_ids(tensor: torch.Tensor, where: str) -> torch.Tensor:
+    """A tensor given as token ids, as a LongTensor [n, seqlen]."""
+    if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+        raise _form_error(
+            f"a {tensor.dtype} tensor{where} (a bare tensor is read as token ids, an integer tensor [n, seqlen]); "
+            "for other inputs pass a dict such as {'pixel_values': tensor} or CalibrationSet.from_tensors(...)"
+        )
+    if tensor.dim() == 1:
+        tensor = tensor.unsqueeze(0)
+    if tensor.dim() != 2 or tensor.shape[0] == 0 or tensor.shape[1] == 0:
+        raise _form_error(f"a tensor of shape {tuple(tensor.shape)}{where} (token ids are [n, seqlen] or [seqlen])")
+    return tensor.long()
+
+
+def _model_inputs(item: Mapping, where: str) -> dict[str, Any]:
+    """A model-input dict with list values made tensors and a lone 1-D input_ids given a sample dim."""
+    inputs: dict[str, Any] = {}
+    for key, value in item.items():
+        if not isinstance(key, str):
+            raise _form_error(f"a dict with the key {key!r}{where} (keys are the model's input names)")
+        if isinstance(value, (list, tuple)):
+            try:
+                value = torch.as_tensor(value)
+            except (TypeError, ValueError, RuntimeError):
+                raise _form_error(f"the value of {key!r}{where}, a list that is not one rectangular tensor") from None
+        inputs[key] = value
+    if not any(isinstance(value, torch.Tensor) for value in inputs.values()):
+        raise _form_error(f"a dict without tensors{where} (keys {sorted(inputs)})")
+    ids = inputs.get("input_ids")
+    if isinstance(ids, torch.Tensor) and ids.dim() == 1:  # one sample without its sample dim
+        inputs = {key: value.unsqueeze(0) if isinstance(value, torch.Tensor) and value.dim() else value
+                  for key, value in inputs.items()}
+    return inputs
+
+
+def _stackable(parts: list[dict[str, Any]]) -> bool:
+    """Every value a per-sample tensor, and each input's trailing shape and dtype the same in every dict."""
+    first = parts[0]
+    for part in parts:
+        if part.keys() != first.keys():
+            return False
+        rows = {int(value.shape[0]) if isinstance(value, torch.Tensor) and value.dim() else None
+                for value in part.values()}
+        if len(rows) != 1 or None in rows:
+            return False
+        for key, value in part.items():
+            if value.shape[1:] != first[key].shape[1:] or value.dtype != first[key].dtype:
+                return False
+    return True
+
+
+def as_calibration(calibration: Any) -> CalibrationSet | CalibrationBatches:
+    """Every accepted form of calibration data as one object with ``batches(batch_size)``.
+
+    Accepted (see ``CALIBRATION_FORMS``): a :class:`CalibrationSet` (returned as is, as is any
+    object with ``batches(batch_size)`` and ``len()``); an integer
+    tensor of token ids [n, seqlen] or [seqlen]; a list of such tensors; one dict of model inputs
+    holding all samples (``{"input_ids": [n, seqlen], ...}``, also a tokenizer's BatchEncoding);
+    a list or any iterable of such dicts (e.g. one per batch). Samples that stack (same seqlen and
+    inputs) become one :class:`CalibrationSet`, so that every pass re-batches them by its own
+    batch size whatever form they came in; ragged ones become :class:`CalibrationBatches`.
+    Anything else raises :class:`~sparsewise.errors.DataError` listing the accepted forms.
+    """
+    if isinstance(calibration, (CalibrationSet, CalibrationBatches)):
+        return calibration
+    if callable(getattr(calibration, "batches", None)) and hasattr(calibration, "__len__"):
+        return calibration  # a set-like object of the caller's own: batches(batch_size) and len()
+    if calibration is None:
+        raise _form_error("None")
+    if isinstance(calibration, (str, Path)):
+        raise DataError(
+            f"calibration={str(calibration)!r} is a file or dataset name, not samples: draw the samples first with "
+            f"sw.data.calibration({str(calibration)!r}, tokenizer, n=128, seqlen=512) and pass the result."
+        )
+    if isinstance(calibration, torch.Tensor):
+        return CalibrationSet(input_ids=_token_ids(calibration, ""), source="tensor")
+    if isinstance(calibration, Mapping):
+        items, source = [calibration], "dict"
+    elif isinstance(calibration, (bytes, bytearray)) or not isinstance(calibration, Iterable):
+        raise _form_error(f"an object of type {type(calibration).__name__}")
+    else:
+        items, source = list(calibration), "dicts"
+        if not items:
+            raise DataError(f"calibration is empty. Accepted forms: {CALIBRATION_FORMS}.")
+    if all(isinstance(item, torch.Tensor) for item in items):
+        tensors = [_token_ids(item, f" (item {index})") for index, item in enumerate(items)]
+        if len({tensor.shape[1] for tensor in tensors}) == 1:
+            return CalibrationSet(input_ids=torch.cat(tensors) if len(tensors) > 1 else tensors[0], source="tensors")
+        return CalibrationBatches([{"input_ids": tensor} for tensor in tensors], source="tensors")
+    for index, item in enumerate(items):
+        if not isinstance(item, Mapping):
+            raise _form_error(f"a list holding a {type(item).__name__} (item {index})"
+                              + (" beside dicts" if any(isinstance(other, Mapping) for other in items) else "")
+                              + (" beside tensors" if any(isinstance(other, torch.Tensor) for other in items) else ""))
+    where = (lambda index: "") if source == "dict" else (lambda index: f" (item {index})")
+    parts = [_model_inputs(item, where(index)) for index, item in enumerate(items)]
+    if not _stackable(parts):
+        return CalibrationBatches(parts, source=source)
+    samples = {key: torch.cat([part[key] for part in parts]) if len(parts) > 1 else parts[0][key] for key in parts[0]}
+    if next(iter(samples.values())).shape[0] == 0:
+        raise DataError(f"calibration holds no samples. Accepted forms: {CALIBRATION_FORMS}.")
+    return CalibrationSet(source=source, samples=samples)
+
+
 def _encode(tokenizer: Any, text: str) -> list[int]:
     """Token ids of ``text`` with no special tokens added (no BOS), as the papers' eval code."""
     if tokenizer is None:
@@ -298,10 +544,81 @@ def _randint(high: int, generator: torch.Generator) -> int:
     return int(torch.randint(high, (1,), generator=generator).item())
 
 
-def _progress(total: int, desc: str, enabled: bool):
+# Progress when stderr is not a terminal (a log file): plain lines instead of a hidden bar.
+PLAIN_PROGRESS_EVERY_S = 30.0  # a line at least this often ...
+PLAIN_PROGRESS_STEP = 0.1  # ... and at every further tenth of the work
+PLAIN_PROGRESS_QUIET_S = 5.0  # nothing for work that ends sooner than this
+
+
+class _LineProgress:
+    """A progress report for logs: ``"{label}: {body}, {elapsed} s"`` lines on ``sys.stderr``.
+
+    A line at every ``PLAIN_PROGRESS_STEP`` of the total and at least every
+    ``PLAIN_PROGRESS_EVERY_S`` seconds, none during the first ``PLAIN_PROGRESS_QUIET_S`` seconds
+    (short steps stay silent), and a last line at the end once any line was written.
+    ``body(done, total)`` words the count (default ``"done/total"``).
+    """
+
+    def __init__(self, total: int, label: str, body=None) -> None:
+        self.total, self.label, self.done = max(int(total), 0), label, 0
+        self.body = body or (lambda done, total: f"{done:,}/{total:,}")
+        self.start = self.last_line = time.monotonic()
+        self.next_step, self.lines, self.last_done = PLAIN_PROGRESS_STEP, 0, -1
+
+    def _write(self, now: float) -> None:
+        print(f"{self.label}: {self.body(self.done, self.total)}, {now - self.start:.0f} s", file=sys.stderr,
+              flush=True)
+        self.lines, self.last_line, self.last_done = self.lines + 1, now, self.done
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now = time.monotonic()
+        fraction = self.done / self.total if self.total else 1.0
+        crossed = fraction + 1e-12 >= self.next_step
+        while fraction + 1e-12 >= self.next_step:
+            self.next_step += PLAIN_PROGRESS_STEP
+        if now - self.start < PLAIN_PROGRESS_QUIET_S:
+            return
+        if crossed or now - self.last_line >= PLAIN_PROGRESS_EVERY_S:
+            self._write(now)
+
+    def close(self) -> None:
+        if self.lines and self.done != self.last_done:
+            self._write(time.monotonic())
+
+    def __enter__(self) -> _LineProgress:
+        return self
+
+    def __exit__(self, exc_type, _exc, _tb) -> None:
+        if exc_type is None:
+            self.close()
+
+
+class _Silent:
+    def update(self, _n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> _Silent:
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        pass
+
+
+def _progress(total: int, desc: str, enabled: bool, *, label: str | None = None, body=None):
+    """A tqdm bar on a terminal; in a log (stderr not a TTY) plain periodic lines
+    (:class:`_LineProgress`, worded by ``label`` and ``body``); nothing when not ``enabled``."""
+    if not enabled:
+        return _Silent()
+    isatty = getattr(sys.stderr, "isatty", None)
+    if isatty is None or not isatty():
+        return _LineProgress(total, label or desc, body)
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, disable=not enabled or not sys.stderr.isatty(), leave=False)
+    return tqdm(total=total, desc=desc, leave=False)
 
 
 def windows_from_ids(ids: list[int] | torch.Tensor, n: int, seqlen: int, generator: torch.Generator) -> torch.Tensor:
@@ -324,7 +641,8 @@ def _document_windows(docs: list[str], tokenizer: Any, n: int, seqlen: int, gene
     """
     cache: dict[int, list[int]] = {}
     windows, tries = [], 0
-    with _progress(n, "calibration windows", progress) as bar:
+    with _progress(n, "calibration windows", progress, label="calibration windows",
+                   body=lambda done, total: f"{done}/{total} windows") as bar:
         while len(windows) < n:
             if tries >= max_tries:
                 return None
@@ -413,7 +731,14 @@ def sample_from_model(model: torch.nn.Module, start_token: int, *, n: int, seqle
     model.eval()
     sequences = []
     try:
-        with _progress(n * (seqlen - 1), "self-generation tokens", progress) as bar:
+        per_batch = batch_size * (seqlen - 1)
+
+        def samples_done(done: int, total: int) -> str:  # whole samples finish a batch at a time
+            finished = n if done >= total else min(n, done // per_batch * batch_size)
+            return f"{finished}/{n} samples ({done / max(total, 1):.0%} of {total:,} tokens)"
+
+        with _progress(n * (seqlen - 1), "self-generation tokens", progress,
+                       label="self-generating calibration", body=samples_done) as bar:
             for start in range(0, n, batch_size):
                 rows = min(batch_size, n - start)
                 tokens = torch.full((rows, 1), start_token, dtype=torch.long, device=device)

@@ -16,9 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .calibration.distributed import shard_samples, world
-from .calibration.engine import SEQUENTIAL_MODES, sequential_calibration
+from .calibration.distributed import world
+from .calibration.engine import SEQUENTIAL_MODES, calibration_batches, sequential_calibration
 from .calibration.progress import RunProgress, fingerprint
+from .data import as_calibration
 from .errors import ConfigError
 from .methods import LayerTask, get_method
 from .models import ModelAdapter, PrunableLayer
@@ -146,9 +147,11 @@ def prune(
     """Prune ``model`` in place and return a :class:`PruneResult`.
 
     ``sparsity`` is the fraction of zeros in every targeted layer (N:M patterns fix it at 1-N/M;
-    pass None or the matching value). ``calibration`` is a :class:`sparsewise.data.CalibrationSet`
-    (or any iterable of model-input dicts) and is required by data-aware methods (wanda,
-    sparsegpt). ``include``/``exclude`` are regexes on module names; by default every linear inside
+    pass None or the matching value). ``calibration`` is required by data-aware methods (wanda,
+    sparsegpt): a :class:`sparsewise.data.CalibrationSet`, a tensor of token ids [n, seqlen], a
+    list of such tensors, one dict of model inputs holding all samples, or a list of such dicts
+    (:func:`sparsewise.data.as_calibration`); whatever form, every pass re-batches the samples by
+    its own batch size. ``include``/``exclude`` are regexes on module names; by default every linear inside
     the repeated blocks is pruned, never embeddings or lm_head.
 
     ``sequential="layer"`` (default) runs all calibration samples through each block in one
@@ -183,6 +186,9 @@ def prune(
     """
     from .correction.reconstruct import ReconstructConfig
 
+    given_calibration = calibration
+    if calibration is not None:  # every accepted form, once: each pass re-batches it by its own batch size
+        calibration = as_calibration(calibration)
     reconstruct_config = ReconstructConfig.parse(reconstruct)
     if method == "armor":
         if (not _is_uniform(allocation) or allocation_options or refine is not None or resume_dir is not None
@@ -291,7 +297,7 @@ def prune(
         peak_gpu_mb=gpu_peak_mb(compute_device),
         device=str(compute_device),
         sequential=sequential,
-        calibration=_calibration_facts(calibration),
+        calibration=_calibration_facts(calibration, given_calibration),
         allocation=plan.summary() if plan is not None else "uniform",
         reconstruction=[run.reconstructed[index] for index in sorted(run.reconstructed)],
     )
@@ -496,42 +502,13 @@ def _prune_calibrated(model, adapter, layers, run: _LayerPruner, calibration, se
         run_progress.clear()
 
 
-def calibration_batches(calibration, batch_size: int | None) -> list[dict]:
-    """Calibration as model-input dicts; batch_size None = everything in one batch.
-
-    Under torch.distributed (torchrun) each rank keeps only its share of the samples
-    (:func:`~sparsewise.calibration.distributed.shard_samples`), re-batched by ``batch_size``:
-    the engine all-reduces the statistics, so together the ranks calibrate on every sample once.
-    """
-    world_size = world()[1]
-    join = batch_size is None or world_size > 1
-    if hasattr(calibration, "batches"):
-        batches = list(calibration.batches(max(len(calibration), 1) if join else batch_size))
-    else:
-        batches = list(calibration)
-    if join and len(batches) > 1:
-        keys = batches[0].keys()
-        if any(batch.keys() != keys for batch in batches):
-            raise ConfigError("calibration batches must all hold the same inputs to be joined into one batch.")
-        batches = [{key: torch.cat([batch[key] for batch in batches]) for key in keys}]
-    if world_size > 1:
-        share = shard_samples(batches[0] if batches else {})
-        count = next(value.shape[0] for value in share.values() if isinstance(value, torch.Tensor))
-        step = batch_size or count
-        batches = [{key: value[start : start + step] if isinstance(value, torch.Tensor) else value
-                    for key, value in share.items()} for start in range(0, count, step)]
-    return batches
-
-
-def _calibration_facts(calibration) -> dict[str, Any]:
+def _calibration_facts(calibration, given=None) -> dict[str, Any]:
+    """Where the samples came from: a CalibrationSet's own facts; for other forms (a tensor,
+    dicts) the normalized set's source, n and seqlen (their seed is not known)."""
     if calibration is None:
         return {}
-    facts = {}
-    for key in ("source", "n", "seqlen", "seed", "note"):
-        value = getattr(calibration, key, None)
-        if value is not None:
-            facts[key] = value
-    return facts
+    keys = ("source", "n", "seqlen", "seed", "note") if given is None or given is calibration else ("source", "n", "seqlen")
+    return {key: getattr(calibration, key) for key in keys if getattr(calibration, key, None) is not None}
 
 
 class _NoBar:

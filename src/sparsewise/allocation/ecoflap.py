@@ -19,6 +19,7 @@ from typing import ClassVar
 import torch
 
 from ..calibration.distributed import sum_across_ranks_
+from ..calibration.engine import batch_rows, calibration_batches, check_memory
 from ..errors import ConfigError
 from .base import AllocationContext, register
 
@@ -77,24 +78,56 @@ class ECoFLaP:
         self.info: dict = {}
 
     def _batches(self, context: AllocationContext) -> list[dict]:
-        from ..oneshot import calibration_batches
-
+        """The calibration re-batched by ``batch_size`` samples, whatever form it came in (one dict
+        holding every sample is cut too: the backward of "first" runs one micro-batch at a time)."""
         batches = calibration_batches(context.calibration, self.batch_size)
         return batches[: self.max_batches] if self.max_batches else batches
+
+    def check_memory(self, context: AllocationContext, batches: list[dict]) -> None:
+        """Refuse a loss pass that clearly cannot fit on the device, before it starts.
+
+        Lower bound per micro-batch of T tokens: the float32 log-probabilities over the vocabulary
+        and their gradient (2 T V 4 bytes; "zeroth": the logits only, T V 4), and for "first" the
+        input of every scored layer saved for its weight gradient (T times the distinct input
+        widths of each block's layers) plus the weight gradients themselves.
+        """
+        model = context.model
+        tokens = max((int(batch["input_ids"].numel()) for batch in batches
+                      if isinstance(batch.get("input_ids"), torch.Tensor)), default=0)
+        if model is None or not tokens:
+            return
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        vocab = int(getattr(head, "out_features", 0) or getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
+        element = next(model.parameters()).element_size()
+        need = tokens * vocab * 4
+        if self.score == "first":
+            widths: dict[int, set[int]] = {}
+            for shape in context.shapes.values():
+                widths.setdefault(shape.block, set()).add(shape.in_features)
+            need = 2 * need + tokens * element * sum(sum(block) for block in widths.values())
+            need += element * sum(shape.params for shape in context.shapes.values())
+        rows = max(batch_rows(batch) for batch in batches)
+        what = "forward passes" if self.score == "zeroth" else "backward passes"
+        check_memory(need, context.device,
+                     f"ECoFLaP's {what} over micro-batches of {rows} samples ({tokens} tokens, vocabulary {vocab})",
+                     f"lower allocation_options batch_size (now {self.batch_size}) or the calibration seqlen",
+                     all_ranks=True)
 
     def tensor_scores(self, context: AllocationContext) -> dict[str, float]:
         """Importance of every counted layer's weight (see module docstring)."""
         model, device = context.model, context.device
         if model is None or context.calibration is None:
             raise ConfigError("allocation 'ecoflap' needs the model and calibration data.")
+        batches = self._batches(context)
         home = next(model.parameters()).device
         model.to(device)
         scores = dict.fromkeys(context.shapes, 0.0)
         try:
+            self.check_memory(context, batches)
             if self.score == "zeroth":
-                self._zeroth(context, scores)
+                self._zeroth(context, scores, batches)
             else:
-                self._first(context, scores)
+                self._first(context, scores, batches)
         finally:
             model.to(home)
         # under torchrun each rank saw its share of the batches: the sums over all of them
@@ -103,9 +136,9 @@ class ECoFLaP:
         return dict(zip(names, total.tolist(), strict=True))
 
     @torch.no_grad()
-    def _zeroth(self, context: AllocationContext, scores: dict[str, float]) -> None:
+    def _zeroth(self, context: AllocationContext, scores: dict[str, float], batches: list[dict]) -> None:
         generator = torch.Generator(device="cpu").manual_seed(context.seed)
-        for batch in self._batches(context):
+        for batch in batches:
             for name in context.shapes:
                 layer = context.layers[name]
                 weight = layer.get_weight()
@@ -120,14 +153,14 @@ class ECoFLaP:
                     layer.set_weight(original)
                 scores[name] += abs(plus - minus) / (2 * self.eps)
 
-    def _first(self, context: AllocationContext, scores: dict[str, float]) -> None:
+    def _first(self, context: AllocationContext, scores: dict[str, float], batches: list[dict]) -> None:
         modules = {name: context.layers[name].module for name in context.shapes}
         previous = {name: module.weight.requires_grad for name, module in modules.items()}
         try:
             for module in modules.values():
                 module.weight.requires_grad_(True)
                 module.weight.grad = None
-            for batch in self._batches(context):
+            for batch in batches:
                 _lm_loss(context.model, batch, context.device).backward()
             for name, module in modules.items():
                 grad, weight = module.weight.grad.float(), module.weight.detach().float()

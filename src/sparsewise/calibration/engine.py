@@ -20,13 +20,165 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import NumericalError, UnsupportedModelError
-from .distributed import all_reduce_stats, any_rank
+from ..data import as_calibration
+from ..errors import ConfigError, NumericalError, UnsupportedModelError
+from .distributed import all_reduce_stats, any_rank, shard_samples, world
 from .stats import LayerStats
 
 
 class _StopForward(Exception):
     """Raised inside the first block's pre-hook: everything after block 0 is not needed."""
+
+
+def calibration_batches(calibration, batch_size: int | None) -> list[dict]:
+    """Calibration as model-input dicts of at most ``batch_size`` samples; None = everything in one batch.
+
+    ``calibration`` may come in any form :func:`sparsewise.data.as_calibration` accepts (a
+    CalibrationSet, a tensor of token ids, one dict holding all samples, a list of tensors or of
+    dicts): the samples are re-batched by ``batch_size`` whatever batches they came in, so
+    passes that need micro-batches (block-mode statistics, gradients) never run one huge batch.
+
+    Under torch.distributed (torchrun) each rank keeps only its share of the samples
+    (:func:`~sparsewise.calibration.distributed.shard_samples`), re-batched by ``batch_size``:
+    the engine all-reduces the statistics, so together the ranks calibrate on every sample once.
+    """
+    calibration = as_calibration(calibration)
+    world_size = world()[1]
+    join = batch_size is None or world_size > 1
+    batches = list(calibration.batches(max(len(calibration), 1) if join else batch_size))
+    if join and len(batches) > 1:
+        batches = [_join_batches(batches)]
+    if world_size > 1:
+        share = shard_samples(batches[0] if batches else {})
+        count = next(value.shape[0] for value in share.values() if isinstance(value, torch.Tensor))
+        step = batch_size or count
+        batches = [{key: value[start : start + step] if isinstance(value, torch.Tensor) else value
+                    for key, value in share.items()} for start in range(0, count, step)]
+    return batches
+
+
+def _join_batches(batches: list[dict]) -> dict:
+    """One batch of all samples (sequential='layer', or before sharding across ranks)."""
+    keys = batches[0].keys()
+    if any(batch.keys() != keys for batch in batches):
+        raise ConfigError("calibration batches must all hold the same inputs to be joined into one batch.")
+    joined = {}
+    for key in keys:
+        values = [batch[key] for batch in batches]
+        if not all(isinstance(value, torch.Tensor) for value in values):
+            if any(value is not values[0] and value != values[0] for value in values):
+                raise ConfigError(f"calibration input {key!r} differs between batches and is not a tensor: "
+                                  "it cannot be joined into one batch; use sequential='block'.")
+            joined[key] = values[0]
+            continue
+        if len({tuple(value.shape[1:]) for value in values}) != 1:
+            raise ConfigError(
+                f"calibration samples of different shapes ({key!r}: "
+                f"{sorted({tuple(value.shape[1:]) for value in values})}) cannot run as one batch: use "
+                "sequential='block' (batches of batch_size), or give samples of one seqlen."
+            )
+        joined[key] = torch.cat(values)
+    return joined
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory checks ahead of predictable passes
+# ----------------------------------------------------------------------------------------------
+
+
+class InsufficientMemoryError(ConfigError, MemoryError):
+    """A pass would need clearly more memory than the device has available: refused before it starts."""
+
+
+def available_memory(device: torch.device | str) -> int | None:
+    """Bytes that can still be allocated on ``device``: for a GPU the driver's free memory plus
+    what PyTorch's cache holds unused; for the CPU ``MemAvailable`` (psutil when installed, else
+    /proc/meminfo). None when unknown (then nothing is refused)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        try:
+            free, _total = torch.cuda.mem_get_info(device)
+            return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+        except (RuntimeError, AssertionError):
+            return None
+    if device.type != "cpu":
+        return None
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def format_bytes(count: float) -> str:
+    for unit, size in (("GB", 2**30), ("MB", 2**20)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count / 2**10:.1f} KB"
+
+
+def check_memory(need: int, device: torch.device | str, what: str, advice: str, *, all_ranks: bool = False) -> None:
+    """Raise :class:`InsufficientMemoryError` when ``need`` bytes (a lower bound of what ``what``
+    will allocate on ``device``) exceed the memory available there; silent when it may fit or the
+    available memory is unknown. ``all_ranks``: under torch.distributed every rank must call it,
+    and all raise when any rank lacks the memory (a collective; no rank is left waiting)."""
+    available = available_memory(device)
+    short = available is not None and need > available
+    if all_ranks and any_rank(short) and not short:
+        raise InsufficientMemoryError(f"{what}: another rank lacks the memory for it (see its error).")
+    if not short:
+        return
+    device = torch.device(device)
+    where = f"GPU memory on {device}" if device.type == "cuda" else "RAM"
+    raise InsufficientMemoryError(f"{what} needs at least {format_bytes(need)} of {where}, but only "
+                                  f"{format_bytes(available)} is available: {advice}.")
+
+
+def batch_rows(batch: dict) -> int:
+    """Samples in a model-input batch (the first dim of input_ids, else the largest first dim)."""
+    ids = batch.get("input_ids")
+    if isinstance(ids, torch.Tensor) and ids.dim():
+        return int(ids.shape[0])
+    return max((int(value.shape[0]) for value in batch.values() if isinstance(value, torch.Tensor) and value.dim()),
+               default=0)
+
+
+def _first_sample(batch: dict) -> dict:
+    rows = batch_rows(batch)
+    return {key: value[:1] if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == rows else value
+            for key, value in batch.items()}
+
+
+def check_block_memory(model: nn.Module, first_block: nn.Module, batches: list[dict], device: torch.device,
+                       copies: int) -> None:
+    """Refuse a calibration walk whose held block activations cannot fit on ``device``.
+
+    The walk holds every sample's hidden states at a block's input and output (``copies`` of
+    them: 2, or 4 with block-wise reconstruction's dense stream) for the whole block: measured
+    on one sample (a forward up to the first block), times the number of samples.
+    """
+    samples = sum(batch_rows(batch) for batch in batches)
+    need, what = 0, "calibration block by block"
+    if batches and samples:
+        home = _module_device(model)
+        cuda = [home.index if home.index is not None else torch.cuda.current_device()] if home.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):  # a model in training mode (dropout) must not shift the RNG
+            probe = _capture_calls(model, first_block, [_first_sample(batches[0])], device)[0].hidden_states
+        per_sample = probe.numel() // max(int(probe.shape[0]), 1) * probe.element_size()
+        shape = "x".join(str(size) for size in probe.shape[1:])
+        need = per_sample * samples * copies
+        what += (f" (hidden states of {samples} samples of [{shape}] {str(probe.dtype).replace('torch.', '')}, "
+                 f"{copies} copies held per block)")
+    check_memory(need, device, what, "lower the number of calibration samples (n) or their seqlen", all_ranks=True)
 
 
 def move_to(obj, device: torch.device):
@@ -70,6 +222,16 @@ def capture_block_inputs(
     model: nn.Module, first_block: nn.Module, batches: Iterable[dict], device: torch.device
 ) -> list[BlockCall]:
     """Run the model up to ``first_block`` for each batch; return what the block received."""
+    captured = _capture_calls(model, first_block, batches, device)
+    # decided on every rank alike: one rank raising while the others wait in a collective would hang
+    if any_rank(any(not torch.isfinite(call.hidden_states).all() for call in captured)):
+        raise NumericalError("non-finite hidden states entering the first block: check the model weights.")
+    return captured
+
+
+@torch.no_grad()
+def _capture_calls(model: nn.Module, first_block: nn.Module, batches: Iterable[dict],
+                   device: torch.device) -> list[BlockCall]:
     captured: list[BlockCall] = []
 
     def grab(_module, args, kwargs):
@@ -93,9 +255,6 @@ def capture_block_inputs(
                 )
     finally:
         handle.remove()
-    # decided on every rank alike: one rank raising while the others wait in a collective would hang
-    if any_rank(any(not torch.isfinite(call.hidden_states).all() for call in captured)):
-        raise NumericalError("non-finite hidden states entering the first block: check the model weights.")
     return captured
 
 
@@ -288,6 +447,7 @@ def sequential_calibration(
     after_block: Callable[[int, str, list[torch.Tensor]], None] | None = None,
     before_block: Callable[[int], None] | None = None,
     reconstruct: Callable[[int, nn.Module, list[BlockCall], list[torch.Tensor]], None] | None = None,
+    check_memory_ahead: bool = True,
 ) -> None:
     """Call ``prune_layer(name, stats)`` for every layer, block by block, propagating pruned outputs.
 
@@ -311,13 +471,20 @@ def sequential_calibration(
     dense stream of hidden states beside the pruned one (one more block pass each) and the
     block's outputs are recomputed after the refit. With it, ``hidden_states`` and the
     ``outputs`` given to ``after_block`` hold both streams: pruned batches, then dense ones.
+
+    ``check_memory_ahead``: before anything runs, the hidden states the walk will hold (every
+    sample's block inputs and outputs, per stream) are measured on one sample and the walk is
+    refused with :class:`InsufficientMemoryError` when they clearly exceed the memory available on
+    ``device`` (:func:`check_block_memory`).
     """
     if mode not in ENGINE_MODES:
         raise ValueError(f"mode must be one of {ENGINE_MODES}, got {mode!r}")
     if mode == "layer" and len(batches) != 1:
         raise ValueError("mode 'layer' runs all calibration samples as one batch; pass exactly one batch")
-    calls = capture_block_inputs(model, blocks[0][1], batches, device)
     streams = 2 if reconstruct is not None else 1
+    if check_memory_ahead:
+        check_block_memory(model, blocks[0][1], batches, device, copies=2 * streams)
+    calls = capture_block_inputs(model, blocks[0][1], batches, device)
     dense_calls = calls if reconstruct is not None else []  # [] otherwise: block 0's inputs must not outlive it
     if hidden_states is not None:
         if len(hidden_states) != streams * len(calls):

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from .checkpoint import checkpoint_size, load, load_tokenizer, save
+from .checkpoint import (
+    SAVE_DTYPES,
+    SavedCheckpoint,
+    SaveInfo,
+    checkpoint_size,
+    load,
+    load_tokenizer,
+    resolve_save_dtype,
+    save,
+)
 from .compressed import (
     bitmask_nbytes,
     index_bits,
@@ -16,6 +25,9 @@ from .compressed import (
 )
 
 __all__ = [
+    "SAVE_DTYPES",
+    "SaveInfo",
+    "SavedCheckpoint",
     "bitmask_nbytes",
     "checkpoint_size",
     "index_bits",
@@ -25,6 +37,7 @@ __all__ = [
     "pack_bitmask",
     "pack_bits",
     "pack_nm",
+    "resolve_save_dtype",
     "save",
     "unpack_bitmask",
     "unpack_bits",

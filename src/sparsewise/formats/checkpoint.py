@@ -14,9 +14,17 @@ Two on-disk formats:
 ``"hf-dense"``: a plain ``save_pretrained`` directory that transformers loads as is, plus a
 ``sparsewise_records.json`` with the records for reports.
 
+Both take ``dtype=`` ("fp16", "bf16", "fp32" or a torch dtype; None keeps each tensor's dtype):
+the floating-point tensors are cast on the way out, never the model in memory. A nonzero weight
+of a pruned (recorded) tensor that would round to zero in that dtype is stored as the smallest
+subnormal of its sign instead, so the sparsity mask (read back from the zeros) is kept; a value
+beyond the dtype's range is refused (use bf16 or fp32).
+
 Writes are atomic: everything goes into a temporary sibling directory that is renamed into
-place, so a crash leaves either the old checkpoint or the new one, never a partial one.
-Loading never unpickles anything (safetensors + JSON only).
+place, so a crash leaves either the old checkpoint or the new one, never a partial one. Folders
+and files get the modes the user's umask gives any new file (0777/0666 & ~umask), not the
+0700/0600 of temporary files. Loading never unpickles anything (safetensors + JSON only), and
+the manifest is validated field by field before use.
 """
 
 from __future__ import annotations
@@ -27,10 +35,11 @@ import json
 import math
 import os
 import shutil
-import tempfile
+import stat
 import uuid
 import warnings
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +77,16 @@ TOKENIZER_FILES = (
 )
 # Files whose presence marks a directory as a saved model that overwrite=True may replace.
 _MODEL_MARKERS = (MANIFEST_NAME, WEIGHTS_NAME, RECORDS_NAME, "config.json", "model.safetensors.index.json")
+# dtype= of save(): the names the CLI offers, and every spelling accepted.
+SAVE_DTYPES = ("fp16", "bf16", "fp32")
+_SAVE_DTYPE_NAMES = {
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    "fp64": torch.float64, "float64": torch.float64, "double": torch.float64,
+}
+_SHORT_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+_STORAGES = ("dense", "bitmask", "nm")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -92,6 +111,85 @@ def _dtype_from_name(name: str) -> torch.dtype:
     if not isinstance(dtype, torch.dtype):
         raise CheckpointError(f"manifest names an unknown dtype {name!r}: the checkpoint is corrupt; re-save it.")
     return dtype
+
+
+def resolve_save_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """The torch dtype ``save(dtype=...)`` casts to: None keeps each tensor's own dtype.
+
+    Accepts "fp16"/"bf16"/"fp32" (also "float16", "bfloat16", "float32", "half", "fp64", ...,
+    with or without a "torch." prefix) or a floating-point torch dtype.
+    """
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype):
+        resolved = dtype
+    elif isinstance(dtype, str):
+        resolved = _SAVE_DTYPE_NAMES.get(dtype.strip().lower().removeprefix("torch."))
+    else:
+        resolved = None
+    if resolved not in _SHORT_DTYPE_NAMES:
+        raise ConfigError(
+            f"cannot save in dtype {dtype!r}: use one of {', '.join(SAVE_DTYPES)} (or a torch floating dtype such "
+            "as torch.float16), or None to keep the model's dtype."
+        )
+    return resolved
+
+
+def _short_dtype_name(dtype: torch.dtype | None) -> str:
+    if dtype is None:
+        return "no-float"
+    return _SHORT_DTYPE_NAMES.get(dtype, _dtype_name(dtype))
+
+
+def _main_dtype(tensors: Any) -> torch.dtype | None:
+    """The floating dtype holding most elements of ``tensors`` (None when none is floating)."""
+    counts: dict[torch.dtype, int] = {}
+    for tensor in tensors:
+        if tensor.is_floating_point():
+            counts[tensor.dtype] = counts.get(tensor.dtype, 0) + tensor.numel()
+    return max(counts, key=counts.get) if counts else None
+
+
+def _smallest_subnormal(dtype: torch.dtype) -> torch.Tensor:
+    """The smallest positive value of ``dtype`` (bit pattern 0...01), as a 0-d tensor."""
+    int_dtype = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
+    return torch.ones((), dtype=int_dtype).view(dtype)
+
+
+def _cast_tensor(
+    name: str, tensor: torch.Tensor, dtype: torch.dtype | None, *, keep_nonzeros: bool, check_range: bool
+) -> torch.Tensor:
+    """``tensor`` in ``dtype`` for saving (a new tensor; the model's own is never touched).
+
+    ``keep_nonzeros`` (pruned tensors, whose mask is read back from the zeros): a nonzero that
+    would round to zero becomes the smallest subnormal of its sign, so the mask stays the same.
+    ``check_range`` (parameters): finite values that would become infinite are refused.
+    """
+    if dtype is None or not tensor.is_floating_point() or tensor.dtype == dtype:
+        return tensor
+    source = tensor.detach()
+    cast = source.to(dtype)
+    if check_range:
+        overflow = torch.isinf(cast) & torch.isfinite(source)
+        if bool(overflow.any()):
+            largest = float(source[overflow].abs().max())
+            raise ConfigError(
+                f"cannot save {name!r} as {_dtype_name(dtype)}: {int(overflow.sum())} of its values exceed the "
+                f"dtype's range (largest |value| {largest:.4g} > {torch.finfo(dtype).max:.4g}); save with "
+                "dtype='bf16' or 'fp32'."
+            )
+    if keep_nonzeros:
+        flushed = (cast == 0) & (source != 0)
+        count = int(flushed.sum())
+        if count:
+            tiny = _smallest_subnormal(dtype).to(cast.device)
+            cast = torch.where(flushed, torch.where(source > 0, tiny, -tiny), cast)
+            warnings.warn(
+                f"{name}: {count} nonzero weight(s) are below the smallest {_dtype_name(dtype)} value; stored as "
+                f"+/-{float(tiny):.3g} so the sparsity mask is kept.",
+                stacklevel=5,
+            )
+    return cast
 
 
 def _view_key(tensor: torch.Tensor) -> tuple:
@@ -174,7 +272,14 @@ def _rebuild_modules(model: nn.Module, specs: dict[str, dict[str, Any]]) -> None
             parent = model.get_submodule(parent_name)
         except AttributeError:
             raise CheckpointError(f"module {name!r} of the checkpoint has no parent in the model: wrong model class.") from None
-        setattr(parent, attribute, build(spec))
+        try:
+            module = build(spec)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(
+                f"corrupt or foreign checkpoint: module {name!r} has an unusable spec {spec!r} ({exc!r}); "
+                "re-save the model."
+            ) from None
+        setattr(parent, attribute, module)
 
 
 def _nm_of(record: LayerRecord) -> tuple[int, int] | None:
@@ -322,6 +427,47 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def _make_staging(target: Path) -> Path:
+    """A new empty sibling of ``target``, created 0777 & ~umask like any tool's new folder.
+
+    (``tempfile.mkdtemp`` would make it 0700, and the rename would keep that.)
+    """
+    for _ in range(100):
+        staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:12]}"
+        try:
+            os.mkdir(staging, 0o777)  # the kernel applies the umask
+        except FileExistsError:
+            continue
+        return staging
+    raise CheckpointError(f"could not create a temporary folder beside {target}: too many leftovers; clean them up.")
+
+
+def _apply_umask_modes(root: Path) -> None:
+    """Give every folder/file under ``root`` the mode the umask gives new ones (0777/0666 & ~umask).
+
+    Writers that go through temporary files (safetensors does) leave 0600 files behind. The
+    umask is read off ``root`` itself (made with mode 0777), so no process-wide state is touched.
+    """
+    if os.name != "posix":
+        return
+    dir_mode = stat.S_IMODE(root.stat().st_mode) & 0o777
+    file_mode = dir_mode & 0o666
+
+    def chmod(path: str, mode: int) -> None:
+        if os.path.islink(path):
+            return  # never follow a link out of the checkpoint
+        current = os.stat(path).st_mode
+        wanted = (stat.S_IMODE(current) & ~0o777) | mode  # keep setgid etc. of the folder
+        if stat.S_IMODE(current) != wanted:
+            os.chmod(path, wanted)
+
+    for dirpath, dirnames, filenames in os.walk(root):
+        for dirname in dirnames:
+            chmod(os.path.join(dirpath, dirname), dir_mode)
+        for filename in filenames:
+            chmod(os.path.join(dirpath, filename), file_mode)
+
+
 @contextlib.contextmanager
 def _atomic_directory(target: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a fresh temp dir beside ``target``; on success swap it in, on failure delete it.
@@ -331,9 +477,10 @@ def _atomic_directory(target: Path, overwrite: bool) -> Iterator[Path]:
     """
     _check_target(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    staging = _make_staging(target)
     try:
         yield staging
+        _apply_umask_modes(staging)
         _fsync_tree(staging)
         _check_target(target, overwrite)  # it may have appeared while we were writing
         if os.path.lexists(target):
@@ -390,14 +537,36 @@ def _generation_config_dict(model: nn.Module) -> dict[str, Any] | None:
     return None
 
 
+def _cast_unique(
+    model: nn.Module, unique: dict[str, torch.Tensor], recorded: dict[str, Any], dtype: torch.dtype | None
+) -> dict[str, torch.Tensor]:
+    """The unique tensors of the state_dict in the saved dtype (the same dict when dtype is None)."""
+    if dtype is None:
+        return unique
+    parameters = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    cast = {}
+    for name, tensor in unique.items():  # a plain loop: _cast_tensor's warning stacklevel counts frames
+        cast[name] = _cast_tensor(name, tensor, dtype, keep_nonzeros=name in recorded, check_range=name in parameters)
+    return cast
+
+
 def _write_sparsewise(
-    model: nn.Module, directory: Path, records: dict[str, LayerRecord], manifest_extra: dict[str, Any] | None
-) -> None:
+    model: nn.Module,
+    directory: Path,
+    records: dict[str, LayerRecord],
+    manifest_extra: dict[str, Any] | None,
+    dtype: torch.dtype | None,
+) -> torch.dtype | None:
+    """Write the weights and manifest; returns the main floating dtype written."""
     from .. import __version__
 
     state = model.state_dict()
+    source_dtype = _main_dtype(state.values())
     recorded = _record_weights(model, records)
     unique, aliases = _split_aliases(state, preferred=set(recorded))
+    del state
+    unique = _cast_unique(model, unique, recorded, dtype)
+    saved_dtype = _main_dtype(unique.values())
     entries: dict[str, dict[str, Any]] = {}
     items: dict[str, torch.Tensor] = {}
     for name, tensor in unique.items():
@@ -430,6 +599,9 @@ def _write_sparsewise(
         "weights_file": WEIGHTS_NAME,
         "weights_bytes": weights_path.stat().st_size,
         "weights_sha256": _sha256(weights_path),
+        # Main floating dtype written (None: no floating tensor) and the one the model had in memory.
+        "dtype": _dtype_name(saved_dtype) if saved_dtype is not None else None,
+        "source_dtype": _dtype_name(source_dtype) if source_dtype is not None else None,
         "tensors": entries,
         "aliases": aliases,
         "records": {name: record.to_json() for name, record in records.items()},
@@ -437,9 +609,13 @@ def _write_sparsewise(
         "extra": dict(manifest_extra or {}),
     }
     _write_json(directory / MANIFEST_NAME, manifest)
+    return saved_dtype
 
 
-def _write_hf_dense(model: nn.Module, directory: Path, records: dict[str, LayerRecord]) -> None:
+def _write_hf_dense(
+    model: nn.Module, directory: Path, records: dict[str, LayerRecord], dtype: torch.dtype | None
+) -> torch.dtype | None:
+    """Write a plain transformers directory plus the records; returns the main floating dtype written."""
     if _module_specs(model):
         raise ConfigError(
             "the model holds ARMOR's factorized linears, which transformers cannot load as its own layers: "
@@ -456,21 +632,104 @@ def _write_hf_dense(model: nn.Module, directory: Path, records: dict[str, LayerR
     # A model read from GGUF holds dequantized weights: saving the gguf quantization_config would
     # make from_pretrained look for quantized tensors.
     drop = quantization is not None and "gguf" in str(method).lower()
+    state = None
+    if dtype is not None:
+        # Cast copies (aliases kept shared, so transformers still sees the tied weights as one).
+        full = model.state_dict()
+        recorded = _record_weights(model, records)
+        unique, aliases = _split_aliases(full, preferred=set(recorded))
+        unique = _cast_unique(model, unique, recorded, dtype)
+        state = {name: unique[aliases.get(name, name)] for name in full}
+        del full, unique
+    saved_dtype = _main_dtype((state or model.state_dict()).values())
     if drop:
         delattr(config, "quantization_config")
     try:
-        model.save_pretrained(str(directory))
+        model.save_pretrained(str(directory), state_dict=state)
     finally:
         if drop:
             config.quantization_config = quantization
+    del state
+    if dtype is not None:
+        _set_config_dtype(directory / "config.json", dtype)
     _write_json(
         directory / RECORDS_NAME,
         {
             "format": "sparsewise-records",
             "format_version": FORMAT_VERSION,
+            "dtype": _dtype_name(saved_dtype) if saved_dtype is not None else None,
             "records": {name: record.to_json() for name, record in records.items()},
         },
     )
+    return saved_dtype
+
+
+def _set_config_dtype(config_path: Path, dtype: torch.dtype) -> None:
+    """Make config.json name the dtype the weights were written in (save_pretrained writes the model's)."""
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if not isinstance(config, dict):
+        return
+    keys = [key for key in ("dtype", "torch_dtype") if key in config] or ["dtype"]
+    for key in keys:
+        config[key] = _dtype_name(dtype)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class SaveInfo:
+    """What :func:`save` wrote: ``path``, ``format``, ``dtype`` (main floating dtype written, torch
+    name such as "float16"; None when no tensor is floating), ``bytes`` (all files) and
+    ``weights_bytes`` (the safetensors files)."""
+
+    path: Path
+    format: str
+    dtype: str | None
+    bytes: int
+    weights_bytes: int
+
+    def summary(self) -> str:
+        """One line for a CLI: ``saved sparsewise fp16 to /out (12.3 MB)``."""
+        dtype = _short_dtype_name(_dtype_from_name(self.dtype)) if self.dtype else "no-float"
+        return f"saved {self.format} {dtype} to {self.path} ({self.bytes / 1e6:.1f} MB)"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["path"] = str(self.path)
+        return data
+
+
+class SavedCheckpoint(type(Path())):  # type: ignore[misc]
+    """The directory :func:`save` wrote: a ``pathlib.Path`` (so ``load(save(...))``, ``str(...)`` and
+    ``path / name`` work as before) that also carries ``.info``, a :class:`SaveInfo`.
+
+    Paths derived from it (``saved / "x"``, ``saved.parent``) carry no info.
+    """
+
+    info: SaveInfo | None = None
+
+    def with_segments(self, *pathsegments: Any) -> Path:  # Python >= 3.12: derived paths are plain
+        return Path(*pathsegments)
+
+    def summary(self) -> str:
+        return self.info.summary() if self.info is not None else f"saved to {self}"
+
+
+def _tree_bytes(root: Path) -> tuple[int, int]:
+    """(bytes of all files, bytes of the *.safetensors files) under ``root``."""
+    total = weights = 0
+    for dirpath, _, filenames in os.walk(root):
+        for filename in filenames:
+            path = os.path.join(dirpath, filename)
+            if os.path.islink(path):
+                continue
+            size = os.path.getsize(path)
+            total += size
+            if filename.endswith(".safetensors"):
+                weights += size
+    return total, weights
 
 
 def save(
@@ -481,26 +740,47 @@ def save(
     format: str = "sparsewise",
     overwrite: bool = False,
     manifest_extra: dict[str, Any] | None = None,
-) -> Path:
-    """Save ``model`` (and ``tokenizer``) to the directory ``path``, atomically; returns the path.
+    dtype: str | torch.dtype | None = None,
+) -> SavedCheckpoint:
+    """Save ``model`` (and ``tokenizer``) to the directory ``path``, atomically.
 
     ``format="sparsewise"`` compresses pruned tensors (N:M storage for N:M records, bitmask for
     the others, dense when compression would not shrink them); ``"hf-dense"`` writes a plain
     transformers directory. An existing ``path`` is replaced only with ``overwrite=True``.
+
+    ``dtype``: None keeps every tensor's dtype (as before); "fp16", "bf16", "fp32" (or a torch
+    floating dtype) casts the floating-point tensors as they are written; the model in memory is
+    not changed. Nonzero pruned weights too small for the dtype are kept as its smallest value
+    (the mask survives; a warning says how many); values beyond its range raise ConfigError.
+    The manifest records the dtype and :func:`load` gives back exactly what was written.
+
+    Returns the absolute directory as a :class:`SavedCheckpoint` (a ``Path``) whose ``.info``
+    (:class:`SaveInfo`) holds the format, dtype, path and bytes written; ``.summary()`` is the
+    one-line "saved <format> <dtype> to <path> (<MB>)".
     """
     if format not in FORMATS:
         raise ConfigError(f"unknown checkpoint format {format!r}: use one of {', '.join(FORMATS)}.")
+    cast = resolve_save_dtype(dtype)
     target = Path(path).expanduser().absolute()
     _check_target(target, overwrite)  # fail before any work
     records = get_records(model)
     with _atomic_directory(target, overwrite) as staging:
         if format == "sparsewise":
-            _write_sparsewise(model, staging, records, manifest_extra)
+            saved_dtype = _write_sparsewise(model, staging, records, manifest_extra, cast)
         else:
-            _write_hf_dense(model, staging, records)
+            saved_dtype = _write_hf_dense(model, staging, records, cast)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
-    return target
+    total, weights = _tree_bytes(target)
+    result = SavedCheckpoint(target)
+    result.info = SaveInfo(
+        path=target,
+        format=format,
+        dtype=_dtype_name(saved_dtype) if saved_dtype is not None else None,
+        bytes=total,
+        weights_bytes=weights,
+    )
+    return result
 
 
 # ----------------------------------------------------------------------------------------------
@@ -528,10 +808,135 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
             f"{directory} uses sparsewise checkpoint format version {version!r}, this sparsewise reads up to "
             f"{FORMAT_VERSION}: upgrade sparsewise (or re-save with this version)."
         )
-    for key in ("tensors", "aliases", "records", "weights_sha256"):
-        if key not in manifest:
-            raise CheckpointError(f"{manifest_path} lacks {key!r}: the checkpoint is corrupt; re-save the model.")
+    _validate_manifest(manifest, manifest_path)
     return manifest
+
+
+_MISSING = object()
+
+
+def _json_kind(value: Any) -> str:
+    """How a JSON value reads in an error message."""
+    if value is _MISSING:
+        return "nothing (the field is missing)"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return f"a list of {len(value)}"
+    if isinstance(value, str):
+        return f"a string ({value[:40]!r})"
+    if isinstance(value, (int, float)):
+        return f"a number ({value!r})"
+    return type(value).__name__
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_shape(value: Any) -> bool:
+    return isinstance(value, list) and all(_is_int(size) and size >= 0 for size in value)
+
+
+def _validate_manifest(manifest: dict[str, Any], manifest_path: Path) -> None:
+    """Check every field load() reads, so a corrupt or foreign manifest fails with one clear error."""
+
+    def fail(field: str, expected: str, value: Any) -> None:
+        raise CheckpointError(
+            f"corrupt or foreign checkpoint: manifest field {field!r} must be {expected}, got {_json_kind(value)} "
+            f"(in {manifest_path}); re-save the model with sw.save."
+        )
+
+    def field(container: dict[str, Any], key: str, label: str, check: Any, expected: str, *, required: bool) -> Any:
+        value = container.get(key, _MISSING)
+        if value is _MISSING and not required:
+            return None
+        if not check(value):
+            fail(label, expected, value)
+        return value
+
+    def is_object(value: Any) -> bool:
+        return isinstance(value, dict)
+
+    def optional(check: Any) -> Any:
+        return lambda value: value is None or check(value)
+
+    tensors = field(manifest, "tensors", "tensors", is_object, "an object mapping tensor names to entries",
+                    required=True)
+    for name, entry in tensors.items():
+        label = f"tensors[{name!r}]"
+        if not isinstance(entry, dict):
+            fail(label, "an object (storage, shape, dtype, ...)", entry)
+        field(entry, "storage", f"{label}.storage", lambda value: value in _STORAGES,
+              f"one of {', '.join(map(repr, _STORAGES))}", required=True)
+        field(entry, "shape", f"{label}.shape", _is_shape, "a list of non-negative integers", required=True)
+        dtype = field(entry, "dtype", f"{label}.dtype", lambda value: isinstance(value, str),
+                      "a dtype name such as 'float32'", required=True)
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            fail(f"{label}.dtype", "a torch dtype name such as 'float32'", dtype)
+        field(entry, "transposed", f"{label}.transposed", lambda value: isinstance(value, bool), "true or false",
+              required=False)
+        field(entry, "stored_bytes", f"{label}.stored_bytes", lambda value: _is_int(value) and value >= 0,
+              "a non-negative integer", required=False)
+        if entry["storage"] == "nm":
+            m = field(entry, "m", f"{label}.m", lambda value: _is_int(value) and value >= 2, "an integer >= 2",
+                      required=True)
+            field(entry, "n", f"{label}.n", lambda value, m=m: _is_int(value) and 0 < value < m,
+                  f"an integer in 1..{m - 1}", required=True)
+            if len(entry["shape"]) != 2:
+                fail(f"{label}.shape", "a 2-D shape [rows, cols] for N:M storage", entry["shape"])
+
+    aliases = field(manifest, "aliases", "aliases", is_object, "an object mapping alias names to tensor names",
+                    required=True)
+    for alias, canonical in aliases.items():
+        if not isinstance(canonical, str):
+            fail(f"aliases[{alias!r}]", "a tensor name (string)", canonical)
+
+    records = field(manifest, "records", "records", is_object, "an object mapping layer names to records",
+                    required=True)
+    for name, record in records.items():
+        label = f"records[{name!r}]"
+        if not isinstance(record, dict):
+            fail(label, "an object (name, pattern, sparsity, ...)", record)
+        for key in ("name", "pattern", "method"):
+            field(record, key, f"{label}.{key}", lambda value: isinstance(value, str), "a string", required=True)
+        for key in ("sparsity", "achieved"):
+            field(record, key, f"{label}.{key}", _is_number, "a number", required=True)
+        field(record, "shape", f"{label}.shape", _is_shape, "a list of non-negative integers", required=True)
+        field(record, "info", f"{label}.info", is_object, "an object", required=False)
+
+    field(manifest, "weights_sha256", "weights_sha256",
+          lambda value: isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value),
+          "a sha256 hex digest (64 characters)", required=True)
+    field(manifest, "weights_file", "weights_file",
+          lambda value: isinstance(value, str) and value not in ("", ".", "..") and "/" not in value
+          and "\\" not in value and ":" not in value,
+          "a file name inside the checkpoint folder", required=False)
+    field(manifest, "weights_bytes", "weights_bytes", optional(lambda value: _is_int(value) and value >= 0),
+          "a non-negative integer", required=False)
+    for key in ("config", "generation_config"):
+        field(manifest, key, key, optional(is_object), "an object or null", required=False)
+    field(manifest, "extra", "extra", optional(is_object), "an object", required=False)
+    field(manifest, "model_class", "model_class", lambda value: isinstance(value, str), "a class name (string)",
+          required=False)
+    for key in ("dtype", "source_dtype"):
+        field(manifest, key, key, optional(lambda value: isinstance(value, str)), "a dtype name or null",
+              required=False)
+    modules = field(manifest, "modules", "modules", is_object, "an object mapping module names to specs",
+                    required=False)
+    for name, spec in (modules or {}).items():
+        if not isinstance(spec, dict):
+            fail(f"modules[{name!r}]", "an object with a 'type'", spec)
+        field(spec, "type", f"modules[{name!r}].type", lambda value: isinstance(value, str), "a string",
+              required=True)
 
 
 def _verify_weights(directory: Path, manifest: dict[str, Any]) -> Path:
@@ -735,7 +1140,7 @@ def checkpoint_size(path: str | os.PathLike) -> dict[str, Any]:
             counts[entry["storage"]] = counts.get(entry["storage"], 0) + 1
             if entry["storage"] != "dense":
                 pruned_dense += size
-                pruned_stored += int(entry["stored_bytes"])
+                pruned_stored += int(entry.get("stored_bytes", size))
         return {
             "format": FORMAT_NAME,
             "weights_bytes": weights_bytes,

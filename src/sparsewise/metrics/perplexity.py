@@ -4,6 +4,9 @@ The text is tokenized once without special tokens and cut into ``total = tokens 
 windows (the tail is dropped). Window loss = mean cross-entropy over its ``seqlen - 1`` shifted
 targets; ``ppl = exp(mean of window losses)``. With ``max_windows`` an evenly spaced subset is
 used: ``stride = total // max_windows``, windows ``0, stride, 2 * stride, ...``.
+
+``seqlen`` may not exceed the positions the model was built for (``config.max_position_embeddings``,
+or GPT-2's ``n_positions``): beyond them the numbers mean nothing, so it is refused, not reported.
 """
 
 from __future__ import annotations
@@ -17,8 +20,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..data import DATASET_NAMES, _encode, _logits, _model_device, _progress, read_text
+from ..calibration.progress import progress_bar
+from ..data import DATASET_NAMES, _encode, _logits, _model_device, read_text
 from ..errors import ConfigError, DataError
+
+_POSITION_ATTRS = ("max_position_embeddings", "n_positions")
 
 
 @dataclass
@@ -53,6 +59,28 @@ def window_indices(total_windows: int, max_windows: int | None) -> list[int]:
     return [index * stride for index in range(max_windows)]
 
 
+def max_positions(model: torch.nn.Module) -> int | None:
+    """Positions the model was built for (its config's ``max_position_embeddings`` or ``n_positions``),
+    or None when its config names none."""
+    config = getattr(model, "config", None)
+    for attr in _POSITION_ATTRS:
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_seqlen(model: torch.nn.Module, seqlen: int, *, name: str = "seqlen") -> None:
+    """Refuse a window longer than the model's positions (ConfigError naming the limit)."""
+    limit = max_positions(model)
+    if limit is not None and int(seqlen) > limit:
+        attr = next(a for a in _POSITION_ATTRS if getattr(model.config, a, None) == limit)
+        raise ConfigError(
+            f"{name}={seqlen} exceeds the {limit} positions this model was built for (config.{attr}={limit}): "
+            f"pass {name} <= {limit}."
+        )
+
+
 def window_losses(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of each row: logits [B, T, V], input_ids [B, T] -> [B]."""
     shifted = logits[:, :-1].float()
@@ -76,6 +104,7 @@ def perplexity_from_ids(model: torch.nn.Module, input_ids: torch.Tensor | list[i
         raise ConfigError(f"seqlen must be >= 2 (one window predicts seqlen - 1 tokens), got {seqlen}.")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
+    check_seqlen(model, seqlen)
     total_windows = ids.numel() // seqlen
     if total_windows == 0:
         raise DataError(
@@ -90,7 +119,7 @@ def perplexity_from_ids(model: torch.nn.Module, input_ids: torch.Tensor | list[i
     model.eval()
     losses: list[float] = []
     try:
-        with _progress(len(chosen), f"perplexity (seqlen {seqlen})", progress) as bar:
+        with progress_bar(len(chosen), f"perplexity (seqlen {seqlen})", progress, unit="window") as bar:
             for start in range(0, len(chosen), batch_size):
                 batch = windows[start : start + batch_size].to(device)
                 losses.extend(window_losses(_logits(model(input_ids=batch)), batch).double().cpu().tolist())
