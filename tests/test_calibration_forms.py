@@ -279,7 +279,6 @@ def test_dataset_names_stay_allowed(monkeypatch):
     assert resolve_text("wikitext2") == ("wikitext2 test row\n\nsecond", "wikitext2")
 
 
-@pytest.mark.xfail(reason="metrics/perplexity._load_eval_text must call sparsewise.data.resolve_text", strict=False)
 def test_perplexity_refuses_a_missing_path():
     class Tok:
         def __call__(self, text, add_special_tokens=True):

@@ -12,7 +12,6 @@ or GPT-2's ``n_positions``): beyond them the numbers mean nothing, so it is refu
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..calibration.progress import progress_bar
-from ..data import DATASET_NAMES, _encode, _logits, _model_device, read_text
+from ..data import _encode, _logits, _model_device
 from ..errors import ConfigError, DataError
 
 _POSITION_ATTRS = ("max_position_embeddings", "n_positions")
@@ -133,18 +132,11 @@ def perplexity_from_ids(model: torch.nn.Module, input_ids: torch.Tensor | list[i
 
 
 def _load_eval_text(text_or_path: str | Path) -> tuple[str, str]:
-    """(text, label): files and dataset names are read, anything else is the text itself."""
-    if isinstance(text_or_path, Path):
-        return read_text(text_or_path), str(text_or_path)
-    text = str(text_or_path)
-    single_line = "\n" not in text and len(text) < 4096
-    if single_line and os.path.exists(text):
-        return read_text(text), text
-    if single_line and text.strip().lower() in DATASET_NAMES:
-        return read_text(text.strip().lower(), split="test"), text.strip().lower()
-    if single_line and Path(text).suffix.lower() in (".raw", ".txt", ".jsonl", ".parquet") and " " not in text:
-        raise DataError(f"evaluation file not found: {text} (pass an existing path, or the text itself).")
-    return text, f"<text: {len(text)} chars>"
+    """(text, label): files and dataset names are read; a path-like string that does not exist is an
+    error (never scored as text); anything else is the text itself (sparsewise.data.resolve_text)."""
+    from ..data import resolve_text
+
+    return resolve_text(text_or_path)
 
 
 def perplexity(model: torch.nn.Module, tokenizer: Any, text_or_path: str | Path, *, seqlen: int = 512,
