@@ -312,19 +312,26 @@ def _report_training_log(args: argparse.Namespace) -> tuple[str, bytes | None]:
         from .metrics.plots import plot_training_log, png_bytes
 
         title = args.training_log.name
-        if args.plot is not None:
-            # with a model too, the model's plot takes --plot and this one goes beside it
-            target = args.plot if args.path is None else \
-                args.plot.with_name(f"{args.plot.stem}-training{args.plot.suffix or '.png'}")
-            written = plot_training_log(rows, target, title=title)
-            print(f"plot written to {written}", file=sys.stderr if args.json else sys.stdout)
-            png = written.read_bytes() if args.html is not None else None
-        else:
-            try:
-                png = png_bytes(plot_training_log, rows, title=title)
-            except ConfigError as exc:  # no matplotlib: the page goes without the plot
-                print(f"sparsewise: note: {exc}; the HTML page has no plot.", file=sys.stderr)
+        # with a model too, the model's plot takes --plot and this one goes beside it
+        target = args.plot if args.plot is None or args.path is None else \
+            args.plot.with_name(f"{args.plot.stem}-training{args.plot.suffix or '.png'}")
+        png = _plot_for_report(plot_training_log, png_bytes, rows, target, args.html is not None, title,
+                               sys.stderr if args.json else sys.stdout)
     return text, png
+
+
+def _plot_for_report(plot, png_bytes, data, target, want_png: bool, title: str, notes) -> bytes | None:
+    """Write ``plot(data)`` to ``target`` if given; return its PNG bytes when the HTML page needs them
+    (drawn in memory without a target; None, with a note, when matplotlib is missing)."""
+    if target is not None:
+        written = plot(data, target, title=title)
+        print(f"plot written to {written}", file=notes)
+        return written.read_bytes() if want_png else None
+    try:
+        return png_bytes(plot, data, title=title)
+    except ConfigError as exc:  # no matplotlib: the page goes without the plot
+        print(f"sparsewise: note: {exc}; the HTML page has no plot.", file=sys.stderr)
+        return None
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -358,15 +365,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         from .metrics.plots import plot_model_report, png_bytes
 
         title = f"{Path(args.path).name}: per-layer sparsity"
-        if args.plot is not None:
-            written = plot_model_report(report, args.plot, title=title)
-            print(f"plot written to {written}", file=notes)
-            png = written.read_bytes() if args.html is not None else None
-        else:
-            try:
-                png = png_bytes(plot_model_report, report, title=title)
-            except ConfigError as exc:  # no matplotlib: the page goes without the plot
-                print(f"sparsewise: note: {exc}; the HTML page has no plot.", file=sys.stderr)
+        png = _plot_for_report(plot_model_report, png_bytes, report, args.plot, args.html is not None, title, notes)
     if args.html is not None:
         written = write_html(args.html, report.to_html(png, layers_open=args.layers, extra_sections=sections))
         print(f"html report written to {written}", file=notes)
