@@ -118,24 +118,6 @@ def capture(fn, calls: int = 1, warmup: int = 3):
     return graph.replay, out
 
 
-def time_call(fn, repeats: int = 7, calls: int = 20, warmup: int = 3) -> float:
-    """Median milliseconds per ``fn()`` on the GPU.
-
-    ``calls`` calls are captured in one CUDA graph and the replay is timed with events (the
-    GPU time a graph-captured decode step pays, without Python launch gaps); a backend that
-    cannot be captured is timed as the same number of back-to-back eager calls instead.
-    """
-    try:
-        run, _ = capture(fn, calls, warmup)
-    except RuntimeError:
-        torch.cuda.synchronize()
-
-        def run():
-            for _ in range(calls):
-                fn()
-    return events_median(run, repeats, warmup=1) / calls
-
-
 def time_rotated(calls: list, repeats: int = 7) -> float:
     """Median milliseconds per call of a CUDA graph that runs every function of ``calls`` once
     (each on its own copy of the weights, so the timing streams them from device memory)."""
