@@ -7,6 +7,7 @@ exceed 4x the L2 (METHOD.md), medians of repeats; dense = F.linear on the same p
 Effective bandwidth counts the bytes the kernel must read (weights + x) over its time.
 
     python benchmarks/runtime_kernels.py [--shapes q,kv,gate,down] [--ms 1,2,4,8,16] [--json-out F]
+    python benchmarks/runtime_kernels.py --skip weights,act --prefill-ms 2048   # cuSPARSELt prefill
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ def bench_weights(name: str, n: int, k: int, ms: list[int], rows: list, args) ->
     generator = torch.Generator(device="cuda").manual_seed(0)
     dense = torch.randn(n, k, device="cuda", dtype=torch.float16, generator=generator) * 0.02
     weights = {"2:4": dense * nm_mask(dense.abs(), 2, 4), "50%": dense * unstructured_mask(dense.abs(), 0.5)}
+    weights = {kind: weight for kind, weight in weights.items() if kind in args.weights.split(",")}
     dense_bytes = n * k * 2
     copies = max(2, -(-L2_ROTATE_BYTES // (dense_bytes // 2)))
     for kind, weight in weights.items():
@@ -173,12 +175,54 @@ def bench_activation(name: str, n: int, k: int, rows: list, args) -> None:
                   f"{row['ratio']:5.2f}x  err {err:.1e}  (zeros {measured:.2f})", flush=True)
 
 
+def bench_prefill(name: str, n: int, k: int, ms: list[int], rows: list) -> None:
+    """2:4 at prefill sizes through cuSPARSELt: library-default algorithm id vs our search, both
+    output layouts (y written directly, or y^T + the Triton transpose), against dense cuBLAS."""
+    from sparsewise.kernels.cusparselt import CsltLinear
+
+    generator = torch.Generator(device="cuda").manual_seed(2)
+    dense = torch.randn(n, k, device="cuda", dtype=torch.float16, generator=generator) * 0.02
+    weight = dense * nm_mask(dense.abs(), 2, 4)
+    copies = max(2, -(-L2_ROTATE_BYTES // (n * k * 2)))
+    dense_copies = [weight.clone() for _ in range(copies)]
+    cslt = [CsltLinear(w) for w in dense_copies]
+    for m in ms:
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        ref = F.linear(x.double(), weight.double())
+        dense_ms = timed(lambda i: (lambda: F.linear(x, dense_copies[i])), copies)
+        for transposed in (False, True):
+            for searched in (False, True):
+                found = {}
+                if searched:
+                    found = cslt[0].search(m, transposed=transposed)
+                    for other in cslt[1:]:
+                        other.alg_ids.update(cslt[0].alg_ids)
+                        other._plans.clear()
+
+                def make(i, transposed=transposed):
+                    return lambda: cslt[i](x, transposed=transposed)
+
+                err = checked(make(0), ref)
+                sparse_ms = timed(make, copies)
+                label = ("y^T+transpose" if transposed else "y") + (f" alg {found['alg_id']}/{found['tried']}"
+                                                                   if searched else " alg 0")
+                row = {"shape": name, "n": n, "k": k, "mode": "2:4 cuSPARSELt", "m": m, "config": [label],
+                       "sparse_us": sparse_ms * 1e3, "dense_us": dense_ms * 1e3, "ratio": dense_ms / sparse_ms,
+                       "rel_err": err}
+                rows.append(row)
+                print(f"{name:5s} 2:4 cuSPARSELt M={m:<5d} {label:24s} sparse {row['sparse_us']:8.1f} us  dense "
+                      f"{row['dense_us']:8.1f} us  {row['ratio']:5.2f}x  err {err:.1e}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="q,kv,gate,down")
     parser.add_argument("--ms", default="1,2,4,8,16")
     parser.add_argument("--act-sparsities", default="0,0.5,0.9")
+    parser.add_argument("--weights", default="2:4,50%", help="weight patterns timed: 2:4, 50%%")
     parser.add_argument("--skip", default="", help="comma list of: weights, act")
+    parser.add_argument("--prefill-ms", default="", help="also time cuSPARSELt 2:4 at these row counts (e.g. 2048); "
+                        "its algorithm search runs in this process, so keep it a run of its own")
     parser.add_argument("--all-configs", action="store_true", help="one row per variant, not only the best")
     parser.add_argument("--json-out")
     args = parser.parse_args()
@@ -193,6 +237,8 @@ def main() -> None:
             bench_weights(name, n, k, ms, rows, args)
         if "act" not in args.skip:
             bench_activation(name, n, k, rows, args)
+        if args.prefill_ms:
+            bench_prefill(name, n, k, [int(m) for m in args.prefill_ms.split(",")], rows)
     if rows:
         print(f"# median ratio over rows: {statistics.median(r['ratio'] for r in rows):.2f}x")
     if args.json_out:

@@ -3,6 +3,8 @@ CUDA, and the cached cuSPARSELt plans on CUDA. The decode kernels and their layo
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -140,6 +142,26 @@ def test_cusparselt_cached_plans_match_reference(dtype, m, mode, transposed):
     assert _relative_error(out, ref) < (1e-2 if dtype == torch.bfloat16 else 2e-3)
     again = linear(x, bias, transposed=transposed)  # cached plan
     assert torch.equal(out, again)
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("transposed", [False, True])
+def test_cusparselt_search_keeps_a_correct_fastest_algorithm(transposed):
+    from sparsewise.kernels import cusparselt
+
+    if not cusparselt.available():
+        pytest.skip("cuSPARSELt not available")
+    weight = sparse_24(1024, 2048, dtype=torch.float16, device="cuda", seed=3)
+    linear = cusparselt.CsltLinear(weight)
+    found = linear.search(200, transposed=transposed, repeats=3)
+    assert found["tried"] >= 1
+    assert found["ms"] <= found["default_ms"] or math.isnan(found["default_ms"])  # id 0 may be refused
+    mode = "sparse_a_t" if transposed else "sparse_a"
+    assert linear.alg_ids[(256, mode)] == found["alg_id"]  # kept for every M of the power-of-two bucket
+    x = torch.randn(200, 2048, device="cuda", dtype=torch.float16)
+    ref = torch.nn.functional.linear(x.double(), weight.double())
+    assert _relative_error(linear(x, transposed=transposed), ref) < 2e-3
 
 
 @cuda

@@ -29,7 +29,7 @@ _OP_N, _OP_T = 0, 1
 _SPARSITY_50 = 0
 _COMPUTE_32F = 2
 _ALG_DEFAULT = 0
-_ALG_CONFIG_ID = 0
+_ALG_CONFIG_ID, _ALG_CONFIG_MAX_ID = 0, 1
 _OPAQUE = 1024  # every cuSPARSELt handle/descriptor/plan is a 1024-byte opaque struct
 _PLANS_PER_WEIGHT = 32
 
@@ -38,6 +38,12 @@ _lib = None
 
 class CusparseLtError(RuntimeError):
     pass
+
+
+def _bucket(rows: int) -> int:
+    """The power of two at or above ``rows`` (capped at 8192, as the dispatch table's buckets are):
+    one searched algorithm id serves a whole bucket."""
+    return min(1 << max(rows - 1, 0).bit_length(), 8192)
 
 
 def _opaque():
@@ -72,6 +78,7 @@ def _load_library():
                               "PyTorch's CUDA build, which ships it, or use the dense/Triton backends.")
     for name in ("cusparseLtInit", "cusparseLtStructuredDescriptorInit", "cusparseLtDenseDescriptorInit",
                  "cusparseLtMatmulDescriptorInit", "cusparseLtMatmulAlgSelectionInit", "cusparseLtMatmulAlgSetAttribute",
+                 "cusparseLtMatmulAlgGetAttribute",
 "cusparseLtMatmulPlanInit", "cusparseLtMatmulGetWorkspace",
                  "cusparseLtMatmul", "cusparseLtSpMMACompressedSize2", "cusparseLtSpMMACompress2", "cusparseLtMatmulPlanDestroy",
                  "cusparseLtMatDescriptorDestroy", "cusparseLtMatmulAlgSelectionDestroy"):
@@ -88,6 +95,7 @@ def _load_library():
     _lib.cusparseLtMatmulAlgSelectionInit.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     _lib.cusparseLtMatmulAlgSetAttribute.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
                                                      ctypes.c_size_t]
+    _lib.cusparseLtMatmulAlgGetAttribute.argtypes = _lib.cusparseLtMatmulAlgSetAttribute.argtypes
     _lib.cusparseLtMatmulPlanInit.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     _lib.cusparseLtMatmulGetWorkspace.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t)]
     matmul_args = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
@@ -169,6 +177,10 @@ class _Plan:
         alg = ctypes.c_int(alg_id)
         _check(lib.cusparseLtMatmulAlgSetAttribute(h, ctypes.byref(self.selection), _ALG_CONFIG_ID, ctypes.byref(alg),
                                                    ctypes.sizeof(alg)), "algorithm id")
+        max_id = ctypes.c_int(0)
+        status = lib.cusparseLtMatmulAlgGetAttribute(h, ctypes.byref(self.selection), _ALG_CONFIG_MAX_ID,
+                                                     ctypes.byref(max_id), ctypes.sizeof(max_id))
+        self.max_alg_id = int(max_id.value) if status == 0 else 0  # only the search needs it
         _check(lib.cusparseLtMatmulPlanInit(h, ctypes.byref(self.plan), ctypes.byref(self.matmul),
                                             ctypes.byref(self.selection)), "plan")
         size = ctypes.c_size_t(0)
@@ -224,9 +236,11 @@ class CsltLinear:
     (``transposed=False``), or y^T row-major, the layout its sm_90 kernels are fast in, then one
     Triton transpose with the bias fused (``transposed=True``). "sparse_b" (W^T as structured B,
     y row-major natively) is kept for the layout probes: it measured no faster than sparse_a.
-    Plans are cached per (M, layout) (LRU, 32 per weight); ``alg_ids`` maps M to the algorithm id
-    (default 0). No automatic search: PyTorch's ``_cslt_sparse_mm_search`` returned an internal
-    error on the H200 and left the CUDA context unusable (2026-11-29).
+    Plans are cached per (M, layout) (LRU, 32 per weight); ``alg_ids`` maps (M's power-of-two
+    bucket, layout) to the algorithm id, 0 (the library's default) until :meth:`search` times
+    them all. The search is our own loop over the ids the library reports: PyTorch's ``_cslt_sparse_mm_search``
+    returned an internal error on the H200 and left the CUDA context unusable (2026-11-29), and
+    its id-0 default ran 2.2-2.6x slower than the best id at decode sizes.
     """
 
     def __init__(self, weight: torch.Tensor, mode: str = "sparse_a"):
@@ -241,7 +255,7 @@ class CsltLinear:
         self.dtype = weight.dtype
         self.device = weight.device
         self.cuda_dtype = _CUDA_R_16F if weight.dtype == torch.float16 else _CUDA_R_16BF
-        self.alg_ids: dict[int, int] = {}
+        self.alg_ids: dict[tuple[int, str], int] = {}
         self._plans: OrderedDict[tuple[int, str], _Plan] = OrderedDict()
         weight = weight.contiguous()
         compressed = _compress_as_b(weight, self.cuda_dtype) if mode == "sparse_b" else torch._cslt_compress(weight)
@@ -259,13 +273,47 @@ class CsltLinear:
         key = (m, mode)
         plan = self._plans.get(key)
         if plan is None:
-            plan = _Plan(self, m, self.alg_ids.get(m, 0), mode)
+            plan = _Plan(self, m, self.alg_ids.get((_bucket(m), mode), 0), mode)
             self._plans[key] = plan
             if len(self._plans) > _PLANS_PER_WEIGHT:
                 self._plans.popitem(last=False)
         else:
             self._plans.move_to_end(key)
         return plan
+
+    def search(self, m: int, *, transposed: bool = False, repeats: int = 10) -> dict:
+        """Time every algorithm id for ``m`` rows (padded to 16) in one output layout; keep the fastest.
+
+        Each id gets its own plan; ids whose plan or launch the library refuses are skipped.
+        Returns {"alg_id", "ms", "default_ms", "tried"} (milliseconds: median of CUDA events
+        over ``repeats`` calls after one warm-up call; inputs random, never zeros).
+        """
+        from ..runtime.dispatch import events_median
+
+        n, k = self.shape
+        padded = -(-m // 16) * 16
+        mode = "sparse_a_t" if transposed else self.mode
+        if transposed and self.mode != "sparse_a":
+            raise ValueError("the transposed output needs the weight compressed as A (mode='sparse_a').")
+        x = torch.randn(padded, k, dtype=self.dtype, device=self.device)
+        out = torch.empty(*((n, padded) if transposed else (padded, n)), dtype=self.dtype, device=self.device)
+        timings: dict[int, float] = {}
+        alg_id, max_id = 0, 0
+        while alg_id <= max_id:
+            try:
+                plan = _Plan(self, padded, alg_id, mode)
+                max_id = max(max_id, plan.max_alg_id)
+                timings[alg_id] = events_median(lambda plan=plan: plan.run(self.compressed, x, out), repeats, warmup=1)
+            except CusparseLtError:
+                pass
+            alg_id += 1
+        if not timings:
+            raise CusparseLtError(f"no cuSPARSELt algorithm serves {padded}x{k} @ {k}x{n} in layout {mode!r}")
+        best = min(timings, key=timings.get)
+        self.alg_ids[(_bucket(padded), mode)] = best
+        for key in [key for key in self._plans if key[1] == mode and _bucket(key[0]) == _bucket(padded)]:
+            del self._plans[key]  # the next call builds its plan with the chosen id
+        return {"alg_id": best, "ms": timings[best], "default_ms": timings.get(0, float("nan")), "tried": len(timings)}
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None, *, transposed: bool = False) -> torch.Tensor:
         n, k = self.shape

@@ -185,8 +185,17 @@ def _accelerate_cpu(model, report, layers: dict[str, nn.Module], rows) -> None:
 def _candidates(layer: SparseLinear, rows: int) -> list[dict]:
     found = gemv_choices(layer.kind, rows)
     if layer.cslt is not None and rows >= 16:
-        # y row-major from cuSPARSELt, or y^T (its fast layout on sm_90) + one Triton transpose
-        found += [{"backend": "cusparselt"}, {"backend": "cusparselt", "transposed": True}]
+        # y row-major from cuSPARSELt, or y^T (its fast layout on sm_90) + one Triton transpose,
+        # each with the algorithm id its own search found fastest for this bucket (id 0 when refused)
+        from ..kernels.cusparselt import CusparseLtError
+
+        for transposed in (False, True):
+            choice = {"backend": "cusparselt", **({"transposed": True} if transposed else {})}
+            try:
+                choice["alg_id"] = layer.cslt.search(rows, transposed=transposed)["alg_id"]
+            except CusparseLtError:
+                pass
+            found.append(choice)
     if rows > 16 or not found:
         found.append({"backend": "decompress"})
     return found

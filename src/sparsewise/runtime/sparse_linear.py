@@ -194,7 +194,11 @@ class SparseLinear(nn.Module):
             return decode.gemv_bitplanes(x, self.values, self.words, self.tile_offsets, self.bias, self.out_features,
                                          self.in_features, config)
         if backend == "cusparselt":
-            return self.cslt(x, self.bias, transposed=choice.get("transposed", False))
+            transposed = choice.get("transposed", False)
+            if "alg_id" in choice:  # the id tune() found for this bucket, also when read back from the table
+                self.cslt.alg_ids.setdefault((dispatch.bucket(x.numel() // self.in_features),
+                                              "sparse_a_t" if transposed else self.cslt.mode), choice["alg_id"])
+            return self.cslt(x, self.bias, transposed=transposed)
         return F.linear(x, self.dense_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
