@@ -26,11 +26,6 @@ class LayerShape:
         return self.out_features * self.in_features
 
 
-def check_target(target: float) -> None:
-    if not 0.0 <= target < 1.0:
-        raise ConfigError(f"the global sparsity must lie in [0, 1), got {target}.")
-
-
 def scale_densities(raw: dict[str, float], shapes: dict[str, LayerShape], density: float,
                     cap: float = 1.0) -> dict[str, float]:
     """d_l = eps * raw_l with one eps such that sum d_l N_l = density * sum N_l; a layer whose
