@@ -126,7 +126,7 @@ def test_every_gpu_backend_matches_float64(dtype, pattern):
     from sparsewise.runtime.accelerate import _candidates
 
     linear = _pruned_linear(512, 1024, pattern, dtype=dtype, device="cuda")
-    sparse = SparseLinear.from_linear(linear, prefill=True)
+    sparse = SparseLinear.from_linear(linear, cusparselt=True)
     assert (sparse.cslt is not None) == (pattern == "2:4")
     tolerance = 1e-2 if dtype == torch.bfloat16 else 2e-3
     wrong = []

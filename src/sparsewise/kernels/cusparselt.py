@@ -281,39 +281,30 @@ class CsltLinear:
             self._plans.move_to_end(key)
         return plan
 
-    def search(self, m: int, *, transposed: bool = False, repeats: int = 10) -> dict:
+    def search(self, m: int, *, transposed: bool = False, repeats: int = 10, timeout_s: float = 300.0) -> dict:
         """Time every algorithm id for ``m`` rows (padded to 16) in one output layout; keep the fastest.
 
-        Each id gets its own plan; ids whose plan or launch the library refuses are skipped.
-        Returns {"alg_id", "ms", "default_ms", "tried"} (milliseconds: median of CUDA events
-        over ``repeats`` calls after one warm-up call; inputs random, never zeros).
+        The ids are timed in child processes on the same device, on a random weight of the same
+        shape and dtype: on the H200 some ids launch kernels that fault (illegal instruction),
+        which leaves a CUDA context unusable, so a fault ends only its child and the next child
+        resumes after that id. Returns {"alg_id", "ms", "default_ms", "tried", "faulted"}
+        (milliseconds: median of CUDA events over ``repeats`` calls after one warm-up call).
         """
-        from ..runtime.dispatch import events_median
-
-        n, k = self.shape
         padded = -(-m // 16) * 16
         mode = "sparse_a_t" if transposed else self.mode
         if transposed and self.mode != "sparse_a":
             raise ValueError("the transposed output needs the weight compressed as A (mode='sparse_a').")
-        x = torch.randn(padded, k, dtype=self.dtype, device=self.device)
-        out = torch.empty(*((n, padded) if transposed else (padded, n)), dtype=self.dtype, device=self.device)
-        timings: dict[int, float] = {}
-        alg_id, max_id = 0, 0
-        while alg_id <= max_id:
-            try:
-                plan = _Plan(self, padded, alg_id, mode)
-                max_id = max(max_id, plan.max_alg_id)
-                timings[alg_id] = events_median(lambda plan=plan: plan.run(self.compressed, x, out), repeats, warmup=1)
-            except CusparseLtError:
-                pass
-            alg_id += 1
+        timings, faulted = _search_in_children(self.shape, self.dtype, self.device, padded, transposed, repeats,
+                                               timeout_s)
         if not timings:
-            raise CusparseLtError(f"no cuSPARSELt algorithm serves {padded}x{k} @ {k}x{n} in layout {mode!r}")
+            raise CusparseLtError(f"no cuSPARSELt algorithm serves {padded}x{self.shape[1]} @ {self.shape[1]}x"
+                                  f"{self.shape[0]} in layout {mode!r} (faulted: {faulted})")
         best = min(timings, key=timings.get)
         self.alg_ids[(_bucket(padded), mode)] = best
         for key in [key for key in self._plans if key[1] == mode and _bucket(key[0]) == _bucket(padded)]:
             del self._plans[key]  # the next call builds its plan with the chosen id
-        return {"alg_id": best, "ms": timings[best], "default_ms": timings.get(0, float("nan")), "tried": len(timings)}
+        return {"alg_id": best, "ms": timings[best], "default_ms": timings.get(0, float("nan")), "tried": len(timings),
+                "faulted": faulted}
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None, *, transposed: bool = False) -> torch.Tensor:
         n, k = self.shape
@@ -340,3 +331,77 @@ class CsltLinear:
         if bias is not None:
             out = out + bias
         return out.reshape(*lead, n)
+
+
+def _time_ids(linear: CsltLinear, padded: int, transposed: bool, start: int, repeats: int) -> None:
+    """Child side of :meth:`CsltLinear.search`: one line per id on stdout, "try" before each launch."""
+    from ..runtime.dispatch import events_median
+
+    n, k = linear.shape
+    mode = "sparse_a_t" if transposed else linear.mode
+    x = torch.randn(padded, k, dtype=linear.dtype, device=linear.device)
+    out = torch.empty(*((n, padded) if transposed else (padded, n)), dtype=linear.dtype, device=linear.device)
+    alg_id, max_id = start, start
+    while alg_id <= max_id:
+        print(f"try {alg_id}", flush=True)
+        try:
+            plan = _Plan(linear, padded, alg_id, mode)
+            max_id = max(max_id, plan.max_alg_id)
+            ms = events_median(lambda plan=plan: plan.run(linear.compressed, x, out), repeats, warmup=1)
+            print(f"ok {alg_id} {ms} {max_id}", flush=True)
+        except CusparseLtError:
+            print(f"refused {alg_id} {max_id}", flush=True)
+        alg_id += 1
+    print("done", flush=True)
+
+
+def _search_in_children(shape, dtype, device, padded, transposed, repeats, timeout_s) -> tuple[dict, list]:
+    import subprocess
+    import sys
+    import time
+
+    timings: dict[int, float] = {}
+    faulted: list[int] = []
+    start, deadline = 0, time.monotonic() + timeout_s
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    while time.monotonic() < deadline:
+        command = [sys.executable, "-m", "sparsewise.kernels.cusparselt", str(shape[0]), str(shape[1]),
+                   str(dtype).removeprefix("torch."), str(padded), str(int(transposed)), str(start), str(repeats),
+                   str(index)]
+        try:
+            child = subprocess.run(command, capture_output=True, text=True,
+                                   timeout=max(deadline - time.monotonic(), 1.0))
+        except subprocess.TimeoutExpired as exc:
+            lines = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+            child = None
+        else:
+            lines = child.stdout
+        last_try, finished = None, False
+        for line in lines.splitlines():
+            word, *rest = line.split()
+            if word == "try":
+                last_try = int(rest[0])
+            elif word == "ok":
+                timings[int(rest[0])] = float(rest[1])
+            elif word == "done":
+                finished = True
+        if finished or child is None:
+            break
+        if last_try is None:  # the child died before timing anything: not an algorithm's fault
+            raise CusparseLtError(f"the cuSPARSELt search child failed: {child.stderr.strip()[-500:]}")
+        faulted.append(last_try)
+        start = last_try + 1
+    return timings, faulted
+
+
+if __name__ == "__main__":  # the search's child process (see CsltLinear.search)
+    import sys
+
+    rows, cols, dtype_name, padded_rows, transposed_flag, first_id, repeat_count, device_index = sys.argv[1:9]
+    torch.cuda.set_device(int(device_index))
+    from ..patterns import nm_mask
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    dense = torch.randn(int(rows), int(cols), device="cuda", generator=generator).to(getattr(torch, dtype_name))
+    _time_ids(CsltLinear(dense * nm_mask(dense.abs(), 2, 4)), int(padded_rows), bool(int(transposed_flag)), int(first_id),
+              int(repeat_count))

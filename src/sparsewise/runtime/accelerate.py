@@ -99,8 +99,9 @@ def accelerate(model: nn.Module, *, device: torch.device | str | None = None, mi
     will serve; each distinct layer is timed against its dense form at each (CUDA: :func:`tune`,
     CUDA-graph replays; CPU: :func:`~.cpu_linear.measure_speedup`) and stays sparse only if it
     wins at all of them, else the dense layer is kept. ``rows=None`` swaps every pruned layer
-    untimed. ``prefill`` (CUDA) keeps a cuSPARSELt copy of 2:4 weights for long inputs (+0.56x of
-    dense memory). ``device`` moves the model first. Embedding-tied heads are never swapped.
+    untimed. 2:4 layers also get a cuSPARSELt copy while they are timed at 2 rows or more (its
+    searched algorithms beat the GEMV at some batch sizes); the copy stays only where a served row
+    count chose it, or with ``prefill`` (CUDA: kept for long inputs, +0.56x of dense memory). ``device`` moves the model first. Embedding-tied heads are never swapped.
     Which layers are sparse, and with which pattern, comes from the pruning records the model
     carries (``sw.prune``, ``sw.load``, sparse training's ``finalize``); a model without records
     (pruned elsewhere) is scanned for layers with at least ``min_sparsity`` zeros instead.
@@ -135,7 +136,7 @@ def accelerate(model: nn.Module, *, device: torch.device | str | None = None, mi
             cpu[name] = module
         else:
             sparse = SparseLinear.from_linear(module, pattern=None if record is None else record.pattern,
-                                              prefill=prefill)
+                                              cusparselt=prefill or max(rows or (1,)) >= 2)
             _replace(model, name, sparse)
             gpu[name] = (module, sparse)
     measured = tune(model, rows=rows) if (rows and gpu) else {}
@@ -143,6 +144,9 @@ def accelerate(model: nn.Module, *, device: torch.device | str | None = None, mi
         entries = measured.get(sparse.dispatch_key, {})
         ratios = {r: entries[dispatch.bucket(r)]["dense_ms"] / entries[dispatch.bucket(r)]["ms"]
                   for r in rows or () if dispatch.bucket(r) in entries}
+        served = [entries.get(dispatch.bucket(r), {}).get("backend") for r in rows or ()]
+        if sparse.cslt is not None and not prefill and "cusparselt" not in served:
+            sparse.cslt = None  # no served row count chose it: only the 0.56x layout stays
         _decide(model, report, name, linear, sparse, sparse.kind, ratios)
     if cpu:
         _accelerate_cpu(model, report, cpu, rows)
@@ -184,7 +188,7 @@ def _accelerate_cpu(model, report, layers: dict[str, nn.Module], rows) -> None:
 
 def _candidates(layer: SparseLinear, rows: int) -> list[dict]:
     found = gemv_choices(layer.kind, rows)
-    if layer.cslt is not None and rows >= 16:
+    if layer.cslt is not None and rows >= 2:
         # y row-major from cuSPARSELt, or y^T (its fast layout on sm_90) + one Triton transpose,
         # each with the algorithm id its own search found fastest for this bucket (id 0 when refused)
         from ..kernels.cusparselt import CusparseLtError

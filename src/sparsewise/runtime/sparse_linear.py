@@ -100,10 +100,11 @@ class SparseLinear(nn.Module):
         _LAYERS[self.layer_id] = self
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, pattern: str | None = None, prefill: bool = False,
+    def from_linear(cls, linear: nn.Linear, *, pattern: str | None = None, cusparselt: bool = False,
                     device: torch.device | str | None = None) -> SparseLinear:
         """``pattern``: the pruning record's pattern ("2:4" -> the 2:4 layout, anything else -> bit
-        planes); None: 2:4 when the weight is 2:4 (and K % 16 == 0), else bit planes."""
+        planes); None: 2:4 when the weight is 2:4 (and K % 16 == 0), else bit planes.
+        ``cusparselt``: also keep a cuSPARSELt copy of a 2:4 fp16/bf16 CUDA weight (+0.56x)."""
         weight = linear.weight.detach()
         if device is not None:
             weight = weight.to(device)
@@ -117,11 +118,11 @@ class SparseLinear(nn.Module):
         if layout is None:
             layout = pack_bitplanes(weight)
         cslt = None
-        if isinstance(layout, Rows24) and prefill and weight.is_cuda and weight.dtype in (torch.float16, torch.bfloat16):
-            from ..kernels import cusparselt
+        if isinstance(layout, Rows24) and cusparselt and weight.is_cuda and weight.dtype in (torch.float16, torch.bfloat16):
+            from ..kernels import cusparselt as cslt_kernels
 
-            if cusparselt.available() and weight.shape[0] % 16 == 0:
-                cslt = cusparselt.CsltLinear(weight)
+            if cslt_kernels.available() and weight.shape[0] % 16 == 0:
+                cslt = cslt_kernels.CsltLinear(weight)
         bias = None if linear.bias is None else linear.bias.detach().to(weight.device)
         return cls(layout, bias, cslt=cslt)
 
