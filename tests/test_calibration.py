@@ -64,7 +64,7 @@ def test_stats_in_token_chunks_equal_one_pass(monkeypatch):
 def _dense_pass(model, adapter, calib, mode):
     """(channel norms per layer, block outputs per block, block forwards) of one engine pass."""
     from sparsewise.calibration.engine import sequential_calibration
-    from sparsewise.oneshot import calibration_batches
+    from sparsewise.calibration.run import calibration_batches
 
     norms, outputs, forwards = {}, {}, [0]
 

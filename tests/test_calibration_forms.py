@@ -13,7 +13,8 @@ import sparsewise as sw
 from sparsewise import data
 from sparsewise.allocation import ecoflap
 from sparsewise.calibration import engine
-from sparsewise.calibration.engine import InsufficientMemoryError, available_memory, calibration_batches
+from sparsewise.calibration.engine import InsufficientMemoryError, available_memory
+from sparsewise.calibration.run import calibration_batches
 from sparsewise.data import (
     CALIBRATION_FORMS,
     CalibrationBatches,

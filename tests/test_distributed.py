@@ -64,7 +64,7 @@ def _worker(out_dir: Path, backend: str) -> None:
         if rank == 0:
             stats.update(torch.arange(24, dtype=torch.float32, device=device).reshape(3, 8))
         all_reduce_stats(stats, torch.device(device))
-        from sparsewise.oneshot import calibration_batches
+        from sparsewise.calibration.run import calibration_batches
 
         shares = [[batch["input_ids"].shape[0] for batch in calibration_batches(calibration_set(), size)]
                   for size in (None, BATCH)]

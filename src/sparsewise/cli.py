@@ -248,10 +248,10 @@ def _parse_options(items: list[str], flag: str = "--option") -> dict:
 
 def cmd_eval(args: argparse.Namespace) -> int:
 
+    from .calibration.run import pick_device
     from .metrics import perplexity
     from .metrics.perplexity import check_seqlen
     from .models import load_model
-    from .oneshot import pick_device
 
     model, tokenizer = load_model(args.model)
     if tokenizer is None:

@@ -165,9 +165,10 @@ def prune_job(config: PruneConfig, *, progress: bool = True, log=print, state: J
     ``state`` (optional) is kept up to date with what the job has written, for interruptions.
     """
     from . import data, formats, metrics
+    from .calibration.run import pick_device
     from .metrics.perplexity import check_seqlen
     from .models import load_model
-    from .oneshot import pick_device, prune
+    from .oneshot import prune
 
     state = state if state is not None else JobState()
     config.validate()

@@ -6,8 +6,6 @@
 
 from __future__ import annotations
 
-import resource
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +15,9 @@ import torch
 from torch import nn
 
 from .calibration.distributed import world
-from .calibration.engine import SEQUENTIAL_MODES, calibration_batches, sequential_calibration
-from .calibration.progress import RunProgress, fingerprint
+from .calibration.engine import SEQUENTIAL_MODES, sequential_calibration
+from .calibration.progress import RunProgress, fingerprint, progress_bar
+from .calibration.run import calibration_batches, gpu_peak_mb, peak_rss_mb, pick_device, start_gpu_peak
 from .data import as_calibration
 from .errors import ConfigError
 from .methods import LayerTask, get_method
@@ -90,35 +89,6 @@ class PruneResult:
             lines.append(f"block reconstruction: {len(before)} blocks, median held-out relative error "
                          f"{before[middle]:.4f} -> {after[middle]:.4f}")
         return lines
-
-
-def peak_rss_mb() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return usage / (1024 * 1024) if sys.platform == "darwin" else usage / 1024
-
-
-def start_gpu_peak(device: torch.device) -> None:
-    """Zero the peak-memory gauge of ``device`` when it is a GPU. CUDA is initialized first: in a
-    fresh process the allocator has no per-device state yet and the reset would raise."""
-    if device.type == "cuda":
-        torch.cuda.init()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def gpu_peak_mb(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-
-
-def pick_device(device: str | torch.device | None, model: nn.Module) -> torch.device:
-    """'auto'/None: CUDA when present, else where the model is; otherwise the named device (checked)."""
-    if device is None or device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return next(model.parameters()).device
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device='cuda' was asked but CUDA is not available; use device='cpu'.")
-    return device
 
 
 def prune(
@@ -194,11 +164,9 @@ def prune(
         if (not _is_uniform(allocation) or allocation_options or refine is not None or resume_dir is not None
                 or blocks is not None or reconstruct_config is not None):
             raise ConfigError("method 'armor' takes no allocation, refine, reconstruct, resume_dir or blocks.")
-        from .correction.armor_model import prune_armor
-
-        return prune_armor(model, calibration, pattern=Pattern.parse(pattern), include=include, exclude=exclude,
-                           device=device, seed=seed, batch_size=batch_size, method_options=method_options,
-                           progress=progress)
+        return _prune_armor(model, calibration, pattern=Pattern.parse(pattern), include=include, exclude=exclude,
+                            device=device, seed=seed, batch_size=batch_size, method_options=method_options,
+                            progress=progress)
     choices = _mixed_choices(pattern)
     if choices:
         if sparsity is None:
@@ -256,7 +224,7 @@ def prune(
     if choices:
         by_ratio = {choice.fixed_sparsity: choice for choice in choices}
         run.patterns = {name: by_ratio[value] for name, value in plan.sparsities.items()}
-    bar = _progress_bar(len(adapter.blocks), f"{pruner.name} {pattern}", progress)
+    bar = progress_bar(len(adapter.blocks), f"{pruner.name} {pattern}", progress, unit="block")
     try:
         with torch.no_grad():
             if pattern.scope == "global":
@@ -300,6 +268,33 @@ def prune(
         calibration=_calibration_facts(calibration, given_calibration),
         allocation=plan.summary() if plan is not None else "uniform",
         reconstruction=[run.reconstructed[index] for index in sorted(run.reconstructed)],
+    )
+
+
+def _prune_armor(model: nn.Module, calibration, *, pattern: Pattern, include, exclude, device, seed: int,
+                 batch_size: int, method_options: dict[str, Any] | None, progress: bool) -> PruneResult:
+    """``prune(model, method="armor", pattern="2:4", ...)``: :func:`~sparsewise.correction.armor_model.armor`
+    behind the public verb, with the run's facts (device, memory, time) in a :class:`PruneResult`."""
+    from .correction.armor_model import ARMOR_OPTIONS, armor
+
+    if str(pattern) != "2:4":
+        raise ConfigError(f"ARMOR factorizes around a 2:4 core; pattern must be '2:4', got {pattern}.")
+    if calibration is None:
+        raise ConfigError("method 'armor' needs calibration data: pass calibration=sw.data.calibration(...).")
+    unknown = sorted(set(method_options or {}) - set(ARMOR_OPTIONS))
+    if unknown:
+        raise ConfigError(f"unknown ARMOR option(s) {unknown}; known: {', '.join(ARMOR_OPTIONS)}.")
+    compute_device = pick_device(device, model)
+    start_gpu_peak(compute_device)
+    start = time.perf_counter()
+    infos = armor(model, calibration, include=include, exclude=exclude, batch_size=batch_size,
+                  device=compute_device, seed=seed, progress=progress, **dict(method_options or {}))
+    records = {f"{name}.sparse": get_records(model)[f"{name}.sparse"] for name in infos}
+    return PruneResult(
+        method="armor", pattern="2:4", sparsity=0.5, records=records, wall_s=time.perf_counter() - start,
+        peak_rss_mb=peak_rss_mb(),
+        peak_gpu_mb=gpu_peak_mb(compute_device),
+        device=str(compute_device), sequential="block", calibration=_calibration_facts(calibration),
     )
 
 
@@ -509,19 +504,3 @@ def _calibration_facts(calibration, given=None) -> dict[str, Any]:
         return {}
     keys = ("source", "n", "seqlen", "seed", "note") if given is None or given is calibration else ("source", "n", "seqlen")
     return {key: getattr(calibration, key) for key in keys if getattr(calibration, key, None) is not None}
-
-
-class _NoBar:
-    def update(self, _n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress_bar(total: int, desc: str, enabled: bool, unit: str = "block"):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, leave=False)

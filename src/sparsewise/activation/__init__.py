@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..calibration.progress import progress_bar
+from ..calibration.run import calibration_batches, pick_device
 from ..errors import ConfigError
 from ..models.adapters import ModelAdapter
 from . import cats, chess, rsparse, teal, topk, wina  # noqa: F401  (registration side effect)
@@ -128,8 +130,6 @@ def sparsify_activations(model: nn.Module, method: str | ActivationMethod = "tea
     per-block allocation up to ``greedy_limit`` on the first ``greedy_calls`` calibration
     batches. Reversible with :func:`remove_activation_sparsity`; the model's weights never change.
     """
-    from ..oneshot import calibration_batches, pick_device
-
     if allocation not in ("uniform", "greedy"):
         raise ConfigError(f"allocation must be 'uniform' or 'greedy', got {allocation!r}.")
     if not 0.0 <= sparsity < 1.0:
@@ -148,12 +148,10 @@ def sparsify_activations(model: nn.Module, method: str | ActivationMethod = "tea
     compute = pick_device(device, model)
     greedy = {"step": greedy_step, "limit": greedy_limit, "calls": greedy_calls} if allocation == "greedy" else None
     if batches:
-        bar = _progress_bar(len(adapter.blocks), progress, chosen.name)
-        hooks, trajectories = calibrate(model, adapter, chosen, batches, samples_per_site=samples_per_site,
-                                        seed=seed, device=compute, greedy=greedy,
-                                        progress=(lambda _i: bar.update(1)) if bar else None)
-        if bar:
-            bar.close()
+        with progress_bar(len(adapter.blocks), f"calibrating {chosen.name}", progress, unit="block") as bar:
+            hooks, trajectories = calibrate(model, adapter, chosen, batches, samples_per_site=samples_per_site,
+                                            seed=seed, device=compute, greedy=greedy,
+                                            progress=lambda _index: bar.update(1))
     else:
         hooks, trajectories = _uncalibrated_hooks(adapter, chosen), []
     handle = ActivationSparsity(model, chosen, hooks, allocation, trajectories)
@@ -175,14 +173,6 @@ def _uncalibrated_hooks(adapter: ModelAdapter, method: ActivationMethod) -> list
             method.prepare(site)
             hooks.append(SiteHook(site, method, None))
     return hooks
-
-
-def _progress_bar(total: int, enabled: bool, name: str):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=f"calibrating {name}", unit="block")
 
 
 def remove_activation_sparsity(model: nn.Module) -> int:

@@ -19,7 +19,8 @@ from typing import ClassVar
 import torch
 
 from ..calibration.distributed import sum_across_ranks_
-from ..calibration.engine import batch_rows, calibration_batches, check_memory
+from ..calibration.engine import batch_rows, check_memory
+from ..calibration.run import calibration_batches
 from ..errors import ConfigError
 from .base import AllocationContext, register
 

@@ -17,6 +17,7 @@ from typing import ClassVar
 import torch
 
 from ..calibration.engine import OBSERVE, sequential_calibration
+from ..calibration.run import calibration_batches
 from ..calibration.stats import STAT_NORMS
 from ..errors import ConfigError
 from ..scores import wanda_scores
@@ -51,8 +52,6 @@ class OWL:
 
     def block_outlier_ratios(self, context: AllocationContext) -> dict[int, float]:
         """D_l of every block holding counted layers, from one dense calibration pass."""
-        from ..oneshot import calibration_batches
-
         adapter = context.adapter
         if adapter is None or context.calibration is None:
             raise ConfigError("allocation 'owl' needs calibration data (Wanda scores of the dense model).")

@@ -26,6 +26,7 @@ from ..calibration.engine import (
     collect_block_stats,
     run_block,
 )
+from ..calibration.run import calibration_batches
 from ..calibration.stats import STAT_NORMS
 from ..errors import ConfigError
 from ..patterns import mask_from_scores
@@ -71,8 +72,6 @@ def evolve_levels(costs: torch.Tensor, sizes: torch.Tensor, *, generations: int 
 @torch.no_grad()
 def block_costs(context: AllocationContext, levels: list[float], batch_size: int) -> torch.Tensor:
     """[blocks, levels] relative output error of each block pruned by Wanda at each level."""
-    from ..oneshot import calibration_batches
-
     adapter, device = context.adapter, context.device
     block_ids = sorted({shape.block for shape in context.shapes.values()})
     if block_ids and block_ids[0] < 0:

@@ -1,21 +1,22 @@
-"""Calibration: sequential block-by-block capture, per-layer input statistics, batching of the
-calibration samples (any accepted form, :func:`sparsewise.data.as_calibration`) and memory checks
-ahead of predictable passes."""
+"""Calibration: the run context (device, batching of the calibration samples in any accepted form,
+:func:`sparsewise.data.as_calibration`, memory gauges), sequential block-by-block capture with per-layer
+input statistics, and memory checks ahead of predictable passes."""
 
 from .engine import (
     BlockCall,
     InsufficientMemoryError,
     available_memory,
-    calibration_batches,
     capture_block_inputs,
     check_memory,
     collect_block_stats,
     sequential_calibration,
 )
+from .run import calibration_batches, gpu_peak_mb, peak_rss_mb, pick_device, start_gpu_peak
 from .stats import KNOWN_STATS, STAT_HESSIAN, STAT_MOMENTS, STAT_NORMS, LayerStats
 
 __all__ = [
-    "KNOWN_STATS", "STAT_HESSIAN", "STAT_MOMENTS", "STAT_NORMS", "BlockCall", "InsufficientMemoryError", "LayerStats",
-    "available_memory", "calibration_batches", "capture_block_inputs", "check_memory", "collect_block_stats",
-    "sequential_calibration",
+    "KNOWN_STATS", "STAT_HESSIAN", "STAT_MOMENTS", "STAT_NORMS", "BlockCall",
+    "InsufficientMemoryError", "LayerStats", "available_memory", "calibration_batches", "capture_block_inputs",
+    "check_memory", "collect_block_stats", "gpu_peak_mb", "peak_rss_mb", "pick_device",
+    "sequential_calibration", "start_gpu_peak",
 ]

@@ -20,65 +20,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..data import as_calibration
 from ..errors import ConfigError, NumericalError, UnsupportedModelError
-from .distributed import all_reduce_stats, any_rank, shard_samples, world
+from .distributed import all_reduce_stats, any_rank
 from .stats import LayerStats
 
 
 class _StopForward(Exception):
     """Raised inside the first block's pre-hook: everything after block 0 is not needed."""
-
-
-def calibration_batches(calibration, batch_size: int | None) -> list[dict]:
-    """Calibration as model-input dicts of at most ``batch_size`` samples; None = everything in one batch.
-
-    ``calibration`` may come in any form :func:`sparsewise.data.as_calibration` accepts (a
-    CalibrationSet, a tensor of token ids, one dict holding all samples, a list of tensors or of
-    dicts): the samples are re-batched by ``batch_size`` whatever batches they came in, so
-    passes that need micro-batches (block-mode statistics, gradients) never run one huge batch.
-
-    Under torch.distributed (torchrun) each rank keeps only its share of the samples
-    (:func:`~sparsewise.calibration.distributed.shard_samples`), re-batched by ``batch_size``:
-    the engine all-reduces the statistics, so together the ranks calibrate on every sample once.
-    """
-    calibration = as_calibration(calibration)
-    world_size = world()[1]
-    join = batch_size is None or world_size > 1
-    batches = list(calibration.batches(max(len(calibration), 1) if join else batch_size))
-    if join and len(batches) > 1:
-        batches = [_join_batches(batches)]
-    if world_size > 1:
-        share = shard_samples(batches[0] if batches else {})
-        count = next(value.shape[0] for value in share.values() if isinstance(value, torch.Tensor))
-        step = batch_size or count
-        batches = [{key: value[start : start + step] if isinstance(value, torch.Tensor) else value
-                    for key, value in share.items()} for start in range(0, count, step)]
-    return batches
-
-
-def _join_batches(batches: list[dict]) -> dict:
-    """One batch of all samples (sequential='layer', or before sharding across ranks)."""
-    keys = batches[0].keys()
-    if any(batch.keys() != keys for batch in batches):
-        raise ConfigError("calibration batches must all hold the same inputs to be joined into one batch.")
-    joined = {}
-    for key in keys:
-        values = [batch[key] for batch in batches]
-        if not all(isinstance(value, torch.Tensor) for value in values):
-            if any(value is not values[0] and value != values[0] for value in values):
-                raise ConfigError(f"calibration input {key!r} differs between batches and is not a tensor: "
-                                  "it cannot be joined into one batch; use sequential='block'.")
-            joined[key] = values[0]
-            continue
-        if len({tuple(value.shape[1:]) for value in values}) != 1:
-            raise ConfigError(
-                f"calibration samples of different shapes ({key!r}: "
-                f"{sorted({tuple(value.shape[1:]) for value in values})}) cannot run as one batch: use "
-                "sequential='block' (batches of batch_size), or give samples of one seqlen."
-            )
-        joined[key] = torch.cat(values)
-    return joined
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,14 +1,14 @@
-"""ARMOR over a whole model: block-by-block factorization, records, and ``prune(method="armor")``.
+"""ARMOR over a whole model: block-by-block factorization and the records of its 2:4 cores.
 
 The math (one layer's factorization, :class:`ARMORLinear`) lives in :mod:`.armor`; this module is
 the plumbing: sequential calibration, swapping modules in their parents (undone on failure), and
 the :class:`~sparsewise.records.LayerRecord` of each 2:4 core so that save, report and the
-runtime treat it like any pruned linear.
+runtime treat it like any pruned linear. ``prune(method="armor")`` (:mod:`sparsewise.oneshot`)
+calls :func:`armor` and reports the run.
 """
 
 from __future__ import annotations
 
-import time
 import zlib
 from collections.abc import Sequence
 from typing import Any
@@ -66,9 +66,10 @@ def armor(
     original modules are put back, so the model is left as it was.
     """
     from ..calibration.engine import sequential_calibration
+    from ..calibration.progress import progress_bar
+    from ..calibration.run import calibration_batches
     from ..calibration.stats import STAT_NORMS
     from ..models.adapters import ModelAdapter, PrunableLayer
-    from ..oneshot import _progress_bar, calibration_batches
 
     _check_settings(iterations, lr, patience, rtol, 0.0, select)
     adapter = ModelAdapter(model, include=include, exclude=exclude)
@@ -92,7 +93,7 @@ def armor(
     replaced: list[tuple[nn.Module, str, nn.Module]] = []
     infos: dict[str, dict[str, Any]] = {}
     records: dict[str, LayerRecord] = {}
-    bar = _progress_bar(len(names), "armor 2:4", progress, unit="layer")
+    bar = progress_bar(len(names), "armor 2:4", progress, unit="layer")
 
     def factorize_layer(name: str, stats) -> None:
         original = model.get_submodule(name)
@@ -118,36 +119,3 @@ def armor(
         bar.close()
     set_records(model, {**{k: v for k, v in get_records(model).items() if k not in infos}, **records})
     return infos
-
-
-def prune_armor(model: nn.Module, calibration, *, pattern, include, exclude, device, seed: int,
-                batch_size: int, method_options: dict[str, Any] | None, progress: bool):
-    """``sw.prune(model, method="armor", pattern="2:4", ...)``: :func:`armor` behind the public verb."""
-    from ..oneshot import (
-        PruneResult,
-        _calibration_facts,
-        gpu_peak_mb,
-        peak_rss_mb,
-        pick_device,
-        start_gpu_peak,
-    )
-
-    if str(pattern) != "2:4":
-        raise ConfigError(f"ARMOR factorizes around a 2:4 core; pattern must be '2:4', got {pattern}.")
-    if calibration is None:
-        raise ConfigError("method 'armor' needs calibration data: pass calibration=sw.data.calibration(...).")
-    unknown = sorted(set(method_options or {}) - set(ARMOR_OPTIONS))
-    if unknown:
-        raise ConfigError(f"unknown ARMOR option(s) {unknown}; known: {', '.join(ARMOR_OPTIONS)}.")
-    compute_device = pick_device(device, model)
-    start_gpu_peak(compute_device)
-    start = time.perf_counter()
-    infos = armor(model, calibration, include=include, exclude=exclude, batch_size=batch_size,
-                  device=compute_device, seed=seed, progress=progress, **dict(method_options or {}))
-    records = {f"{name}.sparse": get_records(model)[f"{name}.sparse"] for name in infos}
-    return PruneResult(
-        method="armor", pattern="2:4", sparsity=0.5, records=records, wall_s=time.perf_counter() - start,
-        peak_rss_mb=peak_rss_mb(),
-        peak_gpu_mb=gpu_peak_mb(compute_device),
-        device=str(compute_device), sequential="block", calibration=_calibration_facts(calibration),
-    )
