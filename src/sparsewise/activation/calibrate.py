@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from ..calibration.engine import BlockCall, capture_block_inputs, move_to, run_block
+from ..calibration.engine import BlockCall, BlockWalk, capture_block_inputs, move_to, run_block
 from ..errors import ConfigError, UnsupportedModelError
 from ..models.adapters import ModelAdapter, PrunableLayer
 from .base import ActivationMethod, Site
@@ -94,40 +94,45 @@ def calibrate(model: nn.Module, adapter: ModelAdapter, method: ActivationMethod,
               samples_per_site: int, seed: int, device: torch.device, greedy: dict | None = None,
               progress=None) -> tuple[list[SiteHook], list[list[tuple[float, dict[str, float]]]]]:
     """Hooks (not yet attached) for every site, with score samples; plus, when ``greedy`` is given,
-    each block's allocation trajectory [(block sparsity, {site: sparsity}), ...]."""
+    each block's allocation trajectory [(block sparsity, {site: sparsity}), ...].
+
+    On failure the model is left as it was (the engine's :class:`BlockWalk`: blocks back on their
+    devices, no hook left behind)."""
     generator = torch.Generator().manual_seed(seed)
     _, first_block = adapter.blocks[0]
-    calls = capture_block_inputs(model, first_block, batches, device)
     hooks: list[SiteHook] = []
     trajectories = []
-    for index, (_, block) in enumerate(adapter.blocks):
-        home = next((p.device for p in block.parameters()), device)
-        block.to(device)
-        sites = [site for kind in method.site_kinds for site in block_sites(adapter, index, kind, calls[0])]
-        for site in sites:
-            site.weight = site.weight.to(device)
-            method.prepare(site)
-        if method.observes_up:
-            _observe_up(block, sites, method, calls)
-        for site in sites:
-            method.finish_observing(site)
-        samples = {site.name: [] for site in sites}
-        outputs = _sampled_forward(block, sites, method, calls, samples, samples_per_site, generator) \
-            if method.selection == "threshold" else run_block(block, calls)
-        block_hooks = [SiteHook(site, method, torch.cat(samples[site.name]) if samples[site.name] else None)
-                       for site in sites]
-        if greedy is not None:
-            trajectories.append(greedy_trajectory(block, calls[: greedy["calls"]], outputs[: greedy["calls"]],
-                                                  block_hooks, step=greedy["step"], limit=greedy["limit"]))
-        hooks += block_hooks
-        for site in sites:
-            site.weight = site.weight.to(home)
-            site.constants = {key: value.to(home) if isinstance(value, torch.Tensor) else value
-                              for key, value in site.constants.items() if not key.startswith("_")}
-        calls = [call.with_hidden_states(out) for call, out in zip(calls, outputs, strict=True)]
-        block.to(home)
-        if progress is not None:
-            progress(index)
+    calls = capture_block_inputs(model, first_block, batches, device)
+    with BlockWalk(model, adapter.blocks, calls, device) as walk:
+        del calls  # the walk holds the inputs of the block at hand, and frees them once it moves on
+        for step in walk:
+            block = step.block
+            sites = [site for kind in method.site_kinds
+                     for site in block_sites(adapter, step.index, kind, step.calls[0])]
+            for site in sites:
+                site.weight = site.weight.to(device)
+                method.prepare(site)
+            if method.observes_up:
+                _observe_up(block, sites, method, step.calls)
+            for site in sites:
+                method.finish_observing(site)
+            samples = {site.name: [] for site in sites}
+            outputs = _sampled_forward(block, sites, method, step.calls, samples, samples_per_site, generator) \
+                if method.selection == "threshold" else run_block(block, step.calls)
+            block_hooks = [SiteHook(site, method, torch.cat(samples[site.name]) if samples[site.name] else None)
+                           for site in sites]
+            if greedy is not None:
+                count = greedy["calls"]
+                trajectories.append(greedy_trajectory(block, step.calls[:count], outputs[:count], block_hooks,
+                                                      step=greedy["step"], limit=greedy["limit"]))
+            hooks += block_hooks
+            for site in sites:  # the hooks keep these: they go where the block goes back to
+                site.weight = site.weight.to(step.home)
+                site.constants = {key: value.to(step.home) if isinstance(value, torch.Tensor) else value
+                                  for key, value in site.constants.items() if not key.startswith("_")}
+            step.outputs = outputs
+            if progress is not None:
+                progress(step.index)
     return hooks, trajectories
 
 

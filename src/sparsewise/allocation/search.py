@@ -19,13 +19,7 @@ from typing import ClassVar
 
 import torch
 
-from ..calibration.engine import (
-    _block_output,
-    _module_device,
-    capture_block_inputs,
-    collect_block_stats,
-    run_block,
-)
+from ..calibration.engine import BlockWalk, capture_block_inputs, collect_block_stats, run_block
 from ..calibration.run import calibration_batches
 from ..calibration.stats import STAT_NORMS
 from ..errors import ConfigError
@@ -79,15 +73,16 @@ def block_costs(context: AllocationContext, levels: list[float], batch_size: int
     calls = capture_block_inputs(context.model, adapter.blocks[0][1],
                                  calibration_batches(context.calibration, batch_size), device)
     costs = torch.zeros(len(block_ids), len(levels), dtype=torch.float64)
-    for index, (_name, block) in enumerate(adapter.blocks):
-        home = _module_device(block)
-        block.to(device)
-        try:
-            outputs = run_block(block, calls)
-            if index in block_ids:
-                layers = {name: layer for name, layer in adapter.block_layers(index).items() if name in context.shapes}
+    with BlockWalk(context.model, adapter.blocks, calls, device) as walk:
+        del calls  # the walk holds the inputs of the block at hand, and frees them once it moves on
+        for step in walk:
+            block = step.block
+            outputs = run_block(block, step.calls)
+            if step.index in block_ids:
+                layers = {name: layer for name, layer in adapter.block_layers(step.index).items()
+                          if name in context.shapes}
                 stats = collect_block_stats(block, {n: layer.module for n, layer in layers.items()},
-                                            {n: layer.in_features for n, layer in layers.items()}, calls,
+                                            {n: layer.in_features for n, layer in layers.items()}, step.calls,
                                             frozenset({STAT_NORMS}))
                 originals = {name: layer.get_weight().detach().clone() for name, layer in layers.items()}
                 scores = {name: wanda_scores(originals[name].float(), stats[name].channel_norms) for name in layers}
@@ -97,15 +92,13 @@ def block_costs(context: AllocationContext, levels: list[float], batch_size: int
                         for name, layer in layers.items():
                             keep = mask_from_scores(scores[name], level, "unstructured")
                             layer.set_weight(originals[name] * keep.to(originals[name].dtype))
-                        error = sum(float(((_block_output(block(*call.args, **call.kwargs)).float()
-                                            - out.float()) ** 2).sum()) for call, out in zip(calls, outputs, strict=True))
-                        costs[block_ids.index(index), level_index] = error / max(reference, 1e-30)
+                        error = sum(float(((run_block(block, [call])[0].float() - out.float()) ** 2).sum())
+                                    for call, out in zip(step.calls, outputs, strict=True))
+                        costs[block_ids.index(step.index), level_index] = error / max(reference, 1e-30)
                 finally:
                     for name, layer in layers.items():
                         layer.set_weight(originals[name])
-        finally:
-            block.to(home)
-        calls = [call.with_hidden_states(out) for call, out in zip(calls, outputs, strict=True)]
+            step.outputs = outputs
     return costs
 
 

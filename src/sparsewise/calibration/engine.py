@@ -6,6 +6,10 @@ again to produce the *pruned* block's outputs, and feed those to the next block.
 block's activations live at a time; blocks may be onloaded to ``device`` one at a time while
 the rest of the model stays where it is.
 
+:class:`BlockWalk` is the one walk over the blocks (onload, inputs, offload, restore on
+failure); :func:`sequential_calibration`, activation calibration and the allocation search
+all run on it.
+
 No per-family forward code: the block receives exactly the positional and keyword arguments
 the model's own forward gave it (attention masks, rotary embeddings, position ids, ...).
 """
@@ -14,7 +18,7 @@ from __future__ import annotations
 
 import inspect
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -229,6 +233,120 @@ def run_block(block: nn.Module, calls: list[BlockCall]) -> list[torch.Tensor]:
     return [_block_output(block(*call.args, **call.kwargs)) for call in calls]
 
 
+# ----------------------------------------------------------------------------------------------
+# The walk over blocks
+# ----------------------------------------------------------------------------------------------
+
+# Hook tables of a module, and the side tables torch keys by the same hook ids (kwargs and
+# always-called flags): a hook left behind by a failed walk is dropped from all of them.
+_HOOK_TABLES = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+_HOOK_SIDE_TABLES = ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+def _hook_ids(model: nn.Module) -> dict[int, dict[str, set[int]]]:
+    """{id(module): {hook table: hook ids}} of every module of ``model``."""
+    return {id(module): {table: set(getattr(module, table, ())) for table in _HOOK_TABLES}
+            for module in model.modules()}
+
+
+def _remove_hooks_since(model: nn.Module, before: dict[int, dict[str, set[int]]]) -> None:
+    """Remove every hook registered on ``model``'s modules that ``before`` (:func:`_hook_ids`) lacks."""
+    for module in model.modules():
+        known = before.get(id(module), {})
+        for table_name in _HOOK_TABLES:
+            table = getattr(module, table_name, None)
+            if not table:
+                continue
+            for hook_id in [hook_id for hook_id in table if hook_id not in known.get(table_name, ())]:
+                del table[hook_id]
+                for side_name in _HOOK_SIDE_TABLES:
+                    getattr(module, side_name, {}).pop(hook_id, None)
+
+
+@dataclass
+class BlockStep:
+    """One block of a :class:`BlockWalk`, on the compute device while its step lasts."""
+
+    index: int
+    name: str
+    block: nn.Module
+    calls: list[BlockCall]  # the block's inputs, one per calibration batch
+    home: torch.device  # where the block goes back after its step
+    outputs: list[torch.Tensor] | None = None  # set by the caller: the next block's hidden states, one per call
+
+
+class BlockWalk:
+    """The walk over a model's blocks in order, each onloaded to ``device`` for its step only.
+
+        calls = capture_block_inputs(model, blocks[0][1], batches, device)
+        with BlockWalk(model, blocks, calls, device) as walk:
+            for step in walk:
+                step.outputs = run_block(step.block, step.calls)
+
+    Each step holds one block, moved to ``device``, with its inputs (``step.calls``: block 0's
+    captured calls, then the previous block's outputs); the caller sets ``step.outputs`` and the
+    walk moves the block back to where it was and passes the outputs on as the next block's
+    hidden states (the other call arguments stay). After the walk ``calls`` holds the last
+    block's outputs as calls.
+
+    Blocks before ``start_block`` are skipped (resuming; ``calls`` are then the inputs of
+    ``start_block``). ``before_onload(index)`` runs while the block is still at home.
+
+    Leaving the ``with`` early (``break``) moves the open block back too. On failure (any
+    exception inside the ``with``, KeyboardInterrupt included) the open block goes back to where
+    it was and every hook registered on the model's modules since the walk began is removed: the
+    model is left on the devices, and with the hooks, it had.
+    """
+
+    def __init__(self, model: nn.Module, blocks: list[tuple[str, nn.Module]], calls: list[BlockCall],
+                 device: torch.device | str, *, start_block: int = 0,
+                 before_onload: Callable[[int], None] | None = None):
+        self.model, self.blocks, self.calls, self.device = model, blocks, calls, torch.device(device)
+        self.start_block, self.before_onload = start_block, before_onload
+        self._hooks_before: dict[int, dict[str, set[int]]] | None = None
+        self._steps: Iterator[BlockStep] | None = None
+
+    def __enter__(self) -> BlockWalk:
+        self._hooks_before = _hook_ids(self.model)
+        return self
+
+    def __exit__(self, exc_type, _exc, _tb) -> bool:
+        try:
+            if self._steps is not None:
+                self._steps.close()  # a step still open (an exception, a break): its block goes home
+        finally:
+            if exc_type is not None:
+                _remove_hooks_since(self.model, self._hooks_before or {})
+        return False
+
+    def __iter__(self) -> Iterator[BlockStep]:
+        if self._hooks_before is None:
+            raise RuntimeError("iterate a BlockWalk inside `with BlockWalk(...) as walk:`, which restores the "
+                               "model on failure.")
+        if self._steps is not None:
+            raise RuntimeError("a BlockWalk walks once; make a new one.")
+        self._steps = self._walk()
+        return self._steps
+
+    def _walk(self) -> Iterator[BlockStep]:
+        for index, (name, block) in enumerate(self.blocks):
+            if index < self.start_block:
+                continue
+            home = _module_device(block)
+            if self.before_onload is not None:
+                self.before_onload(index)
+            step = BlockStep(index, name, block, self.calls, home)
+            try:
+                block.to(self.device)
+                yield step
+            finally:
+                block.to(home)  # also on failure (or a close by __exit__): the model ends where it started
+            if step.outputs is None:
+                raise ValueError(f"block {index} ({name}): set step.outputs, the hidden states for the next block.")
+            self.calls = [call.with_hidden_states(out) for call, out in zip(self.calls, step.outputs, strict=True)]
+            step.calls, step.outputs = [], None  # the walk holds the only reference to the next block's inputs
+
+
 @torch.no_grad()
 def collect_block_stats(
     block: nn.Module, layers: dict[str, nn.Module], in_features: dict[str, int], calls: list[BlockCall],
@@ -410,8 +528,10 @@ def sequential_calibration(
 
     Resuming: ``start_block`` skips blocks already done, whose outputs are given as
     ``hidden_states`` (one tensor per batch); ``after_block(index, name, outputs)`` sees every
-    finished block's outputs so a caller can checkpoint them. ``before_block(index)`` runs
-    while the block is still at home, before it is moved to ``device``.
+    finished block's outputs so a caller can checkpoint them (the block is still on ``device``
+    then). ``before_block(index)`` runs while the block is still at home, before it is moved to
+    ``device``. The blocks are walked by :class:`BlockWalk`: on failure every block is back
+    where it was and no hook of the walk is left.
 
     ``reconstruct(index, block, calls, targets)``: after a block is pruned, refit it so its
     outputs on ``calls`` (the pruned model's inputs) approach ``targets``, the dense model's
@@ -442,24 +562,16 @@ def sequential_calibration(
         if streams == 2:
             dense_calls = [call.with_hidden_states(state) for call, state in zip(calls, hidden[len(calls):], strict=True)]
         calls = [call.with_hidden_states(state) for call, state in zip(calls, hidden[: len(calls)], strict=True)]
-    for index, (name, block) in enumerate(blocks):
-        if index < start_block:
-            continue
-        home = _module_device(block)
-        if before_block is not None:
-            before_block(index)
-        block.to(device)
-        try:
-            targets = run_block(block, dense_calls) if reconstruct is not None else []
-            outputs = _process_block(block, block_layers(index), calls, wanted, prune_layer, mode)
+    with BlockWalk(model, blocks, calls, device, start_block=start_block, before_onload=before_block) as walk:
+        del calls  # the walk holds the pruned stream's inputs: a local here would keep block 0's alive to the end
+        for step in walk:
+            targets = run_block(step.block, dense_calls) if reconstruct is not None else []
+            outputs = _process_block(step.block, block_layers(step.index), step.calls, wanted, prune_layer, mode)
             if reconstruct is not None:
                 del outputs
-                reconstruct(index, block, calls, targets)
-                outputs = run_block(block, calls)
-        finally:
-            block.to(home)  # also on failure: the caller's model must end where it started
-        calls = [call.with_hidden_states(out) for call, out in zip(calls, outputs, strict=True)]
-        if reconstruct is not None:
-            dense_calls = [call.with_hidden_states(out) for call, out in zip(dense_calls, targets, strict=True)]
-        if after_block is not None:
-            after_block(index, name, outputs + targets)
+                reconstruct(step.index, step.block, step.calls, targets)
+                outputs = run_block(step.block, step.calls)
+                dense_calls = [call.with_hidden_states(out) for call, out in zip(dense_calls, targets, strict=True)]
+            step.outputs = outputs
+            if after_block is not None:
+                after_block(step.index, step.name, outputs + targets)
