@@ -16,6 +16,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -192,9 +193,11 @@ def bench_prefill(name: str, n: int, k: int, ms: list[int], rows: list) -> None:
         dense_ms = timed(lambda i: (lambda: F.linear(x, dense_copies[i])), copies)
         for transposed in (False, True):
             for searched in (False, True):
-                found = {}
+                found, search_s = {}, 0.0
                 if searched:
+                    started = time.perf_counter()
                     found = cslt[0].search(m, transposed=transposed)
+                    search_s = time.perf_counter() - started
                     for other in cslt[1:]:
                         other.alg_ids.update(cslt[0].alg_ids)
                         other._plans.clear()
@@ -208,10 +211,11 @@ def bench_prefill(name: str, n: int, k: int, ms: list[int], rows: list) -> None:
                                                                    if searched else " alg 0")
                 row = {"shape": name, "n": n, "k": k, "mode": "2:4 cuSPARSELt", "m": m, "config": [label],
                        "sparse_us": sparse_ms * 1e3, "dense_us": dense_ms * 1e3, "ratio": dense_ms / sparse_ms,
-                       "rel_err": err}
+                       "rel_err": err, "search_s": search_s, "faulted": found.get("faulted", [])}
                 rows.append(row)
                 print(f"{name:5s} 2:4 cuSPARSELt M={m:<5d} {label:24s} sparse {row['sparse_us']:8.1f} us  dense "
-                      f"{row['dense_us']:8.1f} us  {row['ratio']:5.2f}x  err {err:.1e}", flush=True)
+                      f"{row['dense_us']:8.1f} us  {row['ratio']:5.2f}x  err {err:.1e}"
+                      + (f"  (search {search_s:.0f} s, faulted ids {found['faulted']})" if searched else ""), flush=True)
 
 
 def main() -> None:

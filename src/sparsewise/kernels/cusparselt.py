@@ -333,7 +333,8 @@ class CsltLinear:
         return out.reshape(*lead, n)
 
 
-def _time_ids(linear: CsltLinear, padded: int, transposed: bool, start: int, repeats: int) -> None:
+def _time_ids(linear: CsltLinear, padded: int, transposed: bool, start: int, repeats: int,
+              skip: frozenset[int] = frozenset()) -> None:
     """Child side of :meth:`CsltLinear.search`: one line per id on stdout, "try" before each launch."""
     from ..runtime.dispatch import events_median
 
@@ -343,6 +344,9 @@ def _time_ids(linear: CsltLinear, padded: int, transposed: bool, start: int, rep
     out = torch.empty(*((n, padded) if transposed else (padded, n)), dtype=linear.dtype, device=linear.device)
     alg_id, max_id = start, start
     while alg_id <= max_id:
+        if alg_id in skip and alg_id != 0:  # id 0 also tells the id range
+            alg_id += 1
+            continue
         print(f"try {alg_id}", flush=True)
         try:
             plan = _Plan(linear, padded, alg_id, mode)
@@ -364,10 +368,13 @@ def _search_in_children(shape, dtype, device, padded, transposed, repeats, timeo
     faulted: list[int] = []
     start, deadline = 0, time.monotonic() + timeout_s
     index = device.index if device.index is not None else torch.cuda.current_device()
+    faults_key = f"{torch.cuda.get_device_name(index)}|{'y^T' if transposed else 'y'}"
+    known = _known_faults()
+    skip = set(known.get(faults_key, []))
     while time.monotonic() < deadline:
         command = [sys.executable, "-m", "sparsewise.kernels.cusparselt", str(shape[0]), str(shape[1]),
                    str(dtype).removeprefix("torch."), str(padded), str(int(transposed)), str(start), str(repeats),
-                   str(index)]
+                   str(index), ",".join(map(str, sorted(skip))) or "-"]
         try:
             child = subprocess.run(command, capture_output=True, text=True,
                                    timeout=max(deadline - time.monotonic(), 1.0))
@@ -390,18 +397,49 @@ def _search_in_children(shape, dtype, device, padded, transposed, repeats, timeo
         if last_try is None:  # the child died before timing anything: not an algorithm's fault
             raise CusparseLtError(f"the cuSPARSELt search child failed: {child.stderr.strip()[-500:]}")
         faulted.append(last_try)
+        skip.add(last_try)
+        known[faults_key] = sorted(skip)
+        _save_known_faults(known)  # later searches on this device skip it: one child per search
         start = last_try + 1
     return timings, faulted
+
+
+def _faults_path():
+    from pathlib import Path
+
+    root = Path(os.environ.get("SPARSEWISE_CACHE", Path.home() / ".cache" / "sparsewise")).expanduser()
+    return root / "cusparselt_faults.json"
+
+
+def _known_faults() -> dict[str, list[int]]:
+    import json
+
+    try:
+        data = json.loads(_faults_path().read_text())
+        return {key: [int(i) for i in ids] for key, ids in data.items()} if isinstance(data, dict) else {}
+    except (OSError, ValueError, TypeError):
+        return {}  # absent or damaged: the search finds the faults again
+
+
+def _save_known_faults(known: dict[str, list[int]]) -> None:
+    import json
+    import tempfile
+
+    path = _faults_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
+        json.dump(known, handle, indent=1, sort_keys=True)
+    os.replace(handle.name, path)
 
 
 if __name__ == "__main__":  # the search's child process (see CsltLinear.search)
     import sys
 
-    rows, cols, dtype_name, padded_rows, transposed_flag, first_id, repeat_count, device_index = sys.argv[1:9]
+    rows, cols, dtype_name, padded_rows, transposed_flag, first_id, repeat_count, device_index, skipped = sys.argv[1:10]
     torch.cuda.set_device(int(device_index))
     from ..patterns import nm_mask
 
     generator = torch.Generator(device="cuda").manual_seed(0)
     dense = torch.randn(int(rows), int(cols), device="cuda", generator=generator).to(getattr(torch, dtype_name))
     _time_ids(CsltLinear(dense * nm_mask(dense.abs(), 2, 4)), int(padded_rows), bool(int(transposed_flag)), int(first_id),
-              int(repeat_count))
+              int(repeat_count), frozenset() if skipped == "-" else frozenset(int(i) for i in skipped.split(",")))
