@@ -219,3 +219,31 @@ def test_accelerate_follows_the_pruning_records():
     report = accelerate(model, rows=None)
     assert dropped not in report.swapped and report.skipped[dropped] == "not pruned (no record)"
     assert sorted(report.swapped) == sorted(set(records) - {dropped})
+
+
+def test_a_searched_cusparselt_id_reaches_every_layer_of_the_shape():
+    """tune() searches one layer per shape; the id travels in the choice. The key it is stored under
+    must be the one a plan looks up (bucket of the padded rows), or calls fall back to id 0."""
+    from sparsewise.kernels.cusparselt import CsltLinear, algorithm_key
+
+    class FakeCslt:  # CsltLinear's bookkeeping without a GPU
+        mode = "sparse_a"
+        use_algorithm = CsltLinear.use_algorithm
+
+        def __init__(self):
+            self.alg_ids, self._plans, self.calls = {}, {}, []
+
+        def __call__(self, x, bias, transposed=False):
+            rows = x.reshape(-1, x.shape[-1]).shape[0]
+            key = algorithm_key(-(-rows // 16) * 16, "sparse_a_t" if transposed else self.mode)
+            self.calls.append(self.alg_ids.get(key, 0))
+            return torch.zeros(*x.shape[:-1], 8)
+
+    linear = torch.nn.Linear(32, 8, bias=False).requires_grad_(False)
+    linear.weight.mul_(nm_mask(linear.weight.abs(), 2, 4))
+    layer = SparseLinear.from_linear(linear, pattern="2:4")
+    layer.cslt = FakeCslt()
+    for rows, transposed in ((8, False), (3, True), (100, False)):
+        layer.run(torch.randn(rows, 32), {"backend": "cusparselt", "alg_id": 7 + rows, "transposed": transposed})
+    assert layer.cslt.calls == [15, 10, 107]
+    assert algorithm_key(8, "sparse_a") == algorithm_key(16, "sparse_a") != algorithm_key(17, "sparse_a")

@@ -46,6 +46,14 @@ def _bucket(rows: int) -> int:
     return min(1 << max(rows - 1, 0).bit_length(), 8192)
 
 
+def algorithm_key(rows: int, mode: str) -> tuple[int, str]:
+    """Key of ``alg_ids``: the bucket of the padded row count (what a plan is built for) and layout.
+
+    Searches, calls and the dispatch table must agree on it: an id found for 8 rows (planned as
+    16) that is looked up under another key silently falls back to id 0, 4-7x slower."""
+    return _bucket(-(-rows // 16) * 16), mode
+
+
 def _opaque():
     return (ctypes.c_uint8 * _OPAQUE)()
 
@@ -273,13 +281,21 @@ class CsltLinear:
         key = (m, mode)
         plan = self._plans.get(key)
         if plan is None:
-            plan = _Plan(self, m, self.alg_ids.get((_bucket(m), mode), 0), mode)
+            plan = _Plan(self, m, self.alg_ids.get(algorithm_key(m, mode), 0), mode)
             self._plans[key] = plan
             if len(self._plans) > _PLANS_PER_WEIGHT:
                 self._plans.popitem(last=False)
         else:
             self._plans.move_to_end(key)
         return plan
+
+    def use_algorithm(self, rows: int, alg_id: int, *, transposed: bool = False) -> None:
+        """Serve calls of ``rows`` rows (its whole bucket) in one output layout with ``alg_id``."""
+        key = algorithm_key(rows, "sparse_a_t" if transposed else self.mode)
+        if self.alg_ids.get(key) != alg_id:
+            self.alg_ids[key] = alg_id
+            for planned in [planned for planned in self._plans if algorithm_key(*planned) == key]:
+                del self._plans[planned]  # the next call builds its plan with this id
 
     def search(self, m: int, *, transposed: bool = False, repeats: int = 10, timeout_s: float = 300.0) -> dict:
         """Time every algorithm id for ``m`` rows (padded to 16) in one output layout; keep the fastest.
@@ -300,9 +316,7 @@ class CsltLinear:
             raise CusparseLtError(f"no cuSPARSELt algorithm serves {padded}x{self.shape[1]} @ {self.shape[1]}x"
                                   f"{self.shape[0]} in layout {mode!r} (faulted: {faulted})")
         best = min(timings, key=timings.get)
-        self.alg_ids[(_bucket(padded), mode)] = best
-        for key in [key for key in self._plans if key[1] == mode and _bucket(key[0]) == _bucket(padded)]:
-            del self._plans[key]  # the next call builds its plan with the chosen id
+        self.use_algorithm(m, best, transposed=transposed)
         return {"alg_id": best, "ms": timings[best], "default_ms": timings.get(0, float("nan")), "tried": len(timings),
                 "faulted": faulted}
 

@@ -6,8 +6,9 @@ Layouts (:mod:`sparsewise.kernels.layouts`): 2:4 weights whose K is a multiple o
 per call by the row count M (the measured dispatch table, else :func:`default_choice`):
   * ``gemv``: the CUDA C++ decode kernels (:mod:`sparsewise.kernels.decode`), M <= 16;
   * ``gemv_tc``: 2:4 on sparse tensor cores (``mma.sp`` over the same layout), M <= 16;
-  * ``cusparselt``: 2:4 sparse tensor cores with plans cached per M (only with ``prefill=True``:
-    a second compressed copy, +0.56x of dense);
+  * ``cusparselt``: 2:4 sparse tensor cores, plans cached per M, algorithm ids searched per
+    (shape, M bucket) by ``tune`` (a second compressed copy, +0.56x of dense, kept only where a
+    served row count chose it or for prefill);
   * ``decompress``: rebuild the dense weight for the call, then cuBLAS (always possible);
   * on CPU (and in CI) the PyTorch reference of the same layouts.
 The compressed tensors are buffers (``state_dict``, ``.to()`` work; a move drops the cuSPARSELt
@@ -196,9 +197,8 @@ class SparseLinear(nn.Module):
                                          self.in_features, config)
         if backend == "cusparselt":
             transposed = choice.get("transposed", False)
-            if "alg_id" in choice:  # the id tune() found for this bucket, also when read back from the table
-                self.cslt.alg_ids.setdefault((dispatch.bucket(x.numel() // self.in_features),
-                                              "sparse_a_t" if transposed else self.cslt.mode), choice["alg_id"])
+            if "alg_id" in choice:  # the id tune() found for this bucket (every layer of the shape shares it)
+                self.cslt.use_algorithm(x.numel() // self.in_features, choice["alg_id"], transposed=transposed)
             return self.cslt(x, self.bias, transposed=transposed)
         return F.linear(x, self.dense_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
