@@ -19,9 +19,11 @@ from . import bdwp, cast, dynamic, gmp, shrink, static, ste  # noqa: F401  (regi
 from .base import MethodBase, TrainingMethod, available_training_methods, get_training_method, register
 from .controller import MASK_BUFFER, SparseTraining, TrainedLayer
 from .distribution import layer_sparsities
+from .sparse24 import Sparse24Function, Sparse24Linear
 
-__all__ = ["MASK_BUFFER", "MethodBase", "SparseTraining", "TrainedLayer", "TrainingMethod", "attach",
-           "available_training_methods", "get_training_method", "register", "trained_layers"]
+__all__ = ["MASK_BUFFER", "MethodBase", "Sparse24Function", "Sparse24Linear", "SparseTraining", "TrainedLayer",
+           "TrainingMethod", "attach", "available_training_methods", "get_training_method", "register",
+           "trained_layers"]
 
 
 def trained_layers(model: nn.Module, include=None, exclude=None) -> dict:
