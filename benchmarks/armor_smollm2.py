@@ -1,6 +1,6 @@
 """ARMOR 2:4 on the real SmolLM2-135M, by the evaluation protocol (GPU: the factorization is iterative).
 
-fp32 model in CPU memory, blocks onloaded to ``--device``; ``sw.correction.armor(...)`` factorizes
+fp32 model in CPU memory, blocks onloaded to ``--device``; ``sparsewise.methods.armor.armor(...)`` factorizes
 every block linear as A . S . B (S 2:4, A and B block diagonal, 32 x 32 blocks), initialized
 from the NoWag-P 2:4 mask as in the paper; calibration C4 64 x 512 (seed 0); ppl on WikiText-2
 test (seqlen 512, 32 evenly spaced windows). Prints the proxy-loss reduction per layer type.
@@ -20,7 +20,7 @@ import torch
 import transformers
 
 import sparsewise as sw
-from sparsewise.correction.armor import armor
+from sparsewise.methods.armor import armor
 
 
 def main() -> None:

@@ -9,18 +9,18 @@ import torch
 from conftest import build_tiny
 from torch import nn
 
-from sparsewise.correction.armor import (
-    ARMORLinear,
+from sparsewise.data import CalibrationSet
+from sparsewise.errors import ConfigError, NumericalError, PatternError
+from sparsewise.methods.armor import armor
+from sparsewise.modules import ARMORLinear
+from sparsewise.patterns import nm_mask
+from sparsewise.solvers.armor import (
     armor_factorize,
     block_diag_apply,
     nowag_mask,
     nowag_normalize,
     proxy_loss,
 )
-from sparsewise.correction.armor_model import armor
-from sparsewise.data import CalibrationSet
-from sparsewise.errors import ConfigError, NumericalError, PatternError
-from sparsewise.patterns import nm_mask
 
 
 @pytest.fixture(autouse=True)
@@ -184,7 +184,7 @@ def test_armor_restores_modules_on_failure(monkeypatch):
             raise RuntimeError("boom")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("sparsewise.correction.armor.armor_factorize", failing)
+    monkeypatch.setattr("sparsewise.modules.armor.armor_factorize", failing)
     calibration = CalibrationSet(input_ids=torch.randint(0, 100, (2, 8)))
     with pytest.raises(RuntimeError, match="boom"):
         armor(model, calibration, block_size=16, iterations=2, progress=False)

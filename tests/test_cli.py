@@ -85,7 +85,7 @@ def test_default_job_self_calibration_with_recipe(tmp_path, capsys, smollm2):
     (["prune", "--sparsity", "1.5", "--self-n", "1"], "sparsity must be in"),
     (["prune", "--pattern", "3:2"], "0 < N < M"),
     (["prune", "--option", "nonsense"], "KEY=VALUE"),
-    (["prune", "--method", "armor"], "needs pattern 2:4"),
+    (["prune", "--method", "armor"], "takes patterns 2:4, not unstructured: pass --pattern 2:4"),
     (["prune", "--allocation-option", "nonsense"], "--allocation-option expects KEY=VALUE"),
     (["prune", "--reconstruct-option", "lr=0.001"], "add --reconstruct"),
     (["prune", "--pattern", "2:4", "--allocation", "owl", "--self-n", "1", "--self-seqlen", "8",

@@ -296,7 +296,7 @@ def test_onloaded_blocks_keep_their_originals_without_a_copy(tiny_llama):
 
     adapter = ModelAdapter(tiny_llama)
     layers = adapter.block_layers(0)
-    run = _LayerPruner(get_method("wanda"), Pattern.parse("unstructured"), 0.5, torch.device("cuda"),
+    run = _LayerPruner(tiny_llama, get_method("wanda"), Pattern.parse("unstructured"), 0.5, torch.device("cuda"),
                        torch.Generator(), {}, None, frozenset())
     originals = {name: layer.get_weight().clone() for name, layer in layers.items()}
     run.keep_originals(layers)
@@ -307,7 +307,7 @@ def test_onloaded_blocks_keep_their_originals_without_a_copy(tiny_llama):
     run.restore(layers)
     for name, layer in layers.items():
         assert torch.equal(layer.get_weight(), originals[name])
-    same_device = _LayerPruner(get_method("wanda"), Pattern.parse("unstructured"), 0.5, torch.device("cpu"),
+    same_device = _LayerPruner(tiny_llama, get_method("wanda"), Pattern.parse("unstructured"), 0.5, torch.device("cpu"),
                                torch.Generator(), {}, None, frozenset())
     same_device.keep_originals(layers)
     assert same_device.backup == {}  # pruned in place where it lives: apply() copies instead

@@ -31,7 +31,7 @@ def _registry_choices() -> dict[str, list[str]]:
     from .formats.checkpoint import FORMATS
     from .methods import available_methods
 
-    return {"method": sorted({*available_methods(), "armor"}),  # armor: sparsewise.correction.armor
+    return {"method": available_methods(),
             "allocation": available_allocators(), "refine": available_refiners(),
             "sequential": list(SEQUENTIAL_MODES), "save_format": list(FORMATS), "dtype": list(SAVE_DTYPES)}
 

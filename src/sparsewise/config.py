@@ -85,19 +85,17 @@ class PruneConfig:
 
     def validate(self) -> PruneConfig:
         """Fail fast (before any model is loaded) on settings that cannot work."""
-        from .methods import get_method
+        from .methods import check_pattern, get_method
         from .patterns import Pattern
 
+        method = get_method(self.method)
         if "," in str(self.pattern):  # mixed N:M choices, allocated per layer (checked fully by prune)
             for part in str(self.pattern).split(","):
-                Pattern.parse(part)
+                check_pattern(method, Pattern.parse(part))
         else:
-            Pattern.parse(self.pattern).resolve_sparsity(self.effective_sparsity())
-        if self.method == "armor":  # a factorization, not a per-layer mask method (sparsewise.correction.armor)
-            if str(Pattern.parse(self.pattern)) != "2:4":
-                raise ConfigError(f"method 'armor' needs pattern 2:4, got {self.pattern!r}: pass --pattern 2:4.")
-        else:
-            get_method(self.method)
+            pattern = Pattern.parse(self.pattern)
+            check_pattern(method, pattern)
+            pattern.resolve_sparsity(self.effective_sparsity())
         if self.reconstruct_options and not self.reconstruct:
             raise ConfigError("reconstruct_options given but reconstruct is off: add --reconstruct (recipe: "
                               "reconstruct: true).")

@@ -20,11 +20,10 @@ from .calibration.progress import RunProgress, fingerprint, progress_bar
 from .calibration.run import calibration_batches, gpu_peak_mb, peak_rss_mb, pick_device, start_gpu_peak
 from .data import as_calibration
 from .errors import ConfigError
-from .methods import LayerTask, get_method
+from .methods import LayerTask, ModelTask, check_pattern, get_method, method_capabilities
 from .models import ModelAdapter, PrunableLayer
 from .patterns import Pattern, check_ratio, global_masks
 from .records import LayerRecord, get_records, set_records
-from .scores import magnitude_scores, random_scores
 
 
 @dataclass
@@ -60,10 +59,10 @@ class PruneResult:
         for rec in self.records.values():
             if rec.info.get("damp_raised"):
                 notes.append(f"{rec.name}: Hessian needed damp_ratio={rec.info['damp_ratio']:g} to factor")
-        if self.method == "sparsegpt" and any("refine" in rec.info for rec in self.records.values()):
+        if _updates_weights(self.method) and any("refine" in rec.info for rec in self.records.values()):
             # measured on SmolLM2 at 60%: ppl 209 with DSnoT vs 119 without (RESULTS.md, session 11)
-            notes.append("the refiner kept SparseGPT's masks' dense weights, dropping its reconstruction; "
-                         "refiners pair with wanda/magnitude")
+            notes.append(f"the refiner kept {self.method}'s masks' dense weights, dropping its reconstruction; "
+                         "refiners pair with methods that do not update weights (wanda, magnitude)")
         return notes
 
     def summary(self) -> str:
@@ -89,6 +88,13 @@ class PruneResult:
             lines.append(f"block reconstruction: {len(before)} blocks, median held-out relative error "
                          f"{before[middle]:.4f} -> {after[middle]:.4f}")
         return lines
+
+
+def _updates_weights(method: str) -> bool:
+    try:
+        return method_capabilities(method).updates_weights
+    except ConfigError:  # a method registered while pruning and gone since
+        return False
 
 
 def prune(
@@ -150,7 +156,7 @@ def prune(
     samples (EBFT-style block-wise reconstruction; one extra dense pass per block).
 
     ``method="armor"`` (pattern "2:4") replaces every block linear by an ARMOR factorization
-    y = A(S(Bx)) around a 2:4 core S (:mod:`sparsewise.correction.armor`); ``method_options``
+    y = A(S(Bx)) around a 2:4 core S (:mod:`sparsewise.methods.armor`); ``method_options``
     take its block_size, iterations, lr, patience, rtol and select. It runs in block mode and
     takes no allocation, refiner or resume_dir.
     """
@@ -160,13 +166,15 @@ def prune(
     if calibration is not None:  # every accepted form, once: each pass re-batches it by its own batch size
         calibration = as_calibration(calibration)
     reconstruct_config = ReconstructConfig.parse(reconstruct)
-    if method == "armor":
+    pruner = get_method(method)
+    if pruner.capabilities.whole_model:
         if (not _is_uniform(allocation) or allocation_options or refine is not None or resume_dir is not None
                 or blocks is not None or reconstruct_config is not None):
-            raise ConfigError("method 'armor' takes no allocation, refine, reconstruct, resume_dir or blocks.")
-        return _prune_armor(model, calibration, pattern=Pattern.parse(pattern), include=include, exclude=exclude,
-                            device=device, seed=seed, batch_size=batch_size, method_options=method_options,
-                            progress=progress)
+            raise ConfigError(f"method {pruner.name!r} walks the whole model itself: it takes no allocation, refine, "
+                              "reconstruct, resume_dir or blocks.")
+        return _prune_whole_model(pruner, model, calibration, pattern=pattern, sparsity=sparsity, include=include,
+                                  exclude=exclude, device=device, seed=seed, batch_size=batch_size,
+                                  method_options=method_options, progress=progress)
     choices = _mixed_choices(pattern)
     if choices:
         if sparsity is None:
@@ -174,7 +182,10 @@ def prune(
         pattern = choices[0]  # shapes are checked against every choice below
     pattern = Pattern.parse(pattern)
     sparsity = check_ratio(sparsity) if choices else pattern.resolve_sparsity(sparsity)
-    pruner = get_method(method)
+    for choice in choices or [pattern]:
+        check_pattern(pruner, choice)
+    if pruner.capabilities.replaces_modules and resume_dir is not None:
+        raise ConfigError(f"{pruner.name} replaces modules, which a resume state cannot hold yet: drop resume_dir.")
     refiner = None
     if refine is not None:
         from .correction import get_refiner
@@ -209,12 +220,10 @@ def prune(
                               "wanda or sparsegpt, or drop reconstruct.")
         if world()[1] > 1:
             raise ConfigError("reconstruct does not run under torch.distributed yet: prune on one process.")
-    if pattern.scope == "global" and pruner.name not in ("magnitude", "random"):
-        raise ConfigError("global ranking compares raw scores across layers: use it with magnitude or random.")
 
     compute_device = pick_device(device, model)
     start_gpu_peak(compute_device)
-    run = _LayerPruner(pruner, pattern, sparsity, compute_device, torch.Generator().manual_seed(seed),
+    run = _LayerPruner(model, pruner, pattern, sparsity, compute_device, torch.Generator().manual_seed(seed),
                        dict(method_options or {}), refiner, needs)
     start = time.perf_counter()
     plan = _allocate(allocation, allocation_options, pattern, sparsity, model, adapter, layers, calibration,
@@ -228,11 +237,8 @@ def prune(
     try:
         with torch.no_grad():
             if pattern.scope == "global":
-                scores = {
-                    name: random_scores(layer.get_weight(), run.generator) if pruner.name == "random"
-                    else magnitude_scores(layer.get_weight().float())
-                    for name, layer in layers.items()
-                }
+                scores = {name: pruner.global_score(layer.get_weight(), run.generator)
+                          for name, layer in layers.items()}
                 for name, keep in global_masks(scores, sparsity).items():
                     run.apply(name, layers[name], keep=keep.to(compute_device))
             elif not needs:
@@ -271,32 +277,27 @@ def prune(
     )
 
 
-def _prune_armor(model: nn.Module, calibration, *, pattern: Pattern, include, exclude, device, seed: int,
-                 batch_size: int, method_options: dict[str, Any] | None, progress: bool) -> PruneResult:
-    """``prune(model, method="armor", pattern="2:4", ...)``: :func:`~sparsewise.correction.armor_model.armor`
-    behind the public verb, with the run's facts (device, memory, time) in a :class:`PruneResult`."""
-    from .correction.armor_model import ARMOR_OPTIONS, armor
-
-    if str(pattern) != "2:4":
-        raise ConfigError(f"ARMOR factorizes around a 2:4 core; pattern must be '2:4', got {pattern}.")
-    if calibration is None:
-        raise ConfigError("method 'armor' needs calibration data: pass calibration=sw.data.calibration(...).")
-    unknown = sorted(set(method_options or {}) - set(ARMOR_OPTIONS))
-    if unknown:
-        raise ConfigError(f"unknown ARMOR option(s) {unknown}; known: {', '.join(ARMOR_OPTIONS)}.")
+def _prune_whole_model(pruner, model: nn.Module, calibration, *, pattern, sparsity, include, exclude, device,
+                       seed: int, batch_size: int, method_options: dict[str, Any] | None,
+                       progress: bool) -> PruneResult:
+    """A ``whole_model`` method (ARMOR) behind the public verb: checked against its capabilities,
+    run on a :class:`~sparsewise.methods.ModelTask`, reported in a :class:`PruneResult`."""
+    pattern = Pattern.parse(pattern)
+    sparsity = pattern.resolve_sparsity(sparsity)
+    check_pattern(pruner, pattern)
+    if pruner.capabilities.takes_data and calibration is None:
+        raise ConfigError(f"method {pruner.name!r} needs calibration data: pass calibration=sw.data.calibration(...).")
     compute_device = pick_device(device, model)
     start_gpu_peak(compute_device)
     start = time.perf_counter()
-    infos = armor(model, calibration, include=include, exclude=exclude, batch_size=batch_size,
-                  device=compute_device, seed=seed, progress=progress, **dict(method_options or {}))
-    records = {f"{name}.sparse": get_records(model)[f"{name}.sparse"] for name in infos}
+    task = ModelTask(model, calibration, pattern, sparsity, include, exclude, compute_device, seed, batch_size,
+                     progress, dict(method_options or {}))
+    records = pruner.prune_model(task)
     return PruneResult(
-        method="armor", pattern="2:4", sparsity=0.5, records=records, wall_s=time.perf_counter() - start,
-        peak_rss_mb=peak_rss_mb(),
-        peak_gpu_mb=gpu_peak_mb(compute_device),
+        method=pruner.name, pattern=str(pattern), sparsity=sparsity, records=records,
+        wall_s=time.perf_counter() - start, peak_rss_mb=peak_rss_mb(), peak_gpu_mb=gpu_peak_mb(compute_device),
         device=str(compute_device), sequential="block", calibration=_calibration_facts(calibration),
     )
-
 
 def _is_uniform(allocation) -> bool:
     return allocation is None or (isinstance(allocation, str) and allocation.strip().lower() == "uniform")
@@ -357,9 +358,10 @@ def _allocate(allocation, options, pattern: Pattern, sparsity: float, model, ada
 class _LayerPruner:
     """Prunes one layer at a time, keeping its original weights until the whole run succeeds."""
 
-    def __init__(self, pruner, pattern: Pattern, sparsity: float, device: torch.device,
+    def __init__(self, model: nn.Module, pruner, pattern: Pattern, sparsity: float, device: torch.device,
                  generator: torch.Generator, options: dict[str, Any], refiner, needs: frozenset[str]):
-        self.pruner, self.pattern, self.sparsity, self.device = pruner, pattern, sparsity, device
+        self.model, self.pruner, self.pattern, self.sparsity, self.device = model, pruner, pattern, sparsity, device
+        self.replaced: list[tuple[nn.Module, str, nn.Module]] = []  # (parent, attribute, original module)
         self.refiner = refiner
         self.needs = needs  # the statistics of the method and the refiner, collected once for both
         self.generator, self.options = generator, options
@@ -394,6 +396,9 @@ class _LayerPruner:
             task = LayerTask(name, work, self.sparsities.get(name, self.sparsity), self.patterns.get(name, self.pattern), stats,
                              self.generator, self.options)
             result = self.pruner.prune_layer(task)
+            if result.module is not None:
+                self._replace(name, layer, result)
+                return
             new_weight, mask, info = result.weight, result.mask, result.info
             if self.refiner is not None:
                 from .correction import RefineTask
@@ -402,6 +407,23 @@ class _LayerPruner:
                 new_weight, mask, info = refined.weight, refined.mask, {**info, "refine": refined.info}
         layer.set_weight(new_weight.to(weight.dtype))
         self.record(name, layer, info, mask)
+
+    def _replace(self, name: str, layer: PrunableLayer, result) -> None:
+        """Put the method's module in the layer's place; its pruned core gets the record."""
+        if self.refiner is not None:
+            raise ConfigError(f"{self.pruner.name} replaces modules; a refiner re-picks masks of plain weights: drop refine.")
+        parent_name, _, attribute = name.rpartition(".")
+        parent = self.model.get_submodule(parent_name)
+        module = result.module.to(device=layer.get_weight().device)
+        setattr(parent, attribute, module)
+        self.replaced.append((parent, attribute, layer.module))
+        core = f"{name}.{result.core}" if result.core else name
+        mask = result.mask
+        self.records[core] = LayerRecord(
+            name=core, pattern=str(self.patterns.get(name, self.pattern)), sparsity=self.sparsities.get(name, self.sparsity),
+            achieved=float((~mask).sum()) / mask.numel(), method=self.pruner.name, shape=tuple(mask.shape),
+            info=result.info, mask=mask,
+        )
 
     def adopt(self, name: str, layer: PrunableLayer, weight: torch.Tensor, record: dict[str, Any]) -> None:
         """Take a layer finished by an earlier, interrupted run (resume)."""
@@ -424,6 +446,8 @@ class _LayerPruner:
             self.param_backup.append((param, param.detach().to("cpu", copy=True)))
 
     def restore(self, layers: dict[str, PrunableLayer]) -> None:
+        for parent, attribute, original in reversed(self.replaced):
+            setattr(parent, attribute, original)
         for name, original in self.backup.items():
             layers[name].set_weight(original.to(layers[name].get_weight().device))
         for param, original in self.param_backup:

@@ -35,5 +35,12 @@ class Registry:
             raise ConfigError(f"unknown {self.kind} {name!r}; available: {', '.join(self.names())}.")
         return self._classes[key](**options)
 
+    def lookup(self, name: str):
+        """The registered class (not an instance) of ``name``."""
+        key = name.strip().lower()
+        if key not in self._classes:
+            raise ConfigError(f"unknown {self.kind} {name!r}; available: {', '.join(self.names())}.")
+        return self._classes[key]
+
     def names(self) -> list[str]:
         return sorted(self._classes)

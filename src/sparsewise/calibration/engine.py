@@ -465,9 +465,21 @@ def prune_block_in_forward(
 
         return hook
 
+    def follow_replacement(path: str):
+        # A method may put a new module in the layer's place (LayerResult.module) from the pre-hook;
+        # this forward already runs the original, so its output is taken from the replacement.
+        def hook(module, args, output):
+            current = block.get_submodule(path)
+            return current(*args) if current is not module else output
+
+        return hook
+
+    paths = {id(module): path for path, module in block.named_modules()}
     handles = [
         layer.module.register_forward_pre_hook(make_hook(name, layer.in_features)) for name, layer in layers.items()
     ]
+    handles += [layer.module.register_forward_hook(follow_replacement(paths[id(layer.module)]))
+                for layer in layers.values() if id(layer.module) in paths]
     try:
         output = _block_output(block(*call.args, **call.kwargs))
     finally:

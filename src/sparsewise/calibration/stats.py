@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import ConfigError, NumericalError
+
 STAT_NORMS = "norms"  # sum_t x_tj^2       (Wanda's ||X_j||_2^2)
 STAT_HESSIAN = "hessian"  # X^T X           (SparseGPT's H before scaling/damping)
 STAT_MOMENTS = "moments"  # sum_t x_tj, sum_t x_tj^2 (means and variances, DSnoT)
@@ -131,3 +133,19 @@ class LayerStats:
             if value is not None:
                 out[name] = value
         return out
+
+
+def check_channel_stat(values, in_features: int, method: str, label: str) -> None:
+    """One finite value per input feature, or a clear error: wrong shape means the statistics of
+    another layer; NaN/Inf means the calibration activations overflowed."""
+    if not isinstance(values, torch.Tensor) or values.shape != (in_features,):
+        got = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+        raise ConfigError(
+            f"{method} needs one {label} per input feature ({in_features}), got shape {got}; "
+            "the statistics belong to another layer."
+        )
+    if not bool(torch.isfinite(values).all()):
+        raise NumericalError(
+            f"{method}: the input-channel {label} holds NaN/Inf (activations overflowed); calibrate in "
+            "float32/bfloat16 rather than float16."
+        )

@@ -47,22 +47,6 @@ class MaskRefiner(Protocol):
     def refine(self, task: RefineTask) -> RefineResult: ...
 
 
-def check_channel_stat(values, in_features: int, method: str, label: str) -> None:
-    """One finite value per input feature, or a clear error: wrong shape means the statistics of
-    another layer; NaN/Inf means the calibration activations overflowed."""
-    if not isinstance(values, torch.Tensor) or values.shape != (in_features,):
-        got = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
-        raise ConfigError(
-            f"{method} needs one {label} per input feature ({in_features}), got shape {got}; "
-            "the statistics belong to another layer."
-        )
-    if not bool(torch.isfinite(values).all()):
-        raise NumericalError(
-            f"{method}: the input-channel {label} holds NaN/Inf (activations overflowed); calibrate in "
-            "float32/bfloat16 rather than float16."
-        )
-
-
 _REFINERS = Registry("mask refiner")
 register = _REFINERS.register
 

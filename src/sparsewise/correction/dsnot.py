@@ -35,11 +35,11 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..calibration.stats import STAT_MOMENTS, STAT_NORMS
+from ..calibration.stats import STAT_MOMENTS, STAT_NORMS, check_channel_stat
 from ..errors import ConfigError, NumericalError
 from ..methods._common import check_options
 from ..patterns import check_mask
-from .base import RefineResult, RefineTask, check_channel_stat, register, require_refine_stats
+from .base import RefineResult, RefineTask, register, require_refine_stats
 
 # The reference code's --skip_layer default: refine attention projections, leave MLP sublayers as
 DEFAULT_THRESHOLD = 0.1 / 2048  # the reference's 0.1 on its per-sample token sums, seqlen 2048

@@ -251,22 +251,20 @@ def _record_weights(model: nn.Module, records: dict[str, LayerRecord]) -> dict[s
 
 
 def _module_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """{name: spec} of the modules sparsewise put in place of a model's own (ARMOR's factorized linears)."""
+    """{name: spec} of the modules sparsewise put in place of a model's own (:mod:`sparsewise.modules`)."""
     return {name: module.checkpoint_spec() for name, module in model.named_modules()
             if callable(getattr(module, "checkpoint_spec", None))}
 
 
 def _rebuild_modules(model: nn.Module, specs: dict[str, dict[str, Any]]) -> None:
     """Put empty replacement modules where the saved model had them, so its tensors fit."""
-    builders = {}
-    if any(spec.get("type") == "armor" for spec in specs.values()):
-        from ..correction.armor import ARMORLinear
+    from ..modules import module_builder, module_types
 
-        builders["armor"] = ARMORLinear.from_checkpoint_spec
     for name, spec in specs.items():
-        build = builders.get(spec.get("type"))
+        build = module_builder(str(spec.get("type")))
         if build is None:
-            raise CheckpointError(f"module {name!r} has unknown type {spec.get('type')!r}: upgrade sparsewise.")
+            raise CheckpointError(f"module {name!r} has unknown type {spec.get('type')!r} (this sparsewise knows "
+                                  f"{', '.join(module_types())}): upgrade sparsewise.")
         parent_name, _, attribute = name.rpartition(".")
         try:
             parent = model.get_submodule(parent_name)

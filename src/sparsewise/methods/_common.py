@@ -21,15 +21,6 @@ def check_options(task: LayerTask | Any, method: str, allowed: Iterable[str]) ->
     return dict(task.options)
 
 
-def refuse_global(task: LayerTask, method: str) -> None:
-    """Global ranking compares raw scores across layers, which only data-free scores allow."""
-    if task.pattern.kind == "unstructured" and task.pattern.scope == "global":
-        raise ConfigError(
-            f"{task.name}: global ranking is only for data-free methods (magnitude/random), not {method}; "
-            "use 'unstructured' (per row) or 'unstructured:layer'."
-        )
-
-
 def require_stats(task: LayerTask, method: str, attribute: str, stat: str) -> LayerStats:
     """The task's statistics, checked to hold ``attribute`` accumulated over at least one token."""
     stats = task.stats

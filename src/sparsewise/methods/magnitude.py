@@ -9,16 +9,20 @@ import torch
 from ..patterns import mask_from_scores
 from ..scores import magnitude_scores
 from ._common import check_options
-from .base import LayerResult, LayerTask, register
+from .base import Capabilities, LayerResult, LayerTask, Method, register
 
 
 @register
-class MagnitudePruning:
+class MagnitudePruning(Method):
     name: ClassVar[str] = "magnitude"
-    needs: ClassVar[frozenset[str]] = frozenset()
+    capabilities: ClassVar[Capabilities] = Capabilities(scopes=frozenset({"row", "layer", "global"}))
 
     def score(self, task: LayerTask) -> torch.Tensor:
         return magnitude_scores(task.weight)
+
+    def global_score(self, weight: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Scores comparable across layers (scope "global"): |W| itself."""
+        return magnitude_scores(weight.float())
 
     def prune_layer(self, task: LayerTask) -> LayerResult:
         check_options(task, self.name, ())

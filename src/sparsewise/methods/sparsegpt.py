@@ -13,16 +13,16 @@ import torch
 from ..calibration.stats import STAT_HESSIAN
 from ..errors import ConfigError, NumericalError
 from ..solvers import sparsegpt_prune
-from ._common import check_options, refuse_global, require_stats
-from .base import LayerResult, LayerTask, register
+from ._common import check_options, require_stats
+from .base import Capabilities, LayerResult, LayerTask, Method, check_pattern, register
 
 PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
 
 
 @register
-class SparseGPTPruning:
+class SparseGPTPruning(Method):
     name: ClassVar[str] = "sparsegpt"
-    needs: ClassVar[frozenset[str]] = frozenset({STAT_HESSIAN})
+    capabilities: ClassVar[Capabilities] = Capabilities(needs=frozenset({STAT_HESSIAN}), updates_weights=True)
 
     def __init__(self, block_size: int = 128, damp_ratio: float = 0.01, max_damp_tries: int = 6,
                  kernel: str = "auto", precision: str = "float32") -> None:
@@ -38,7 +38,7 @@ class SparseGPTPruning:
         if precision not in PRECISIONS:
             raise ConfigError(f"sparsegpt precision must be one of {sorted(PRECISIONS)}, got {precision!r}.")
         options["compute_dtype"] = PRECISIONS[precision]
-        refuse_global(task, self.name)
+        check_pattern(self, task.pattern)
         task.pattern.check_shape(tuple(task.weight.shape), task.name)
         stats = require_stats(task, self.name, "xtx", STAT_HESSIAN)
         try:

@@ -12,14 +12,14 @@ import torch
 from ..calibration.stats import STAT_NORMS
 from ..patterns import mask_from_scores
 from ..scores import wanda_scores
-from ._common import check_options, refuse_global, require_stats
-from .base import LayerResult, LayerTask, register
+from ._common import check_options, require_stats
+from .base import Capabilities, LayerResult, LayerTask, Method, check_pattern, register
 
 
 @register
-class WandaPruning:
+class WandaPruning(Method):
     name: ClassVar[str] = "wanda"
-    needs: ClassVar[frozenset[str]] = frozenset({STAT_NORMS})
+    capabilities: ClassVar[Capabilities] = Capabilities(needs=frozenset({STAT_NORMS}))
 
     def score(self, task: LayerTask) -> torch.Tensor:
         stats = require_stats(task, self.name, "sq_sum", STAT_NORMS)
@@ -27,7 +27,7 @@ class WandaPruning:
 
     def prune_layer(self, task: LayerTask) -> LayerResult:
         check_options(task, self.name, ())
-        refuse_global(task, self.name)
+        check_pattern(self, task.pattern)
         task.pattern.check_shape(tuple(task.weight.shape), task.name)
         mask = mask_from_scores(self.score(task), task.sparsity, task.pattern)
         return LayerResult(weight=torch.where(mask, task.weight, 0.0), mask=mask, info={"tokens": task.stats.tokens})

@@ -1,26 +1,60 @@
-"""ARMOR over a whole model: block-by-block factorization and the records of its 2:4 cores.
+"""ARMOR as a pruning method: every block linear becomes A . S . B around a 2:4 core S.
 
-The math (one layer's factorization, :class:`ARMORLinear`) lives in :mod:`.armor`; this module is
-the plumbing: sequential calibration, swapping modules in their parents (undone on failure), and
-the :class:`~sparsewise.records.LayerRecord` of each 2:4 core so that save, report and the
-runtime treat it like any pruned linear. ``prune(method="armor")`` (:mod:`sparsewise.oneshot`)
-calls :func:`armor` and reports the run.
+Liu et al. 2025, "ARMOR: High-Performance Semi-Structured Pruning via Adaptive Matrix
+Factorization". The math (one layer's factorization) is :mod:`sparsewise.solvers.armor`, the
+module it puts in place of a linear :class:`sparsewise.modules.ARMORLinear`; this file is the
+method: a whole-model walk (each layer is optimized against its block's inputs recomputed through
+the already factorized layers), modules swapped in their parents (undone on failure), and the
+:class:`~sparsewise.records.LayerRecord` of each 2:4 core so that save, report and the runtime
+treat it like any pruned linear. ``sw.prune(model, method="armor", pattern="2:4", ...)``.
 """
 
 from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError, PatternError
+from ..modules.armor import ARMORLinear
 from ..records import LayerRecord, get_records, set_records
-from .armor import GROUP, ARMORLinear, _block_sizes, _check_settings
+from ..solvers.armor import GROUP, _block_sizes, _check_settings
+from .base import Capabilities, Method, ModelTask, register
 
 ARMOR_OPTIONS = ("block_size", "iterations", "lr", "patience", "rtol", "select")
+
+
+@register
+class ARMORPruning(Method):
+    """``prune_model``: :func:`armor` over the task's model; options are :data:`ARMOR_OPTIONS`."""
+
+    name: ClassVar[str] = "armor"
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        patterns=frozenset({"2:4"}), needs_data=True, updates_weights=True, replaces_modules=True, whole_model=True)
+
+    def __init__(self, **options: Any) -> None:
+        self.options = _checked(options)
+
+    def prune_layer(self, task):  # noqa: ANN001 - the protocol's per-layer door: ARMOR needs the walk
+        raise ConfigError("ARMOR factorizes every layer against its block's recomputed inputs: use prune_model "
+                          "(sw.prune(model, method='armor', ...)).")
+
+    def prune_model(self, task: ModelTask) -> dict[str, LayerRecord]:
+        infos = armor(task.model, task.calibration, include=task.include, exclude=task.exclude,
+                      batch_size=task.batch_size, device=task.device, seed=task.seed, progress=task.progress,
+                      **{**self.options, **_checked(task.options)})
+        records = get_records(task.model)
+        return {f"{name}.sparse": records[f"{name}.sparse"] for name in infos}
+
+
+def _checked(options: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(options) - set(ARMOR_OPTIONS))
+    if unknown:
+        raise ConfigError(f"unknown ARMOR option(s) {unknown}; known: {', '.join(ARMOR_OPTIONS)}.")
+    return dict(options)
 
 
 def _layer_seed(seed: int, name: str) -> int:
