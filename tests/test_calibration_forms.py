@@ -12,7 +12,7 @@ from conftest import VOCAB, build_tiny
 import sparsewise as sw
 from sparsewise import data
 from sparsewise.allocation import ecoflap
-from sparsewise.calibration import engine
+from sparsewise.calibration import engine, progress
 from sparsewise.calibration.engine import InsufficientMemoryError, available_memory
 from sparsewise.calibration.run import calibration_batches
 from sparsewise.data import (
@@ -314,13 +314,13 @@ class _Tok:
 
 
 def test_self_generation_prints_progress_lines_when_not_a_tty(capsys, monkeypatch):
-    monkeypatch.setattr(data, "PLAIN_PROGRESS_QUIET_S", 0.0)
+    monkeypatch.setattr(progress, "PLAIN_QUIET_S", 0.0)
     model = build_tiny("llama")
     calib = data.calibration("self", _Tok(), n=4, seqlen=6, seed=0, model=model, batch_size=2, progress=True)
     assert calib.n == 4
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("self-generating")]
     assert len(lines) >= 5  # a line per tenth of the tokens, at least
-    assert "self-generating calibration: 0/4 samples" in lines[0] and lines[0].endswith(" s")
+    assert "self-generating calibration: 0/4 samples" in lines[0] and lines[0].endswith(" s left")  # with an ETA
     assert "2/4 samples (50% of 20 tokens)" in "\n".join(lines)
     assert lines[-1].startswith("self-generating calibration: 4/4 samples (100% of 20 tokens), ")
 
@@ -342,4 +342,5 @@ def test_progress_lines_every_30_seconds(capsys, monkeypatch):
         clock[0] += 1
         bar.update(997)
     lines = capsys.readouterr().err.splitlines()
-    assert lines == ["work: 1/1,000, 60 s", "work: 2/1,000, 120 s", "work: 3/1,000, 180 s", "work: 1,000/1,000, 181 s"]
+    assert lines == ["work: 1/1,000, 60 s, ~59940 s left", "work: 2/1,000, 120 s, ~59880 s left",
+                     "work: 3/1,000, 180 s, ~59820 s left", "work: 1,000/1,000, 181 s"]

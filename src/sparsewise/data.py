@@ -15,8 +15,6 @@ import inspect
 import json
 import os
 import re
-import sys
-import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -545,80 +543,12 @@ def _randint(high: int, generator: torch.Generator) -> int:
 
 
 # Progress when stderr is not a terminal (a log file): plain lines instead of a hidden bar.
-PLAIN_PROGRESS_EVERY_S = 30.0  # a line at least this often ...
-PLAIN_PROGRESS_STEP = 0.1  # ... and at every further tenth of the work
-PLAIN_PROGRESS_QUIET_S = 5.0  # nothing for work that ends sooner than this
-
-
-class _LineProgress:
-    """A progress report for logs: ``"{label}: {body}, {elapsed} s"`` lines on ``sys.stderr``.
-
-    A line at every ``PLAIN_PROGRESS_STEP`` of the total and at least every
-    ``PLAIN_PROGRESS_EVERY_S`` seconds, none during the first ``PLAIN_PROGRESS_QUIET_S`` seconds
-    (short steps stay silent), and a last line at the end once any line was written.
-    ``body(done, total)`` words the count (default ``"done/total"``).
-    """
-
-    def __init__(self, total: int, label: str, body=None) -> None:
-        self.total, self.label, self.done = max(int(total), 0), label, 0
-        self.body = body or (lambda done, total: f"{done:,}/{total:,}")
-        self.start = self.last_line = time.monotonic()
-        self.next_step, self.lines, self.last_done = PLAIN_PROGRESS_STEP, 0, -1
-
-    def _write(self, now: float) -> None:
-        print(f"{self.label}: {self.body(self.done, self.total)}, {now - self.start:.0f} s", file=sys.stderr,
-              flush=True)
-        self.lines, self.last_line, self.last_done = self.lines + 1, now, self.done
-
-    def update(self, n: int = 1) -> None:
-        self.done += n
-        now = time.monotonic()
-        fraction = self.done / self.total if self.total else 1.0
-        crossed = fraction + 1e-12 >= self.next_step
-        while fraction + 1e-12 >= self.next_step:
-            self.next_step += PLAIN_PROGRESS_STEP
-        if now - self.start < PLAIN_PROGRESS_QUIET_S:
-            return
-        if crossed or now - self.last_line >= PLAIN_PROGRESS_EVERY_S:
-            self._write(now)
-
-    def close(self) -> None:
-        if self.lines and self.done != self.last_done:
-            self._write(time.monotonic())
-
-    def __enter__(self) -> _LineProgress:
-        return self
-
-    def __exit__(self, exc_type, _exc, _tb) -> None:
-        if exc_type is None:
-            self.close()
-
-
-class _Silent:
-    def update(self, _n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> _Silent:
-        return self
-
-    def __exit__(self, *_exc) -> None:
-        pass
-
-
 def _progress(total: int, desc: str, enabled: bool, *, label: str | None = None, body=None):
-    """A tqdm bar on a terminal; in a log (stderr not a TTY) plain periodic lines
-    (:class:`_LineProgress`, worded by ``label`` and ``body``); nothing when not ``enabled``."""
-    if not enabled:
-        return _Silent()
-    isatty = getattr(sys.stderr, "isatty", None)
-    if isatty is None or not isatty():
-        return _LineProgress(total, label or desc, body)
-    from tqdm.auto import tqdm
+    """The library's one progress counter (:func:`sparsewise.calibration.progress.progress_bar`):
+    a tqdm bar on a terminal, plain periodic lines in a log, nothing when not ``enabled``."""
+    from .calibration.progress import progress_bar  # lazily: calibration imports this module
 
-    return tqdm(total=total, desc=desc, leave=False)
+    return progress_bar(total, desc, enabled, label=label, body=body)
 
 
 def windows_from_ids(ids: list[int] | torch.Tensor, n: int, seqlen: int, generator: torch.Generator) -> torch.Tensor:
