@@ -334,7 +334,7 @@ def test_progress_lines_quiet_for_short_work_and_when_disabled(capsys):
 
 def test_progress_lines_every_30_seconds(capsys, monkeypatch):
     clock = [1000.0]
-    monkeypatch.setattr(data.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
     with data._progress(1000, "bar", True, label="work") as bar:
         for _ in range(3):  # 0.3% of the work per minute: only the 30 s rule prints
             clock[0] += 60
