@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+import pkgutil
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from .errors import ConfigError
@@ -44,3 +46,16 @@ class Registry:
 
     def names(self) -> list[str]:
         return sorted(self._classes)
+
+
+def import_plugins(package: str, path: Iterable[str], infrastructure: Iterable[str] = ()) -> list[str]:
+    """Import every module of a package except ``infrastructure`` and ``_private`` ones, so that
+    a method registers itself by existing: adding one is one new file (plus its test).
+
+    Returns the imported module names, sorted (registration order does not depend on the disk)."""
+    skip = set(infrastructure)
+    names = sorted(info.name for info in pkgutil.iter_modules(list(path))
+                   if not info.name.startswith("_") and info.name not in skip)
+    for name in names:
+        importlib.import_module(f"{package}.{name}")
+    return names

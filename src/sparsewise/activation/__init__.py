@@ -23,11 +23,13 @@ from ..calibration.progress import progress_bar
 from ..calibration.run import calibration_batches, pick_device
 from ..errors import ConfigError
 from ..models.adapters import ModelAdapter
-from . import cats, chess, rsparse, teal, topk, wina  # noqa: F401  (registration side effect)
+from ..registry import import_plugins
 from .base import ActivationMethod, Site, available_methods, get_method, register
 from .calibrate import calibrate, read_trajectory
 from .hooks import SiteHook
 from .sparsing_law import PPLpResult, ppl_p_sparsity
+
+import_plugins(__name__, __path__, infrastructure=("base", "calibrate", "hooks", "sparsing_law", "thresholds"))
 
 _ATTRIBUTE = "_sparsewise_activation"
 

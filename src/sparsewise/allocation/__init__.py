@@ -14,9 +14,11 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from . import ecoflap, erk, owl, search  # noqa: F401  (registration)
+from ..registry import import_plugins
 from .base import AllocationContext, Allocator, available_allocators, get_allocator
 from .budget import LayerShape, round_to_rows, shift_to_budget, weighted_sparsity
+
+import_plugins(__name__, __path__, infrastructure=("base", "budget"))  # every other file is an allocator
 
 
 @dataclass

@@ -15,11 +15,14 @@ from torch import nn
 from ..errors import ConfigError, NumericalError, UnsupportedModelError
 from ..models.adapters import ModelAdapter, unwrap_parallel, weight_layers
 from ..patterns import Pattern
-from . import bdwp, cast, dynamic, gmp, shrink, static, ste  # noqa: F401  (registration)
+from ..registry import import_plugins
 from .base import MethodBase, TrainingMethod, available_training_methods, get_training_method, register
 from .controller import MASK_BUFFER, SparseTraining, TrainedLayer
 from .distribution import layer_sparsities
 from .sparse24 import Sparse24Function, Sparse24Linear
+
+import_plugins(__name__, __path__, infrastructure=("base", "controller", "distill", "distribution", "hf", "masks",
+                                                   "metrics", "sparse24"))  # every other file is a method
 
 __all__ = ["MASK_BUFFER", "MethodBase", "Sparse24Function", "Sparse24Linear", "SparseTraining", "TrainedLayer",
            "TrainingMethod", "attach", "available_training_methods", "get_training_method", "register",
