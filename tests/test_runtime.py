@@ -247,3 +247,15 @@ def test_a_searched_cusparselt_id_reaches_every_layer_of_the_shape():
         layer.run(torch.randn(rows, 32), {"backend": "cusparselt", "alg_id": 7 + rows, "transposed": transposed})
     assert layer.cslt.calls == [15, 10, 107]
     assert algorithm_key(8, "sparse_a") == algorithm_key(16, "sparse_a") != algorithm_key(17, "sparse_a")
+
+
+def test_tune_refuses_backends_whose_output_disagrees_with_dense():
+    from sparsewise.runtime.accelerate import agrees
+
+    reference = torch.randn(4, 16)
+    assert agrees(reference.half(), reference)
+    assert not agrees(reference * 1.1, reference)  # 10% off: a wrong kernel or a faulting algorithm id
+    assert not agrees(reference[:, :8], reference)
+    broken = reference.clone()
+    broken[0, 0] = float("nan")
+    assert not agrees(broken, reference)

@@ -205,6 +205,15 @@ def _candidates(layer: SparseLinear, rows: int) -> list[dict]:
     return found
 
 
+def agrees(out: torch.Tensor, reference: torch.Tensor, tolerance: float = 2e-2) -> bool:
+    """A backend's output matches the float32 dense reference: finite, right shape, relative
+    Frobenius error under ``tolerance`` (fp16/bf16 kernels measure 2e-4 to 4e-3)."""
+    if out.shape != reference.shape or not bool(torch.isfinite(out).all()):
+        return False
+    error = (out.float() - reference).norm() / reference.norm().clamp_min(1e-12)
+    return float(error) < tolerance
+
+
 def _clones(layer: SparseLinear, copies: int) -> list[SparseLinear]:
     """Copies of a layer's buffers (not of its cuSPARSELt state), to rotate weights through memory."""
     out = [layer]
@@ -237,8 +246,11 @@ def tune(model: nn.Module, rows: tuple[int, ...] = (1, 2, 4, 8, 16)) -> dict[str
             x = torch.randn(count, layer.in_features, device=layer.device, dtype=layer.dtype)
             dense_ms = dispatch.time_rotated([lambda w=w, x=x, b=layer.bias: F.linear(x, w, b) for w in dense_copies])
             best = None
+            reference = F.linear(x.float(), dense.float(), None if layer.bias is None else layer.bias.float())
             for choice in _candidates(layer, count):
                 try:
+                    if not agrees(layer.run(x, choice), reference):
+                        continue  # a wrong answer is never a candidate, however fast
                     elapsed = dispatch.time_rotated([lambda c=c, x=x, choice=choice: c.run(x, choice) for c in clones])
                 except Exception:  # noqa: BLE001 - a backend that cannot serve this shape
                     continue
