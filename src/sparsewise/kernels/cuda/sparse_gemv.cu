@@ -325,32 +325,43 @@ __device__ __forceinline__ void gemv24tc_body(const u16* __restrict__ x, const u
     xvalid[nt] = m < M;
     xrow[nt] = x + (size_t)min(m, M - 1) * K + in_quad * 2;
   }
-#pragma unroll 4  // lets the next steps' loads issue before this step's mma
-  for (int step = warp; step < steps; step += WARPS) {
-    u32 a[RT][4], e[RT], b[NT][4];
+  // Software pipeline in program order: the loads of DEPTH steps are issued together, then their
+  // mmas run. The loads are volatile asm (never reordered past each other or the mma asm), so a
+  // plain load -> mma loop serializes on memory latency (measured 1.2-1.6 TB/s, 2026-12-03).
+  constexpr int DEPTH = 4;
+  for (int base = warp; base < steps; base += WARPS * DEPTH) {
+    u32 a[DEPTH][RT][4], e[DEPTH][RT], b[DEPTH][NT][4];
 #pragma unroll
-    for (int rt = 0; rt < RT; ++rt) {
-      const int col = step * 16;
-      a[rt][0] = ld_u32(vrow[rt][0] + col);
-      a[rt][1] = ld_u32(vrow[rt][1] + col);
-      a[rt][2] = ld_u32(vrow[rt][0] + col + 8);
-      a[rt][3] = ld_u32(vrow[rt][1] + col + 8);
-      e[rt] = (u32)mrow[rt][0][step * 2] | ((u32)mrow[rt][1][step * 2] << 16);
-    }
+    for (int d = 0; d < DEPTH; ++d) {
+      const int step = base + d * WARPS;
+      const bool live = step < steps;
+      const int col = (live ? step : 0) * 16;
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
+      for (int rt = 0; rt < RT; ++rt) {
+        a[d][rt][0] = live ? ld_u32(vrow[rt][0] + col) : 0u;
+        a[d][rt][1] = live ? ld_u32(vrow[rt][1] + col) : 0u;
+        a[d][rt][2] = live ? ld_u32(vrow[rt][0] + col + 8) : 0u;
+        a[d][rt][3] = live ? ld_u32(vrow[rt][1] + col + 8) : 0u;
+        e[d][rt] = live ? ((u32)mrow[rt][0][step * 2] | ((u32)mrow[rt][1][step * 2] << 16)) : 0u;
+      }
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int k = step * 32 + in_quad * 2 + 8 * j;
-        u32 pair = xvalid[nt] ? *reinterpret_cast<const u32*>(xrow[nt] + step * 32 + 8 * j) : 0u;
-        if (MASK) pair = mask_pair<T>(pair, thresholds[k], thresholds[k + 1]);
-        b[nt][j] = pair;
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int k = (live ? step : 0) * 32 + in_quad * 2 + 8 * j;
+          u32 pair = (live && xvalid[nt]) ? *reinterpret_cast<const u32*>(xrow[nt] + (live ? step : 0) * 32 + 8 * j)
+                                          : 0u;
+          if (MASK) pair = mask_pair<T>(pair, thresholds[k], thresholds[k + 1]);
+          b[d][nt][j] = pair;
+        }
       }
     }
 #pragma unroll
-    for (int rt = 0; rt < RT; ++rt)
+    for (int d = 0; d < DEPTH; ++d)
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) mma_sp<T>(acc[rt][nt], a[rt], b[nt], e[rt]);
+      for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) mma_sp<T>(acc[rt][nt], a[d][rt], b[d][nt], e[d][rt]);
   }
 #pragma unroll
   for (int rt = 0; rt < RT; ++rt)
