@@ -2,6 +2,7 @@
 # One device call = one or more stages, each with its own time limit, logs under $OUT.
 #   bash benchmarks/gpu_session.sh tests kernels decode        # in the repo root on the GPU machine: GPU tests,
 #                                                              # per-layer kernels (runtime_kernels.py), HF decode loop
+#   bash benchmarks/gpu_session.sh open16                      # what issue 16 still owes (tests, 8/16 rows, decode b8)
 #   bash benchmarks/gpu_session.sh stage-half                  # copy .carry1/* to /tmp/sw_stage (kept while warm)
 #   bash benchmarks/gpu_session.sh smollm2                     # needs /tmp/sw_stage/smol.part1 + .carry2/*
 #   bash benchmarks/gpu_session.sh dist                        # NCCL on 2 GPUs (needs stage-half first): test + SmolLM2
@@ -22,6 +23,14 @@ for stage in "$@"; do
     rtests) timeout 300 python3 -m pytest -q -x -m gpu -p no:cacheprovider --tb=short tests/test_runtime.py 2>&1 \
               | tail -40 | tee "$OUT/rtests.txt" ;;
     kernels) timeout 200 python3 benchmarks/runtime_kernels.py --json-out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt" ;;
+    open16) # the rows issue 16 still owes, in one device call (~9 min): GPU tests of the decode kernels and
+            # runtime, the pipelined mma.sp kernel and searched cuSPARSELt at 8/16 rows, HF decode b1/b8 (2:4)
+      timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_kernels.py tests/test_kernels.py \
+        tests/test_runtime.py 2>&1 | tail -8 | tee "$OUT/tests.txt"
+      timeout 120 python3 benchmarks/runtime_kernels.py --skip act --weights 2:4 --ms 8,16 --json-out "$OUT/k24.json" \
+        2>&1 | tee "$OUT/k24.txt"
+      timeout 300 python3 benchmarks/decode_hf.py --modes dense,2:4 --batches 1,8 --new 128 \
+        --json-out "$OUT/decode_b8.json" 2>&1 | grep -v "Warn\|return cls" | tail -12 | tee "$OUT/decode_b8.txt" ;;
     decode) timeout 420 python3 benchmarks/decode_hf.py --json-out "$OUT/decode_hf.json" 2>&1 | tee "$OUT/decode_hf.txt" ;;
     e2e)    timeout 330 python3 benchmarks/runtime_e2e.py 2>&1 | grep -v "Warn\|return cls" | tee "$OUT/e2e.txt" ;;
     sgpt)   # the lazy-block Triton kernel (the CUDA default) vs the torch column loop: GPU test, then 7B block mode
