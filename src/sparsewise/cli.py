@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import PruneConfig
+from .config import GROUPS, Option, PruneConfig
 from .errors import ConfigError, SparsewiseError
 
 PRUNE_EXAMPLES = """\
@@ -22,112 +22,51 @@ examples:
 """
 
 
-def _registry_choices() -> dict[str, list[str]]:
-    """Choices of the name flags, from the registries (a newly registered class shows up by itself)."""
-    from .allocation import available_allocators
-    from .calibration.engine import SEQUENTIAL_MODES
-    from .config import SAVE_DTYPES
-    from .correction import available_refiners
-    from .formats.checkpoint import FORMATS
-    from .methods import available_methods
+def _help(option: Option) -> str:
+    """The option's help with its choices and default filled in (``--help`` shows what applies)."""
+    text = option.spec.help
+    if "{choices}" in text:
+        text = text.replace("{choices}", " | ".join(option.choices()))
+    default = option.spec.shown_default
+    if default is None and option.form == "value" and option.default is not None:
+        default = str(option.default)
+    if default is not None:
+        text = text.replace("{default}", default) if "{default}" in text else f"{text} (default {default})"
+    if option.flags[0] != f"--{option.name.replace('_', '-')}":
+        text += f" (recipe: {option.name})"
+    return text.replace("%", "%%")  # argparse formats help with %
 
-    return {"method": available_methods(),
-            "allocation": available_allocators(), "refine": available_refiners(),
-            "sequential": list(SEQUENTIAL_MODES), "save_format": list(FORMATS), "dtype": list(SAVE_DTYPES)}
 
-
-def _name(text: str) -> str:
-    return text.strip().lower()
+def _add_option(group: argparse._ArgumentGroup, option: Option) -> None:
+    """One PruneConfig field as a flag. Its default is None, so that only the flags given override
+    a recipe; the config's default is shown in the help."""
+    kwargs: dict = {"dest": option.name, "default": None, "help": _help(option)}
+    if option.form == "switch":
+        kwargs["action"] = "store_true"
+    elif option.form == "words":
+        kwargs["nargs"] = "+"
+    elif option.form == "pairs":
+        kwargs.update(action="append", metavar="KEY=VALUE")
+    else:
+        if option.spec.parse is not str:
+            kwargs["type"] = option.spec.parse
+        kwargs.update(choices=option.choices(), metavar=option.spec.metavar)
+    group.add_argument(*option.flags, **kwargs)
 
 
 def _prune_parser(sub) -> None:
-    choices = _registry_choices()
     cmd = sub.add_parser("prune", help="prune a model (defaults: bundled SmolLM2-135M, Wanda, 50%%)",
                          description="Prune a model and print a before/after summary. Every flag is also a field\n"
                                      "of a YAML recipe (--recipe); flags given here win. --out is checked before\n"
                                      "any work.",
                          epilog=PRUNE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    group = cmd.add_argument_group("model")
-    group.add_argument("--model", help="short name (smollm2-135m, minilm-l6), HF dir, .gguf file, hub id or "
-                                       "sparsewise dir")
-    group.add_argument("--include", nargs="+",
-                       help="regexes of module names to prune (default: every linear in the blocks)")
-    group.add_argument("--exclude", nargs="+", help="regexes of module names to skip")
-
-    group = cmd.add_argument_group("method")
-    group.add_argument("--method", type=_name, choices=choices["method"], metavar="NAME",
-                       help=f"{' | '.join(choices['method'])} (default wanda); armor needs --pattern 2:4 "
-                            "(--option iterations=N, block_size=32)")
-    group.add_argument("--option", action="append", metavar="KEY=VALUE",
-                       help="method option, e.g. --option damp_ratio=0.1 --option block_size=64 (recipe: "
-                            "method_options)")
-
-    group = cmd.add_argument_group("pattern")
-    group.add_argument("--sparsity", type=float,
-                       help="fraction of zeros per layer, e.g. 0.5 (default 0.5; N:M patterns imply 1 - N/M)")
-    group.add_argument("--pattern", help="unstructured (per row) | unstructured:layer | unstructured:global | N:M | "
-                                         "block:RxC | mixed N:M choices such as 2:4,1:4 (with --sparsity and "
-                                         "--allocation)")
-
-    group = cmd.add_argument_group("calibration")
-    group.add_argument("--calib", help="calibration: .txt/.raw/.jsonl/.parquet path, dataset name, or 'self' "
-                                       "(default)")
-    group.add_argument("--calib-n", type=int, help="calibration windows (default 128; 'self' uses --self-n)")
-    group.add_argument("--calib-seqlen", type=int, help="tokens per calibration window (default 512)")
-    group.add_argument("--self-n", type=int, help="self-generated calibration sequences (default 32)")
-    group.add_argument("--self-seqlen", type=int, help="tokens per self-generated sequence (default 256)")
-    group.add_argument("--batch-size", type=int, help="calibration batch size (default 8)")
-    group.add_argument("--sequential", type=_name, choices=choices["sequential"],
-                       help="layer: one pass per block, layers pruned in order (default); block: classic "
-                            "two-pass scheme")
-
-    group = cmd.add_argument_group("allocation")
-    group.add_argument("--allocation", type=_name, choices=choices["allocation"], metavar="NAME",
-                       help="per-layer ratios under the global sparsity: "
-                            f"{' | '.join(choices['allocation'])} (default uniform)")
-    group.add_argument("--allocation-option", action="append", metavar="KEY=VALUE",
-                       help="allocator option, e.g. --allocation-option m=5 --allocation-option lam=0.08 (recipe: "
-                            "allocation_options)")
-
-    group = cmd.add_argument_group("correction")
-    group.add_argument("--refine", type=_name, choices=choices["refine"], metavar="NAME",
-                       help=f"mask refiner run after the method on every layer: {' | '.join(choices['refine'])}")
-    group.add_argument("--refine-option", action="append", metavar="KEY=VALUE",
-                       help="refiner option, e.g. --refine-option skip_modules=[mlp] (recipe: refine_options)")
-    group.add_argument("--reconstruct", action="store_true", default=None,
-                       help="after each block is pruned, refit its kept weights to the dense model's block outputs "
-                            "on the calibration samples (masks fixed; EBFT-style block-wise reconstruction)")
-    group.add_argument("--reconstruct-option", action="append", metavar="KEY=VALUE",
-                       help="reconstruction option: epochs, lr, micro_batch, holdout, patience, seed (recipe: "
-                            "reconstruct_options)")
-
-    group = cmd.add_argument_group("evaluation")
-    group.add_argument("--eval", help="perplexity text: path or dataset name (optional)")
-    group.add_argument("--eval-seqlen", "--seqlen", dest="eval_seqlen", type=int,
-                       help="perplexity window (default 512; at most the model's positions)")
-    group.add_argument("--max-windows", type=int, help="evenly spaced subset of eval windows (default 32; 0 = all)")
-    group.add_argument("--fidelity-n", type=int, help="held-out self-generated sequences for KL/top-1 (default 8)")
-    group.add_argument("--fidelity-seqlen", type=int, help="tokens per held-out sequence (default 256)")
-
-    group = cmd.add_argument_group("output")
-    group.add_argument("--out", help="directory to save the pruned model to (checked before any work: it must "
-                                     "not exist, be empty, or hold a sparsewise checkpoint and --overwrite)")
-    group.add_argument("--save-format", choices=choices["save_format"],
-                       help="compressed sparsewise (default) or plain HF")
-    group.add_argument("--dtype", type=_name, choices=choices["dtype"],
-                       help="float type of the saved checkpoint (default: the model's, fp32)")
-    group.add_argument("--overwrite", action="store_true", default=None,
-                       help="replace an existing --out directory holding a sparsewise checkpoint (never other files)")
-
-    group = cmd.add_argument_group("run")
-    group.add_argument("--recipe", type=Path,
-                       help="YAML file with the same fields as these flags (dashes or underscores)")
-    group.add_argument("--device", help="auto | cpu | cuda (default auto)")
-    group.add_argument("--seed", type=int, help="seed of every random choice (default 0)")
-    group.add_argument("--resume-dir",
-                       help="checkpoint progress after every block here; rerun the same command to resume")
-    group.add_argument("--no-progress", action="store_true",
-                       help="no progress bars (without a terminal they are plain periodic lines)")
+    groups = {title: cmd.add_argument_group(title) for title in GROUPS}
+    groups["run"].add_argument("--recipe", type=Path,
+                               help="YAML file with the same fields as these flags (dashes or underscores)")
+    for option in PruneConfig.options():
+        _add_option(groups[option.spec.group], option)
+    groups["run"].add_argument("--no-progress", action="store_true",
+                               help="no progress bars (without a terminal they are plain periodic lines)")
 
 
 def _eval_parser(sub) -> None:
@@ -189,27 +128,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_prune(args: argparse.Namespace) -> int:
-    from .jobs import JobState, prune_job
-
+def config_from_args(args: argparse.Namespace) -> PruneConfig:
+    """The recipe (if any) with the flags given on top; KEY=VALUE flags add to the recipe's dicts."""
     config = PruneConfig.from_yaml(args.recipe) if args.recipe else PruneConfig()
-    # KEY=VALUE flags add to the recipe's option dicts instead of replacing them
-    option_flags = {"method_options": ("option", "--option"),
-                    "allocation_options": ("allocation_option", "--allocation-option"),
-                    "refine_options": ("refine_option", "--refine-option"),
-                    "reconstruct_options": ("reconstruct_option", "--reconstruct-option")}
-    overrides = {name: getattr(args, name, None) for name in PruneConfig.field_names() if name not in option_flags}
-    config = config.merged(overrides)
-    for field_name, (dest, flag) in option_flags.items():
-        items = getattr(args, dest)
-        if items:
-            setattr(config, field_name, {**getattr(config, field_name), **_parse_options(items, flag)})
-    if config.max_windows == 0:
-        config.max_windows = None
+    given = {}
+    for option in PruneConfig.options():
+        value = getattr(args, option.name)
+        if value is not None and option.form == "pairs":
+            value = {**getattr(config, option.name), **_parse_options(value, option.flags[0])}
+        given[option.name] = value
+    return config.merged(given)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
     import torch
 
     from .calibration.distributed import init_from_env, world
+    from .jobs import JobState, prune_job
 
+    config = config_from_args(args)
     joined = init_from_env()  # torchrun: ranks share the calibration samples, all-reduce statistics
     rank, world_size = world()
     state = JobState()

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import PruneConfig
+from .config import PruneConfig, ValidConfig
 from .errors import ConfigError
 
 _DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64"}
@@ -159,10 +159,13 @@ class JobReport:
         return "\n".join(lines)
 
 
-def prune_job(config: PruneConfig, *, progress: bool = True, log=print, state: JobState | None = None) -> JobReport:
+def prune_job(config: PruneConfig | ValidConfig, *, progress: bool = True, log=print,
+              state: JobState | None = None) -> JobReport:
     """Run a whole pruning job as configured and return its report (the CLI prints the summary).
 
-    ``state`` (optional) is kept up to date with what the job has written, for interruptions.
+    ``config`` is parsed once here (:meth:`PruneConfig.parse`, unless already a :class:`ValidConfig`),
+    before the model is loaded; ``sw.prune`` runs on the parsed values. ``state`` (optional) is kept
+    up to date with what the job has written, for interruptions.
     """
     from . import data, formats, metrics
     from .calibration.run import pick_device
@@ -171,7 +174,8 @@ def prune_job(config: PruneConfig, *, progress: bool = True, log=print, state: J
     from .oneshot import prune
 
     state = state if state is not None else JobState()
-    config.validate()
+    valid = config if isinstance(config, ValidConfig) else config.parse()
+    config = valid.config  # strings read, max_windows 0 -> None
     replace_out = check_output(config.out, bool(config.overwrite)) if config.out else False
     state.resume_dir = config.resume_dir
     sparsity = config.effective_sparsity()
@@ -218,15 +222,7 @@ def prune_job(config: PruneConfig, *, progress: bool = True, log=print, state: J
 
     shown = f"sparsity {sparsity}" if sparsity is not None else "its implied sparsity"
     log(f"pruning {config.model} with {config.method} ({config.pattern}, {shown}) ...")
-    result = prune(
-        model, method=config.method, sparsity=sparsity, pattern=config.pattern, calibration=calib,
-        include=config.include or None, exclude=config.exclude or None, device=config.device,
-        seed=config.seed, sequential=config.sequential, batch_size=config.batch_size,
-        method_options=config.method_options, resume_dir=config.resume_dir, progress=progress,
-        allocation=config.allocation, allocation_options=config.allocation_options,
-        refine=config.refine, refine_options=config.refine_options,
-        reconstruct=(config.reconstruct_options or True) if config.reconstruct else None,
-    )
+    result = prune(model, calibration=calib, progress=progress, config=valid)
     report.prune = result
 
     log("measuring the pruned model ...")
@@ -244,7 +240,7 @@ def prune_job(config: PruneConfig, *, progress: bool = True, log=print, state: J
 
     if config.out:
         clock = time.perf_counter()
-        dtype = str(config.dtype).lower() if config.dtype else None
+        dtype = config.dtype  # a lower-case name or None (parse read it)
         log(f"saving to {config.out} ({config.save_format}{', ' + dtype if dtype else ''}) ...")
         state.out = Path(config.out).expanduser().absolute()
         with _suppress_os_error():

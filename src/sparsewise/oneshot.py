@@ -15,14 +15,15 @@ import torch
 from torch import nn
 
 from .calibration.distributed import world
-from .calibration.engine import SEQUENTIAL_MODES, sequential_calibration
+from .calibration.engine import sequential_calibration
 from .calibration.progress import RunProgress, fingerprint, progress_bar
 from .calibration.run import calibration_batches, gpu_peak_mb, peak_rss_mb, pick_device, start_gpu_peak
+from .config import PruneConfig, ValidConfig, whole_model_refusal
 from .data import as_calibration
 from .errors import ConfigError
-from .methods import LayerTask, ModelTask, check_pattern, get_method, method_capabilities
+from .methods import LayerTask, ModelTask, check_pattern, method_capabilities
 from .models import ModelAdapter, PrunableLayer
-from .patterns import Pattern, check_ratio, global_masks
+from .patterns import Pattern, global_masks
 from .records import LayerRecord, get_records, set_records
 
 
@@ -119,6 +120,7 @@ def prune(
     refine: str | None = None,
     refine_options: dict[str, Any] | None = None,
     reconstruct: bool | dict[str, Any] | None = None,
+    config: PruneConfig | ValidConfig | None = None,
 ) -> PruneResult:
     """Prune ``model`` in place and return a :class:`PruneResult`.
 
@@ -159,41 +161,46 @@ def prune(
     y = A(S(Bx)) around a 2:4 core S (:mod:`sparsewise.methods.armor`); ``method_options``
     take its block_size, iterations, lr, patience, rtol and select. It runs in block mode and
     takes no allocation, refiner or resume_dir.
+
+    ``config``: the settings as one :class:`~sparsewise.config.PruneConfig` (parsed here) or a
+    :class:`~sparsewise.config.ValidConfig` parsed already (``prune_job`` parses before loading the
+    model), in place of the keywords from ``method`` to ``reconstruct``, which are then ignored.
+    Either way every setting is checked once, before any work; here remain the checks that need
+    the model (layer shapes, the layers matched) or the calibration data.
     """
     from .correction.reconstruct import ReconstructConfig
 
     given_calibration = calibration
     if calibration is not None:  # every accepted form, once: each pass re-batches it by its own batch size
         calibration = as_calibration(calibration)
-    reconstruct_config = ReconstructConfig.parse(reconstruct)
-    pruner = get_method(method)
+    if config is None:  # the keywords make one PruneConfig
+        reconstruct_options = {}
+        if isinstance(reconstruct, (dict, ReconstructConfig)):
+            reconstruct_options = reconstruct if isinstance(reconstruct, dict) else reconstruct.to_json()
+            reconstruct = True
+        config = PruneConfig(
+            method=method, sparsity=sparsity, pattern=pattern, include=include or [], exclude=exclude or [],
+            device="auto" if device is None else device, seed=seed, sequential=sequential, batch_size=batch_size,
+            method_options=dict(method_options or {}), resume_dir=resume_dir,
+            allocation="uniform" if allocation is None else allocation, allocation_options=dict(allocation_options or {}),
+            refine=refine, refine_options=dict(refine_options or {}), reconstruct=reconstruct,
+            reconstruct_options=reconstruct_options,
+        )
+        valid = config.parse(default_sparsity=None)  # sparsity=None: only an N:M pattern implies a ratio
+    else:
+        valid = config if isinstance(config, ValidConfig) else config.parse()
+    cfg = valid.config  # the settings as read
+    pruner, pattern, choices, sparsity = valid.method, valid.pattern, list(valid.choices), valid.sparsity
+    include, exclude = cfg.include or None, cfg.exclude or None
     if pruner.capabilities.whole_model:
-        if (not _is_uniform(allocation) or allocation_options or refine is not None or resume_dir is not None
-                or blocks is not None or reconstruct_config is not None):
-            raise ConfigError(f"method {pruner.name!r} walks the whole model itself: it takes no allocation, refine, "
-                              "reconstruct, resume_dir or blocks.")
+        if blocks is not None:
+            raise ConfigError(whole_model_refusal(pruner.name))
         return _prune_whole_model(pruner, model, calibration, pattern=pattern, sparsity=sparsity, include=include,
-                                  exclude=exclude, device=device, seed=seed, batch_size=batch_size,
-                                  method_options=method_options, progress=progress)
-    choices = _mixed_choices(pattern)
-    if choices:
-        if sparsity is None:
-            raise ConfigError(f"mixed N:M choices {pattern!r} need the global sparsity to reach, e.g. sparsity=0.6.")
-        pattern = choices[0]  # shapes are checked against every choice below
-    pattern = Pattern.parse(pattern)
-    sparsity = check_ratio(sparsity) if choices else pattern.resolve_sparsity(sparsity)
-    for choice in choices or [pattern]:
-        check_pattern(pruner, choice)
-    if pruner.capabilities.replaces_modules and resume_dir is not None:
-        raise ConfigError(f"{pruner.name} replaces modules, which a resume state cannot hold yet: drop resume_dir.")
-    refiner = None
-    if refine is not None:
-        from .correction import get_refiner
-
-        refiner = get_refiner(refine, **dict(refine_options or {}))
-    elif refine_options:
-        raise ConfigError("refine_options given without refine: pass refine='dsnot'.")
-    needs = pruner.needs | (refiner.needs if refiner is not None else frozenset())
+                                  exclude=exclude, device=cfg.device, seed=cfg.seed,
+                                  batch_size=cfg.batch_size, method_options=cfg.method_options,
+                                  progress=progress)
+    refiner, reconstruct_config, needs = valid.refiner, valid.reconstruct, valid.needs
+    seed, sequential, batch_size, resume_dir = cfg.seed, cfg.sequential, cfg.batch_size, cfg.resume_dir
     adapter = ModelAdapter(model, include=include, exclude=exclude, blocks=blocks)
     extra = adapter.extra_layers()
     if needs and extra:
@@ -212,22 +219,16 @@ def prune(
             f"method {pruner.name!r}{' with refiner ' + refiner.name if refiner else ''} needs calibration data: pass calibration=sw.data.calibration(...) "
             "(a text/jsonl path, a dataset name, or 'self' to sample from the model)."
         )
-    if sequential not in SEQUENTIAL_MODES:
-        raise ConfigError(f"sequential must be one of {SEQUENTIAL_MODES}, got {sequential!r}.")
-    if reconstruct_config is not None:
-        if not needs:
-            raise ConfigError(f"reconstruct refits blocks on calibration data; {pruner.name} runs without it: use "
-                              "wanda or sparsegpt, or drop reconstruct.")
-        if world()[1] > 1:
-            raise ConfigError("reconstruct does not run under torch.distributed yet: prune on one process.")
+    if reconstruct_config is not None and world()[1] > 1:
+        raise ConfigError("reconstruct does not run under torch.distributed yet: prune on one process.")
 
-    compute_device = pick_device(device, model)
+    compute_device = pick_device(cfg.device, model)
     start_gpu_peak(compute_device)
     run = _LayerPruner(model, pruner, pattern, sparsity, compute_device, torch.Generator().manual_seed(seed),
-                       dict(method_options or {}), refiner, needs)
+                       dict(cfg.method_options), refiner, needs)
     start = time.perf_counter()
-    plan = _allocate(allocation, allocation_options, pattern, sparsity, model, adapter, layers, calibration,
-                     compute_device, seed, choices)
+    plan = _allocate(valid.allocation, cfg.allocation_options, pattern, sparsity, model, adapter, layers,
+                     calibration, compute_device, seed, choices)
     if plan is not None:
         run.sparsities = plan.sparsities
     if choices:
@@ -248,7 +249,7 @@ def prune(
             else:
                 settings = {"method": pruner.name, "pattern": str(pattern), "sparsity": sparsity, "seed": seed,
                             "sequential": sequential, "batch_size": batch_size, "options": run.options,
-                            "refine": refiner.name if refiner else None, "refine_options": dict(refine_options or {}),
+                            "refine": refiner.name if refiner else None, "refine_options": dict(cfg.refine_options),
                             "allocation": run.sparsities,
                             "reconstruct": reconstruct_config.to_json() if reconstruct_config else None}
                 _prune_calibrated(model, adapter, layers, run, calibration, sequential, batch_size, resume_dir,
