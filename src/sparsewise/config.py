@@ -288,8 +288,7 @@ class PruneConfig:
             refiner = get_refiner(config.refine, **dict(config.refine_options))
         elif config.refine_options:
             raise ConfigError("refine_options given without refine: pass refine='dsnot'.")
-        needs = method.needs | (refiner.needs if refiner is not None else frozenset())
-        if reconstruct is not None and not needs:
+        if reconstruct is not None and not _needs(method, refiner):
             raise ConfigError(f"reconstruct refits blocks on calibration data; {method.name} runs without it: use "
                               "wanda or sparsegpt, or drop reconstruct.")
         if uniform and choices:
@@ -367,7 +366,11 @@ class ValidConfig:
     @property
     def needs(self) -> frozenset[str]:
         """The calibration statistics of the method and the refiner, collected once for both."""
-        return self.method.needs | (self.refiner.needs if self.refiner is not None else frozenset())
+        return _needs(self.method, self.refiner)
+
+
+def _needs(method: PruningMethod, refiner: MaskRefiner | None) -> frozenset[str]:
+    return method.needs | (refiner.needs if refiner is not None else frozenset())
 
 
 def whole_model_refusal(method: str) -> str:
