@@ -23,6 +23,7 @@ from .data import as_calibration
 from .errors import ConfigError
 from .methods import LayerTask, ModelTask, check_pattern, method_capabilities
 from .models import ModelAdapter, PrunableLayer
+from .models.coverage import Coverage, model_coverage
 from .patterns import Pattern, global_masks
 from .records import LayerRecord, get_records, set_records
 
@@ -43,6 +44,7 @@ class PruneResult:
     calibration: dict[str, Any] = field(default_factory=dict)
     allocation: str = "uniform"
     reconstruction: list[dict[str, Any]] = field(default_factory=list)  # one entry per refitted block
+    coverage: Coverage | None = None  # what share of each kind of parameter was pruned (measure_coverage)
 
     @property
     def counted_params(self) -> int:
@@ -54,9 +56,15 @@ class PruneResult:
         zeros = sum(rec.achieved * rec.shape[0] * rec.shape[1] for rec in self.records.values())
         return zeros / total if total else 0.0
 
+    def measure_coverage(self, model: nn.Module) -> Coverage:
+        """Match the records to ``model``'s parameters by kind (attention, mlp, experts, ...) and keep
+        the result for the summary; a large matrix left dense then shows up as a warning."""
+        self.coverage = model_coverage(model, self.records)
+        return self.coverage
+
     @property
     def warnings(self) -> list[str]:
-        notes = []
+        notes = list(self.coverage.warnings) if self.coverage is not None else []
         for rec in self.records.values():
             if rec.info.get("damp_raised"):
                 notes.append(f"{rec.name}: Hessian needed damp_ratio={rec.info['damp_ratio']:g} to factor")
@@ -82,6 +90,8 @@ class PruneResult:
     def details(self) -> list[str]:
         """Summary lines of the optional steps: the layer-wise allocation and the block refit."""
         lines = [self.allocation] if self.allocation != "uniform" else []
+        if self.coverage is not None:
+            lines.append("coverage: " + "; ".join(self.coverage.lines()))
         if self.reconstruction:
             before = sorted(entry["loss_before"] for entry in self.reconstruction)
             after = sorted(entry["loss_after"] for entry in self.reconstruction)

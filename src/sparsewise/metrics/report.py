@@ -263,6 +263,7 @@ class CheckpointReport:
     records: dict[str, LayerRecord] = field(default_factory=dict)
     manifest: dict[str, Any] = field(default_factory=dict)  # sparsewise.json; for hf-dense: config.json facts
     file_dates: str | None = None  # modification time of the manifest / weights, a hint when no date is recorded
+    coverage: Any = None  # models.coverage.Coverage of the records over the model's parameters (None: no records)
 
     # ------------------------------------------------------------------ facts
     @property
@@ -475,6 +476,9 @@ class CheckpointReport:
                           sep="  ")
         lines += [f"{'size' if index == 0 else '':<12} {text}" for index, text in enumerate(self.size_lines())]
         lines.append(f"{'N:M check':<12} {self.pattern_check()}")
+        if self.coverage is not None:
+            lines += _wrapped("coverage", self.coverage.lines(), sep="; ")
+            lines += [f"{'warning':<12} {note}" for note in self.coverage.warnings]
         most, least = self.extremes(count)
         if most:
             lines += _wrapped("most sparse", [f"{row.name} {row.sparsity:.2%}" for row in most])
@@ -550,6 +554,7 @@ class CheckpointReport:
             },
             "errors": {name: {"label": label, "value": value} for name, (label, value) in self.errors().items()},
             "pattern_check": self.pattern_check(),
+            "coverage": self.coverage.to_json() if self.coverage is not None else None,
         }
 
     # ------------------------------------------------------------------ html
@@ -566,6 +571,9 @@ class CheckpointReport:
         facts = [("layers", f"{len(report.rows)} layers, {report.params:,} weights, {report.zeros:,} zeros "
                             f"({report.sparsity:.2%})"),
                  ("size", "; ".join(self.size_lines())), ("N:M check", self.pattern_check())]
+        if self.coverage is not None:
+            facts.append(("coverage", "; ".join(self.coverage.lines())))
+            facts += [("warning", note) for note in self.coverage.warnings]
         most, least = self.extremes()
         if most:
             facts += [("most sparse", ", ".join(f"{row.name} {row.sparsity:.2%}" for row in most)),
@@ -681,6 +689,7 @@ def checkpoint_report(path: str | Path) -> CheckpointReport:
     from ..formats import checkpoint_size
     from ..formats.checkpoint import MANIFEST_NAME, RECORDS_NAME, WEIGHTS_NAME
     from ..models import load_model
+    from ..models.coverage import model_coverage
 
     directory = Path(path).expanduser()
     model, _ = load_model(str(directory))
@@ -710,8 +719,9 @@ def checkpoint_report(path: str | Path) -> CheckpointReport:
     with contextlib.suppress(OSError):
         file_dates = datetime.fromtimestamp((dated if dated.exists() else directory / WEIGHTS_NAME).stat().st_mtime) \
             .strftime("%Y-%m-%d %H:%M")
+    coverage = model_coverage(model, records) if records else None
     return CheckpointReport(path=str(path), format=fmt, sparsity=report, size=checkpoint_size(directory),
-                            records=records, manifest=manifest, file_dates=file_dates)
+                            records=records, manifest=manifest, file_dates=file_dates, coverage=coverage)
 
 
 def _match_names(model: torch.nn.Module, records: dict[str, LayerRecord]) -> dict[str, LayerRecord]:
