@@ -39,7 +39,7 @@ import stat
 import uuid
 import warnings
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -237,6 +237,17 @@ def _record_weights(model: nn.Module, records: dict[str, LayerRecord]) -> dict[s
     """``{state_dict weight name: (record, stored transposed i.e. [in, out])}``."""
     out = {}
     for name, record in records.items():
+        expert = _expert_slice(model, name)
+        if expert is not None:  # one record per expert of a fused 3-D parameter: the tensor follows them
+            parameter_name, module, _ = expert
+            previous = out.get(parameter_name)
+            if previous is not None and previous[0].pattern != record.pattern:
+                record = replace(record, pattern="unstructured")  # mixed patterns: the bitmask fits them all
+            # [experts, in, out] storage (is_transposed) has no N:M rows along its last dim: bitmask then
+            if getattr(module, "is_transposed", False):
+                record = replace(record, pattern="unstructured")
+            out[parameter_name] = (record, False)
+            continue
         try:
             module = model.get_submodule(name)
         except AttributeError:
@@ -248,6 +259,22 @@ def _record_weights(model: nn.Module, records: dict[str, LayerRecord]) -> dict[s
         if isinstance(getattr(module, "weight", None), torch.Tensor):
             out[f"{name}.weight"] = (record, _is_conv1d(module))
     return out
+
+
+def _expert_slice(model: nn.Module, name: str) -> tuple[str, nn.Module, int] | None:
+    """(parameter name, owning module, expert index) of a record named ``<3-D parameter>.<expert>``."""
+    head, _, tail = name.rpartition(".")
+    if not tail.isdigit():
+        return None
+    module_name, _, attribute = head.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        return None
+    param = module._parameters.get(attribute)
+    if param is None or param.ndim != 3 or int(tail) >= param.shape[0]:
+        return None
+    return head, module, int(tail)
 
 
 def _module_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -307,9 +334,10 @@ def _encode(
         return entry, dense_items
     weight = tensor.detach()
     nm = _nm_of(record)
-    if nm is not None and weight.dim() == 2:
+    if nm is not None and weight.dim() in (2, 3):
         n, m = nm
-        oriented = weight.t() if transposed else weight  # N:M groups run along the input dim
+        # N:M groups run along the input dim; fused experts [experts, out, in] are rows of rows
+        oriented = weight.t() if transposed else weight.reshape(-1, weight.shape[-1])
         if oriented.shape[1] % m == 0 and nm_nbytes(weight.numel(), n, m, weight.element_size()) < dense_bytes:
             try:
                 values, indices = pack_nm(oriented, n, m)
@@ -348,10 +376,9 @@ def _decode(name: str, entry: dict[str, Any], stored: dict[str, torch.Tensor]) -
         tensor = unpack_bitmask(item(f"{_SEP}values"), item(f"{_SEP}bitmask"), shape, dtype)
     elif storage == "nm":
         n, m = int(entry["n"]), int(entry["m"])
-        oriented = shape[::-1] if entry.get("transposed") else shape
+        oriented = shape[::-1] if entry.get("transposed") else [math.prod(shape[:-1]), shape[-1]]
         tensor = unpack_nm(item(f"{_SEP}nm_values"), item(f"{_SEP}nm_indices"), n, m, oriented, dtype)
-        if entry.get("transposed"):
-            tensor = tensor.t().contiguous()
+        tensor = tensor.t().contiguous() if entry.get("transposed") else tensor.reshape(shape)
     else:
         raise CheckpointError(f"tensor {name!r} has unknown storage {storage!r}: the checkpoint is corrupt; re-save it.")
     if list(tensor.shape) != shape or tensor.dtype != dtype:
@@ -889,8 +916,10 @@ def _validate_manifest(manifest: dict[str, Any], manifest_path: Path) -> None:
                       required=True)
             field(entry, "n", f"{label}.n", lambda value, m=m: _is_int(value) and 0 < value < m,
                   f"an integer in 1..{m - 1}", required=True)
-            if len(entry["shape"]) != 2:
-                fail(f"{label}.shape", "a 2-D shape [rows, cols] for N:M storage", entry["shape"])
+            # 3-D: fused experts [experts, out, in], packed as [experts * out, in] rows
+            if len(entry["shape"]) not in (2, 3) or (len(entry["shape"]) == 3 and entry.get("transposed")):
+                fail(f"{label}.shape", "a 2-D shape [rows, cols] (or 3-D [experts, out, in]) for N:M storage",
+                     entry["shape"])
 
     aliases = field(manifest, "aliases", "aliases", is_object, "an object mapping alias names to tensor names",
                     required=True)
@@ -1030,6 +1059,13 @@ def _restore_records(model: nn.Module, saved: dict[str, dict[str, Any]]) -> None
     records = {}
     for name, data in saved.items():
         record = LayerRecord.from_json(data)
+        expert = _expert_slice(model, name)
+        if expert is not None:
+            parameter_name, module, index = expert
+            matrix = model.get_parameter(parameter_name).detach()[index]
+            record.mask = ((matrix.t() if getattr(module, "is_transposed", False) else matrix) != 0).contiguous()
+            records[name] = record
+            continue
         with contextlib.suppress(AttributeError):
             module = model.get_submodule(name)
             weight = getattr(module, "weight", None)

@@ -202,6 +202,8 @@ def layer_kind(name: str) -> str:
     ``attention.output.dense``); a layer outside the blocks (``lm_head``) is its own kind; a bare
     ``layers.3`` is of kind ``layers``."""
     parts = name.split(".")
+    if len(parts) > 2 and parts[-1].isdigit() and not parts[-2].isdigit() and any(p.isdigit() for p in parts[:-2]):
+        parts = parts[:-1]  # expert i of a fused parameter (experts.gate_up_proj.3): one kind for all experts
     for index, part in enumerate(parts):
         if part.isdigit():
             rest = parts[index + 1:]

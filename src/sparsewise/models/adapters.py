@@ -38,6 +38,15 @@ Selection rules, in order:
 * ``targets="all"`` adds every Linear/Conv1D outside the blocks (lm_head, poolers, projections);
 * ``exclude`` always removes, last.
 
+Mixture-of-experts blocks: a fused expert parameter (3-D, ``[experts, out, in]``, e.g. Mixtral's
+``experts.gate_up_proj``; ``[experts, in, out]`` when the experts module says ``is_transposed``) is
+split into one :class:`ExpertLayer` per expert, named ``<parameter>.<expert>``
+(``model.layers.0.mlp.experts.gate_up_proj.3``), whose get/set_weight read and write that slice.
+Per-expert ``nn.Linear`` lists are ordinary linears already. A router (a ``gate``, ``router`` or
+``shared_expert_gate`` linear next to an experts module) is never a block layer: a few weights
+decide every route. Hooks on an expert layer see the tokens routed to that expert
+(:mod:`sparsewise.models.experts`), so calibrated methods get per-expert statistics.
+
 Embeddings (``nn.Embedding``) are never prunable layers. A selected layer whose weight is the
 same tensor as an embedding's (a tied ``lm_head``) gets ``tied=True`` so callers can warn that
 pruning it also prunes the input embedding.
@@ -46,6 +55,7 @@ pruning it also prunes the input embedding.
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -54,7 +64,8 @@ from torch import nn
 
 from ..errors import ConfigError, PatternError, UnsupportedModelError
 
-__all__ = ["ModelAdapter", "PrunableLayer", "is_prunable_module", "unwrap_parallel", "weight_layers"]
+__all__ = ["ExpertLayer", "ExpertMatrix", "ModelAdapter", "PrunableLayer", "expert_parameters", "is_prunable_module",
+           "unwrap_parallel", "weight_layers"]
 
 TARGETS = ("blocks", "all")
 
@@ -167,6 +178,131 @@ class PrunableLayer:
         return f"PrunableLayer({self.name!r}, {kind}, out={self.out_features}, in={self.in_features}{extra})"
 
 
+class ExpertMatrix(nn.Module):
+    """One expert's matrix inside a fused 3-D parameter, seen as a module of its own.
+
+    It is not registered in the model (the model's tree and state_dict stay unchanged); one
+    instance per (experts module, parameter, expert) is kept, so every adapter hands out the same
+    object. ``weight`` is the whole fused parameter (what callers compare by identity, e.g. to
+    tell layer weights from a block's other parameters); ``matrix()`` is this expert's [out, in]
+    view; calling it computes ``x @ matrix().T``.
+    """
+
+    def __init__(self, experts: nn.Module, attribute: str, index: int) -> None:
+        super().__init__()
+        # a weak reference, not a child module: the cache below must not keep a dropped model alive
+        self._experts = weakref.ref(experts)
+        self.attribute, self.index = attribute, index
+
+    @property
+    def experts(self) -> nn.Module:
+        experts = self._experts()
+        if experts is None:
+            raise ConfigError(f"the experts module of {self.attribute}[{self.index}] no longer exists.")
+        return experts
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return getattr(self.experts, self.attribute)
+
+    @property
+    def stored_transposed(self) -> bool:
+        """True when the experts store [experts, in, out] (transformers' ``is_transposed`` flag)."""
+        return bool(getattr(self.experts, "is_transposed", False))
+
+    def matrix(self) -> torch.Tensor:
+        """This expert's weight as [out, in], a view of the fused parameter."""
+        matrix = self.weight[self.index]
+        return matrix.T if self.stored_transposed else matrix
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(inputs, self.matrix())
+
+    # The experts module computes all experts in one forward and never calls this module: while
+    # a hook is registered here, the experts module is observed so that its per-expert products
+    # run through this module (models.experts), and the hook sees the tokens routed to it.
+    def register_forward_pre_hook(self, *args, **kwargs):
+        from .experts import observe_experts
+
+        return observe_experts(self.experts, super().register_forward_pre_hook(*args, **kwargs))
+
+    def register_forward_hook(self, *args, **kwargs):
+        from .experts import observe_experts
+
+        return observe_experts(self.experts, super().register_forward_hook(*args, **kwargs))
+
+    def extra_repr(self) -> str:
+        return f"{type(self.experts).__name__}.{self.attribute}[{self.index}]"
+
+
+_EXPERT_MATRICES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # experts module -> {(attr, i): matrix}
+
+
+def _expert_matrix(experts: nn.Module, attribute: str, index: int) -> ExpertMatrix:
+    cache = _EXPERT_MATRICES.setdefault(experts, {})
+    if (attribute, index) not in cache:
+        cache[(attribute, index)] = ExpertMatrix(experts, attribute, index)
+    return cache[(attribute, index)]
+
+
+def expert_parameters(module: nn.Module) -> list[str]:
+    """Names of ``module``'s own fused expert parameters: 3-D parameters of a module that is not a
+    convolution (a Conv1d weight is 3-D too), registered directly on it."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return []
+    return [name for name, param in module.named_parameters(recurse=False) if param.ndim == 3]
+
+
+@dataclass(eq=False)
+class ExpertLayer(PrunableLayer):
+    """Expert ``module.index`` of a fused 3-D parameter as a [out, in] layer (``module`` is its
+    :class:`ExpertMatrix`); masks, records and set_weight touch only that slice."""
+
+    @property
+    def transposed(self) -> bool:
+        return False  # get/set_weight already present [out, in]; the slice's storage order is the matrix's concern
+
+    @property
+    def is_conv(self) -> bool:
+        return False
+
+    @property
+    def in_features(self) -> int:
+        return int(self.module.matrix().shape[1])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.module.matrix().shape[0])
+
+    def to_rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def from_rows(self, rows: torch.Tensor, shape: Sequence[int] | None = None) -> torch.Tensor:
+        return rows
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        bias = getattr(self.module.experts, f"{self.module.attribute}_bias", None)  # gpt-oss style expert biases
+        return bias[self.module.index] if isinstance(bias, torch.Tensor) and bias.ndim == 2 else None
+
+    def get_weight(self) -> torch.Tensor:
+        """This expert's weight as [out, in]: a detached view of the fused parameter (no copy)."""
+        return self.module.matrix().detach()
+
+    def set_weight(self, weight: torch.Tensor) -> None:
+        expected = (self.out_features, self.in_features)
+        if tuple(weight.shape) != expected:
+            raise PatternError(
+                f"{self.name}: new weight has shape {tuple(weight.shape)}, expected [out, in] = {list(expected)}; "
+                "pass the weight in [out, in] layout (get_weight() returns it that way)."
+            )
+        with torch.no_grad():
+            self.module.matrix().copy_(weight)  # a view: writes into the fused parameter in place
+
+    def __repr__(self) -> str:
+        return f"ExpertLayer({self.name!r}, out={self.out_features}, in={self.in_features})"
+
+
 def unwrap_parallel(model: nn.Module) -> nn.Module:
     """The real model inside a DistributedDataParallel / DataParallel wrapper (else ``model``):
     hooks, masks and buffers belong on the wrapped modules."""
@@ -202,6 +338,19 @@ def _unique_param_count(module: nn.Module) -> int:
             seen.add(id(param))
             total += param.numel()
     return total
+
+
+ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
+
+
+def _is_router(block: nn.Module, sub_name: str) -> bool:
+    """True for the linear that routes tokens to experts (``mlp.gate`` next to ``mlp.experts``,
+    Qwen2-MoE's ``shared_expert_gate``): never pruned by default, a few weights decide every route."""
+    parent_name, _, attribute = sub_name.rpartition(".")
+    if attribute not in ROUTER_NAMES:
+        return False
+    parent = block.get_submodule(parent_name) if parent_name else block
+    return any("expert" in child for child, _ in parent.named_children())
 
 
 def _holds_prunable(module: nn.Module) -> bool:
@@ -316,10 +465,16 @@ class ModelAdapter:
         block_name, block = self.blocks[index]
         seen: set[int] = set()
         for sub_name, module in block.named_modules():
-            if is_prunable_module(module) and id(module) not in seen:
-                seen.add(id(module))
-                name = f"{block_name}.{sub_name}" if sub_name else block_name
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+            name = f"{block_name}.{sub_name}" if sub_name else block_name
+            if is_prunable_module(module) and not _is_router(block, sub_name):
                 yield PrunableLayer(name=name, module=module, block=index)
+            for attribute in expert_parameters(module):  # fused experts: one layer per expert
+                for expert in range(getattr(module, attribute).shape[0]):
+                    yield ExpertLayer(name=f"{name}.{attribute}.{expert}",
+                                      module=_expert_matrix(module, attribute, expert), block=index)
 
     def _iter_outside_candidates(self) -> Iterator[PrunableLayer]:
         inside = {id(m) for _, block in self.blocks for m in block.modules()}

@@ -81,6 +81,7 @@ class Coverage:
     kinds: dict[str, KindCoverage] = field(default_factory=dict)
     left_out: list[LeftOut] = field(default_factory=list)
     unmatched: list[str] = field(default_factory=list)  # record names that name no parameter
+    all_token_experts: list[str] = field(default_factory=list)  # experts no calibration token was routed to
 
     @property
     def targeted(self) -> int:
@@ -99,6 +100,9 @@ class Coverage:
                 f" and {len(missing) - 3} more" if len(missing) > 3 else "")
             notes.append(f"{kind}: {len(missing)} large parameter(s) holding {numel / self.total_params:.1%} of the "
                          f"model's parameters were not pruned ({examples})")
+        if self.all_token_experts:
+            notes.append(f"{len(self.all_token_experts)} expert matrice(s) received no routed calibration token and "
+                         f"were calibrated on all tokens instead (e.g. {self.all_token_experts[0]})")
         if self.unmatched:
             notes.append(f"{len(self.unmatched)} record(s) name no parameter of this model "
                          f"(e.g. {self.unmatched[0]}): they were not counted")
@@ -124,6 +128,7 @@ class Coverage:
             "left_out": [{"name": item.name, "kind": item.kind, "shape": list(item.shape), "params": item.numel}
                          for item in self.left_out],
             "unmatched": list(self.unmatched),
+            "all_token_experts": list(self.all_token_experts),
             "warnings": self.warnings,
         }
 
@@ -207,6 +212,9 @@ def model_coverage(model: nn.Module, records: Mapping[str, LayerRecord]) -> Cove
         entry = coverage.kinds[kinds[param_name]]
         entry.targeted += numel
         entry.zeros += record.achieved * numel
+    from .experts import all_token_experts
+
+    coverage.all_token_experts = [name for name in all_token_experts(model) if name in records]
     for name, param in unique.items():
         if param.ndim in (2, 3) and name not in covered and param.numel() >= LARGE_FRACTION * total:
             coverage.left_out.append(LeftOut(name, kinds[name], tuple(param.shape), param.numel()))

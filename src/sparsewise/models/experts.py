@@ -1,0 +1,213 @@
+"""Per-expert calibration: make each expert's matrix of a fused experts module observable.
+
+An experts module (transformers' ``MixtralExperts``, ``Qwen3MoeExperts``, ...) computes every
+expert in one forward, so the :class:`~sparsewise.models.adapters.ExpertMatrix` layers never run
+and a hook on them would never fire. While such a hook is registered, the experts module is
+observed: for the duration of its forward
+
+* transformers' experts implementation is switched to ``"eager"`` (the per-expert loop; the
+  default ``grouped_mm`` multiplies all experts in one call), and
+* a torch-function mode sends every ``F.linear(x, W[e])`` whose weight is a slice of a fused
+  expert parameter through that expert's ExpertMatrix, so its hooks see exactly the tokens the
+  router sent to expert ``e`` (nothing family-specific: the slice is found by storage offset).
+
+Experts the router sent no token get statistics from every token instead (the forward is run once
+more with all tokens routed to them, output discarded), and are listed by
+:func:`all_token_experts`. Inside ``with calibrate_all_experts():`` every expert's statistics come
+from all tokens (llm-compressor's "calibrate all experts"); the block output still follows the
+router. An experts module whose forward calls no ``F.linear`` on expert slices raises a
+:class:`~sparsewise.errors.ConfigError` rather than leaving experts unpruned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from ..errors import ConfigError
+
+__all__ = ["all_token_experts", "calibrate_all_experts", "observe_experts"]
+
+_ALL_EXPERTS = False
+# experts module -> its observer while at least one hook on one of its matrices is registered
+_OBSERVERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# experts module -> {(parameter, expert index)} whose statistics came from all tokens (no routed token)
+_ALL_TOKEN_EXPERTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def calibrate_all_experts() -> Iterator[None]:
+    """Statistics of every expert from every calibration token, not only the routed ones."""
+    global _ALL_EXPERTS
+    previous, _ALL_EXPERTS = _ALL_EXPERTS, True
+    try:
+        yield
+    finally:
+        _ALL_EXPERTS = previous
+
+
+def all_token_experts(model: nn.Module) -> list[str]:
+    """Names (``<parameter>.<expert>``) of expert matrices calibrated on all tokens because the
+    router sent them none, in the last observed pass."""
+    names = []
+    for module_name, module in model.named_modules():
+        for attribute, index in sorted(_ALL_TOKEN_EXPERTS.get(module, ())):
+            names.append(f"{module_name}.{attribute}.{index}" if module_name else f"{attribute}.{index}")
+    return names
+
+
+class _Routing(TorchFunctionMode):
+    """Sends ``F.linear`` on a fused expert slice through that expert's ExpertMatrix."""
+
+    def __init__(self, observer: _Observer, fire: bool, only: int | None = None) -> None:
+        super().__init__()
+        self.observer, self.fire, self.only = observer, fire, only
+        self.hit: set[tuple[str, int]] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is nn.functional.linear and len(args) >= 2:
+            found = self.observer.locate(args[1])
+            if found is not None:
+                self.hit.add(found)
+                matrix = self.observer.matrix(*found)
+                fire = self.fire and (self.only is None or found[1] == self.only)
+                out = matrix(args[0]) if fire else matrix.forward(args[0])
+                bias = args[2] if len(args) > 2 else kwargs.get("bias")
+                return out if bias is None else out + bias
+        return func(*args, **kwargs)
+
+
+class _Observer:
+    """Hooks on one experts module that route its forward through the ExpertMatrix layers."""
+
+    def __init__(self, experts: nn.Module) -> None:
+        from .adapters import expert_parameters
+
+        self.experts = experts
+        self.attributes = expert_parameters(experts)
+        self.users = 0
+        self.routing: _Routing | None = None
+        self.saved_implementation: Any = None
+        self.handles = [experts.register_forward_pre_hook(self.before, with_kwargs=True),
+                        experts.register_forward_hook(self.after, with_kwargs=True, always_call=True)]
+
+    def matrix(self, attribute: str, index: int) -> nn.Module:
+        from .adapters import _expert_matrix
+
+        return _expert_matrix(self.experts, attribute, index)
+
+    def locate(self, weight: torch.Tensor) -> tuple[str, int] | None:
+        """(parameter, expert) when ``weight`` is one expert's slice (or its transpose) of a fused parameter."""
+        if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+            return None
+        for attribute in self.attributes:
+            param = getattr(self.experts, attribute)
+            if weight.untyped_storage().data_ptr() != param.untyped_storage().data_ptr():
+                continue
+            offset = weight.storage_offset() - param.storage_offset()
+            index, rest = divmod(offset, param.stride(0))
+            if rest == 0 and 0 <= index < param.shape[0] and {tuple(weight.shape), tuple(weight.shape[::-1])} & {
+                    tuple(param.shape[1:])}:
+                return attribute, index
+        return None
+
+    def _hooked(self) -> list[tuple[str, int]]:
+        """(parameter, expert) of the matrices someone registered a hook on."""
+        keys = []
+        for attribute in self.attributes:
+            for index in range(getattr(self.experts, attribute).shape[0]):
+                matrix = self.matrix(attribute, index)
+                if matrix._forward_pre_hooks or matrix._forward_hooks:
+                    keys.append((attribute, index))
+        return keys
+
+    def _set_eager(self) -> None:
+        config = getattr(self.experts, "config", None)
+        if config is not None and getattr(config, "_experts_implementation", None) not in (None, "eager"):
+            self.saved_implementation = config._experts_implementation
+            config._experts_implementation = "eager"
+
+    def _restore_implementation(self) -> None:
+        if self.saved_implementation is not None:
+            self.experts.config._experts_implementation = self.saved_implementation
+            self.saved_implementation = None
+
+    def _all_tokens_pass(self, args: tuple, kwargs: dict, expert: int) -> set[tuple[str, int]]:
+        """Run the experts forward with every token routed to ``expert`` (weight 1), firing only its
+        matrices' hooks; the output is discarded. Returns the slices it touched."""
+        hidden = args[0] if args else kwargs["hidden_states"]
+        index = torch.full((hidden.shape[0], 1), expert, dtype=torch.long, device=hidden.device)
+        weights = torch.ones(hidden.shape[0], 1, dtype=hidden.dtype, device=hidden.device)
+        routing = _Routing(self, fire=True, only=expert)
+        with routing:
+            self.experts.forward(hidden, index, weights)
+        return routing.hit
+
+    def before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._set_eager()
+        if _ALL_EXPERTS:
+            _ALL_TOKEN_EXPERTS[module] = set()
+            for expert in sorted({index for _, index in self._hooked()}):
+                self._all_tokens_pass(args, kwargs, expert)
+        self.routing = _Routing(self, fire=not _ALL_EXPERTS)
+        self.routing.__enter__()
+
+    def after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        routing, self.routing = self.routing, None
+        try:
+            if routing is None:
+                return
+            routing.__exit__(None, None, None)
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            if not routing.hit and isinstance(hidden, torch.Tensor) and hidden.shape[0]:
+                raise ConfigError(
+                    f"{type(module).__name__}'s forward multiplies no expert slice with F.linear, so the tokens routed "
+                    "to each expert cannot be observed: prune its experts with a data-free method (magnitude), or "
+                    "exclude them (exclude=[r'experts\\.'])."
+                )
+            if not _ALL_EXPERTS:
+                missed = sorted({index for _, index in self._hooked()} - {index for _, index in routing.hit})
+                _ALL_TOKEN_EXPERTS[module] = set()
+                for expert in missed:  # no routed token: statistics from all of them, stated in the result
+                    _ALL_TOKEN_EXPERTS[module] |= self._all_tokens_pass(args, kwargs, expert)
+        finally:
+            self._restore_implementation()
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+class _Release:
+    """A hook handle that also stops observing the experts module when its last hook goes."""
+
+    def __init__(self, handle, experts: nn.Module) -> None:
+        self.handle, self.experts = handle, experts
+
+    def remove(self) -> None:
+        if self.handle is None:
+            return
+        self.handle.remove()
+        self.handle = None
+        observer = _OBSERVERS.get(self.experts)
+        if observer is not None:
+            observer.users -= 1
+            if observer.users == 0:
+                observer.remove()
+                del _OBSERVERS[self.experts]
+
+
+def observe_experts(experts: nn.Module, handle) -> _Release:
+    """Observe ``experts`` while ``handle`` (a hook on one of its matrices) is registered."""
+    observer = _OBSERVERS.get(experts)
+    if observer is None:
+        observer = _OBSERVERS[experts] = _Observer(experts)
+    observer.users += 1
+    return _Release(handle, experts)

@@ -1,0 +1,217 @@
+"""Mixture-of-experts models: every expert matrix of a fused 3-D parameter is a prunable layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import VOCAB
+from tiny_moe import EXPERTS, MOE_FAMILIES, build_tiny_moe
+
+import sparsewise as sw
+from sparsewise.errors import ConfigError
+from sparsewise.models import ModelAdapter
+from sparsewise.models.adapters import ExpertLayer
+from sparsewise.models.coverage import model_coverage
+from sparsewise.models.experts import all_token_experts, calibrate_all_experts
+from sparsewise.patterns import Pattern, check_mask
+from sparsewise.records import get_records
+
+
+def expert_layers(model) -> dict[str, ExpertLayer]:
+    return {name: layer for name, layer in ModelAdapter(model).prunable_layers().items()
+            if isinstance(layer, ExpertLayer)}
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_every_expert_matrix_is_a_layer(family):
+    model = build_tiny_moe(family)
+    layers = expert_layers(model)
+    experts = model.model.layers[0].mlp.experts
+    gate_up, down = experts.gate_up_proj, experts.down_proj
+    assert len(layers) == 2 * 2 * EXPERTS  # blocks x (gate_up, down) x experts
+    first = layers["model.layers.0.mlp.experts.gate_up_proj.3"]
+    assert (first.out_features, first.in_features) == tuple(gate_up.shape[1:])
+    assert first.get_weight().data_ptr() == gate_up[3].data_ptr()  # a view, no copy
+    names = ModelAdapter(model).prunable_layers()
+    assert not any(name.endswith((".gate", "shared_expert_gate")) for name in names)  # routers stay dense
+    assert f"model.layers.1.mlp.experts.down_proj.{EXPERTS - 1}" in layers
+    assert layers["model.layers.1.mlp.experts.down_proj.0"].in_features == down.shape[2]
+
+
+@pytest.mark.parametrize("implementation", ["eager", "grouped_mm"])
+def test_expert_layer_is_the_matrix_the_forward_multiplies(implementation):
+    """Routing every token to expert e must equal act(x Wg^T) * (x Wu^T) Wd^T with the layers' [out, in]."""
+    model = build_tiny_moe("mixtral")
+    model.config._experts_implementation = implementation
+    experts = model.model.layers[0].mlp.experts
+    layers = expert_layers(model)
+    x = torch.randn(5, experts.gate_up_proj.shape[2])
+    for expert in (0, EXPERTS - 1):
+        routed = experts(x, torch.full((5, 1), expert), torch.ones(5, 1))
+        gate_up = layers[f"model.layers.0.mlp.experts.gate_up_proj.{expert}"].get_weight()
+        down = layers[f"model.layers.0.mlp.experts.down_proj.{expert}"].get_weight()
+        gate, up = (x @ gate_up.T).chunk(2, dim=-1)
+        manual = (experts.act_fn(gate) * up) @ down.T
+        torch.testing.assert_close(routed, manual, rtol=1e-5, atol=1e-5)
+
+
+def test_set_weight_writes_only_its_slice():
+    model = build_tiny_moe("mixtral")
+    layer = expert_layers(model)["model.layers.0.mlp.experts.down_proj.2"]
+    fused = model.model.layers[0].mlp.experts.down_proj
+    before = fused.detach().clone()
+    layer.set_weight(torch.zeros(layer.out_features, layer.in_features))
+    assert torch.count_nonzero(fused[2]) == 0
+    torch.testing.assert_close(fused[[0, 1, 3]], before[[0, 1, 3]], rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="expected"):
+        layer.set_weight(torch.zeros(layer.in_features, layer.out_features))
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+@pytest.mark.parametrize(("method", "pattern"), [("magnitude", "unstructured"), ("magnitude", "2:4"),
+                                                 ("random", "unstructured")])
+def test_data_free_methods_prune_every_expert(family, method, pattern, tmp_path):
+    model = build_tiny_moe(family)
+    sw.prune(model, method, 0.5, pattern=pattern, progress=False)
+    records = get_records(model)
+    layers = expert_layers(model)
+    assert set(layers) <= set(records)
+    parsed = Pattern.parse(pattern)
+    for name, layer in layers.items():
+        weight = layer.get_weight()
+        assert (weight == 0).float().mean().item() == pytest.approx(0.5), name
+        assert records[name].achieved == pytest.approx(0.5)
+        if parsed.kind == "nm":
+            assert check_mask(weight != 0, parsed), name
+        assert torch.equal(records[name].mask, weight != 0)
+    coverage = model_coverage(model, records)
+    assert coverage.kinds["experts"].fraction == 1.0 and coverage.kinds["experts"].achieved == pytest.approx(0.5)
+    assert coverage.warnings == []
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert torch.isfinite(logits).all()
+
+    sw.save(model, tmp_path / "m")
+    loaded = sw.load(tmp_path / "m")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    loaded_records = get_records(loaded)
+    for name in layers:
+        assert torch.equal(loaded_records[name].mask, records[name].mask), name
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, logits)
+
+
+def test_saved_experts_are_compressed(tmp_path):
+    import json
+
+    model = build_tiny_moe("mixtral")
+    sw.prune(model, "magnitude", None, pattern="2:4", progress=False)
+    sw.save(model, tmp_path / "m")
+    tensors = json.loads((tmp_path / "m" / "sparsewise.json").read_text())["tensors"]
+    entry = tensors["model.layers.0.mlp.experts.gate_up_proj"]
+    assert entry["storage"] == "nm" and entry["shape"] == list(model.model.layers[0].mlp.experts.gate_up_proj.shape)
+
+
+def _calibration():
+    return torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("sequential", ["layer", "block"])
+def test_calibrated_methods_see_the_tokens_routed_to_each_expert(family, method, sequential):
+    model = build_tiny_moe(family)
+    implementation = model.config._experts_implementation
+    result = sw.prune(model, method, 0.5, calibration=_calibration(), progress=False, sequential=sequential)
+    assert model.config._experts_implementation == implementation  # eager only while observed
+    layers = expert_layers(model)
+    assert set(layers) <= set(result.records)
+    tokens = model.config.num_experts_per_tok * _calibration().numel()
+    for block in range(2):
+        routed = [result.records[f"model.layers.{block}.mlp.experts.gate_up_proj.{e}"].info["tokens"]
+                  for e in range(EXPERTS)]
+        assert sum(routed) == tokens and all(0 < count < tokens for count in routed)  # routed, not all
+        for e in range(EXPERTS):  # gate_up and down of one expert see the same tokens
+            assert result.records[f"model.layers.{block}.mlp.experts.down_proj.{e}"].info["tokens"] == routed[e]
+    for name, layer in layers.items():
+        assert (layer.get_weight() == 0).float().mean().item() == pytest.approx(0.5), name
+    assert all_token_experts(model) == []
+    with torch.no_grad():
+        assert torch.isfinite(model(_calibration()).logits).all()
+    assert not any(matrix._forward_pre_hooks or matrix._forward_hooks
+                   for matrix in (layer.module for layer in layers.values()))  # hooks all removed
+
+
+def test_calibrated_prune_of_an_expert_matches_a_prune_on_its_routed_tokens():
+    """The statistics of an expert are those of exactly the tokens the router sent it."""
+    from sparsewise.calibration.stats import LayerStats
+    from sparsewise.methods import LayerTask, get_method
+
+    model = build_tiny_moe("mixtral")
+    reference = build_tiny_moe("mixtral")
+    sw.prune(model, "wanda", 0.5, calibration=_calibration(), progress=False, sequential="block",
+             include=[r"experts\."])
+    mlp = reference.model.layers[0].mlp
+    seen = {}
+    mlp.register_forward_pre_hook(lambda _m, args: seen.update(x=args[0].reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        reference(_calibration())
+        _, _, chosen = mlp.gate(seen["x"])
+    expert = 2
+    routed = seen["x"][(chosen == expert).any(-1)]
+    stats = LayerStats(routed.shape[1], get_method("wanda").needs)
+    stats.update(routed)
+    weight = reference.model.layers[0].mlp.experts.gate_up_proj[expert].detach()
+    task = LayerTask("x", weight.clone(), 0.5, Pattern.parse("unstructured"), stats, torch.Generator(), {})
+    expected = get_method("wanda").prune_layer(task).weight
+    torch.testing.assert_close(model.model.layers[0].mlp.experts.gate_up_proj[expert].detach(), expected)
+
+
+def test_an_expert_the_router_never_picks_is_calibrated_on_all_tokens():
+    model = build_tiny_moe("mixtral")
+    for layer in model.model.layers:
+        router = layer.mlp.gate
+        original = router.forward
+
+        def never_three(hidden, original=original):
+            logits, _, _ = original(hidden)
+            logits = logits.clone()
+            logits[:, 3] = float("-inf")
+            scores, indices = torch.topk(logits.softmax(-1), 2, dim=-1)
+            return logits, scores / scores.sum(-1, keepdim=True), indices
+
+        router.forward = never_three
+    result = sw.prune(model, "sparsegpt", 0.5, calibration=_calibration(), progress=False)
+    assert set(all_token_experts(model)) == {f"model.layers.{block}.mlp.experts.{p}.3"
+                                             for block in range(2) for p in ("gate_up_proj", "down_proj")}
+    assert result.records["model.layers.0.mlp.experts.gate_up_proj.3"].info["tokens"] == _calibration().numel()
+    for name, layer in expert_layers(model).items():
+        assert (layer.get_weight() == 0).float().mean().item() == pytest.approx(0.5), name
+
+
+def test_calibrate_all_experts_sends_every_token_to_every_expert():
+    model = build_tiny_moe("qwen3_moe")
+    with calibrate_all_experts():
+        result = sw.prune(model, "sparsegpt", 0.5, calibration=_calibration(), progress=False)
+    for name, record in result.records.items():
+        if "experts" in name:
+            assert record.info["tokens"] == _calibration().numel(), name
+    assert result.measure_coverage(model).kinds["experts"].fraction == 1.0
+
+
+def test_an_unobservable_experts_forward_is_refused():
+    """A forward that multiplies the whole 3-D tensor at once cannot be split per expert: say so."""
+    model = build_tiny_moe("mixtral")
+    experts = model.model.layers[0].mlp.experts
+
+    def einsum_forward(hidden, top_k_index, top_k_weights):
+        return torch.einsum("eoi,ti->to", experts.down_proj, torch.zeros(hidden.shape[0], experts.down_proj.shape[2]))
+
+    experts.forward = einsum_forward
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(ConfigError, match="routed to each expert cannot be observed"):
+        sw.prune(model, "wanda", 0.5, calibration=_calibration(), progress=False)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name  # restored
