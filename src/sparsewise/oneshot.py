@@ -285,6 +285,7 @@ def prune(
         calibration=_calibration_facts(calibration, given_calibration),
         allocation=plan.summary() if plan is not None else "uniform",
         reconstruction=[run.reconstructed[index] for index in sorted(run.reconstructed)],
+        coverage=model_coverage(model, records),
     )
 
 
@@ -308,25 +309,11 @@ def _prune_whole_model(pruner, model: nn.Module, calibration, *, pattern, sparsi
         method=pruner.name, pattern=str(pattern), sparsity=sparsity, records=records,
         wall_s=time.perf_counter() - start, peak_rss_mb=peak_rss_mb(), peak_gpu_mb=gpu_peak_mb(compute_device),
         device=str(compute_device), sequential="block", calibration=_calibration_facts(calibration),
+        coverage=model_coverage(model, records),
     )
 
 def _is_uniform(allocation) -> bool:
     return allocation is None or (isinstance(allocation, str) and allocation.strip().lower() == "uniform")
-
-
-def _mixed_choices(pattern) -> list[Pattern] | None:
-    """'2:4,1:4' or ['2:4', '1:4']: N:M choices to mix across layers (None for a single pattern)."""
-    if isinstance(pattern, str) and "," in pattern:
-        pattern = [part for part in pattern.split(",") if part.strip()]
-    if not isinstance(pattern, (list, tuple)):
-        return None
-    choices = [Pattern.parse(part) for part in pattern]
-    if len(choices) < 2 or any(choice.kind != "nm" for choice in choices):
-        raise ConfigError(f"mixed patterns are N:M choices, at least two, e.g. '2:4,1:4'; got {pattern!r}.")
-    ratios = [choice.fixed_sparsity for choice in choices]
-    if len(set(ratios)) != len(ratios):
-        raise ConfigError(f"mixed N:M choices need different sparsities (2:4 and 4:8 are both 0.5): {pattern!r}.")
-    return sorted(choices, key=lambda choice: choice.fixed_sparsity)
 
 
 def _allocate(allocation, options, pattern: Pattern, sparsity: float, model, adapter, layers, calibration,
