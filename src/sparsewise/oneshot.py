@@ -21,7 +21,7 @@ from .calibration.run import calibration_batches, gpu_peak_mb, peak_rss_mb, pick
 from .config import PruneConfig, ValidConfig, whole_model_refusal
 from .data import as_calibration
 from .errors import ConfigError
-from .methods import LayerTask, ModelTask, check_pattern, method_capabilities
+from .methods import LayerTask, ModelTask, method_capabilities
 from .models import ModelAdapter, PrunableLayer
 from .models.coverage import Coverage, model_coverage
 from .patterns import Pattern, global_masks
@@ -292,11 +292,9 @@ def prune(
 def _prune_whole_model(pruner, model: nn.Module, calibration, *, pattern, sparsity, include, exclude, device,
                        seed: int, batch_size: int, method_options: dict[str, Any] | None,
                        progress: bool) -> PruneResult:
-    """A ``whole_model`` method (ARMOR) behind the public verb: checked against its capabilities,
-    run on a :class:`~sparsewise.methods.ModelTask`, reported in a :class:`PruneResult`."""
-    pattern = Pattern.parse(pattern)
-    sparsity = pattern.resolve_sparsity(sparsity)
-    check_pattern(pruner, pattern)
+    """A ``whole_model`` method (ARMOR) behind the public verb (``pattern``/``sparsity`` as
+    :meth:`PruneConfig.parse` checked them against its capabilities), run on a
+    :class:`~sparsewise.methods.ModelTask`, reported in a :class:`PruneResult`."""
     if pruner.capabilities.takes_data and calibration is None:
         raise ConfigError(f"method {pruner.name!r} needs calibration data: pass calibration=sw.data.calibration(...).")
     compute_device = pick_device(device, model)
@@ -312,35 +310,16 @@ def _prune_whole_model(pruner, model: nn.Module, calibration, *, pattern, sparsi
         coverage=model_coverage(model, records),
     )
 
-def _is_uniform(allocation) -> bool:
-    return allocation is None or (isinstance(allocation, str) and allocation.strip().lower() == "uniform")
-
-
 def _allocate(allocation, options, pattern: Pattern, sparsity: float, model, adapter, layers, calibration,
               device: torch.device, seed: int, choices: list[Pattern] | None = None):
     """The per-layer plan, or None for the uniform default (every layer at ``sparsity``).
 
-    With mixed N:M ``choices`` the allocator's continuous ratios are rounded to the choices'
-    sparsities (``allocation.budget.assign_levels``), so layers it would keep denser get the
-    denser pattern."""
-    uniform = _is_uniform(allocation)
-    if uniform and choices:
-        raise ConfigError("mixed N:M choices need an allocation to decide which layer takes which pattern: "
-                          "pass allocation='owl' (or er, erk, ecoflap, tyr, or an explicit map).")
-    if uniform:
-        if options:
-            raise ConfigError("allocation_options given without an allocation: pass allocation='owl' (or another).")
+    ``allocation`` is what :meth:`PruneConfig.parse` made of the request (None: uniform), which
+    already refused allocations the pattern cannot take. With mixed N:M ``choices`` the
+    allocator's continuous ratios are rounded to the choices' sparsities
+    (``allocation.budget.assign_levels``), so layers it would keep denser get the denser pattern."""
+    if allocation is None:
         return None
-    if choices:
-        levels = [choice.fixed_sparsity for choice in choices]
-        if not levels[0] <= sparsity <= levels[-1]:  # before the allocator's calibration passes
-            raise ConfigError(f"sparsity {sparsity} lies outside the mixed choices' range [{levels[0]}, {levels[-1]}].")
-    elif pattern.kind == "nm":
-        raise ConfigError(f"{pattern} fixes every layer's sparsity at {sparsity:.3f}: a layer-wise allocation needs "
-                          "an unstructured (or block) pattern, or mixed N:M choices such as pattern='2:4,1:4'.")
-    elif pattern.scope == "global":
-        raise ConfigError("a global ranking already decides each layer's share: drop the allocation or use scope "
-                          "row/layer.")
     from .allocation import allocate, layer_shapes
     from .allocation.budget import assign_levels
 
@@ -348,6 +327,7 @@ def _allocate(allocation, options, pattern: Pattern, sparsity: float, model, ada
     plan = allocate(allocation, target=sparsity, shapes=shapes, model=model, adapter=adapter, layers=layers,
                     calibration=calibration, device=device, seed=seed, **dict(options or {}))
     if choices:
+        levels = [choice.fixed_sparsity for choice in choices]
         plan.sparsities = assign_levels(plan.sparsities, shapes, levels, sparsity)
         plan.method = f"{plan.method} -> N:M choices {', '.join(str(choice) for choice in choices)}"
     return plan
