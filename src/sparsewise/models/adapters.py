@@ -159,14 +159,18 @@ class PrunableLayer:
         a copy for Conv2d, whose rows are reordered, see :meth:`to_rows`)."""
         return self.to_rows(self.module.weight.detach())
 
-    def set_weight(self, weight: torch.Tensor) -> None:
-        """Write a [out, in] tensor into the module in place (dtype, device and layout are kept)."""
+    def check_new_weight(self, weight: torch.Tensor) -> None:
+        """Refuse a replacement weight that is not [out, in] for this layer."""
         expected = (self.out_features, self.in_features)
         if tuple(weight.shape) != expected:
             raise PatternError(
                 f"{self.name}: new weight has shape {tuple(weight.shape)}, expected [out, in] = {list(expected)}; "
                 "pass the weight in [out, in] layout (get_weight() returns it that way)."
             )
+
+    def set_weight(self, weight: torch.Tensor) -> None:
+        """Write a [out, in] tensor into the module in place (dtype, device and layout are kept)."""
+        self.check_new_weight(weight)
         with torch.no_grad():
             # copy_ converts dtype/device and keeps the Parameter object, so optimizers, tied
             # references and hooks stay valid.
@@ -290,12 +294,7 @@ class ExpertLayer(PrunableLayer):
         return self.module.matrix().detach()
 
     def set_weight(self, weight: torch.Tensor) -> None:
-        expected = (self.out_features, self.in_features)
-        if tuple(weight.shape) != expected:
-            raise PatternError(
-                f"{self.name}: new weight has shape {tuple(weight.shape)}, expected [out, in] = {list(expected)}; "
-                "pass the weight in [out, in] layout (get_weight() returns it that way)."
-            )
+        self.check_new_weight(weight)
         with torch.no_grad():
             self.module.matrix().copy_(weight)  # a view: writes into the fused parameter in place
 
