@@ -30,12 +30,16 @@ def test_every_expert_matrix_is_a_layer(family):
     gate_up, down = experts.gate_up_proj, experts.down_proj
     assert len(layers) == 2 * 2 * EXPERTS  # blocks x (gate_up, down) x experts
     first = layers["model.layers.0.mlp.experts.gate_up_proj.3"]
-    assert (first.out_features, first.in_features) == tuple(gate_up.shape[1:])
+    stored = tuple(gate_up.shape[1:])  # [out, in], or [in, out] when the experts say is_transposed (gpt-oss)
+    assert (first.out_features, first.in_features) == (stored[::-1] if experts.is_transposed else stored)
+    assert first.in_features == model.config.hidden_size  # gate_up reads the hidden state, down writes it
     assert first.get_weight().data_ptr() == gate_up[3].data_ptr()  # a view, no copy
     names = ModelAdapter(model).prunable_layers()
     assert not any(name.endswith((".gate", "shared_expert_gate")) for name in names)  # routers stay dense
     assert f"model.layers.1.mlp.experts.down_proj.{EXPERTS - 1}" in layers
-    assert layers["model.layers.1.mlp.experts.down_proj.0"].in_features == down.shape[2]
+    last_down = layers["model.layers.1.mlp.experts.down_proj.0"]
+    assert last_down.in_features == down.shape[1 if experts.is_transposed else 2]
+    assert last_down.out_features == model.config.hidden_size
 
 
 @pytest.mark.parametrize("implementation", ["eager", "grouped_mm"])

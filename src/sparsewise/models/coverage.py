@@ -9,7 +9,8 @@ Every parameter gets one kind:
 * ``router``     the gate that picks experts (``mlp.gate``, ``router``, ``shared_expert_gate``);
 * ``embeddings`` parameters of ``nn.Embedding`` modules and ``*embed*`` tensors outside the blocks;
 * ``head``       matrices outside the blocks (``lm_head``, poolers, classifiers);
-* ``other``      vectors: norms, biases, scales.
+* ``other``      vectors: norms, biases, scales; also per-expert bias tables ``[experts, out]``
+                 (gpt-oss's ``gate_up_proj_bias``): one bias vector per expert.
 
 "Inside the blocks" means inside *any* repeated-block list (both stacks of an encoder-decoder),
 not only the one a prune walks, so an unpruned encoder shows up as dense attention and MLP.
@@ -161,7 +162,7 @@ def parameter_kinds(model: nn.Module) -> dict[str, str]:
         in_blocks = not prefixes or any(name.startswith(prefix) for prefix in prefixes)
         if id(param) in embedding_params:
             kind = "embeddings"
-        elif param.ndim < 2:
+        elif param.ndim < 2 or name.endswith("bias"):
             kind = "other"
         elif not in_blocks:
             kind = "embeddings" if _EMBEDDING_NAME.search(name) else "head"

@@ -7,9 +7,11 @@ observed: for the duration of its forward
 
 * transformers' experts implementation is switched to ``"eager"`` (the per-expert loop; the
   default ``grouped_mm`` multiplies all experts in one call), and
-* a torch-function mode sends every ``F.linear(x, W[e])`` whose weight is a slice of a fused
-  expert parameter through that expert's ExpertMatrix, so its hooks see exactly the tokens the
-  router sent to expert ``e`` (nothing family-specific: the slice is found by storage offset).
+* a torch-function mode sends every ``F.linear(x, W[e])`` (or ``x @ W[e]``, gpt-oss's
+  ``[experts, in, out]`` storage) whose weight is a slice of a fused expert parameter through
+  that expert's ExpertMatrix, so its hooks see exactly the tokens the router sent to expert ``e``
+  (nothing family-specific: the slice is found by storage offset, and the product is taken over
+  only when its [out, in] view is the ExpertMatrix's, same shape and strides).
 
 Experts the router sent no token get statistics from every token instead (the forward is run once
 more with all tokens routed to them, output discarded), and are listed by
@@ -62,6 +64,9 @@ def all_token_experts(model: nn.Module) -> list[str]:
     return names
 
 
+_MATMULS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
+
+
 class _Routing(TorchFunctionMode):
     """Sends ``F.linear`` on a fused expert slice through that expert's ExpertMatrix."""
 
@@ -72,8 +77,10 @@ class _Routing(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is nn.functional.linear and len(args) >= 2:
-            found = self.observer.locate(args[1])
+        linear = func is nn.functional.linear
+        if (linear or func in _MATMULS) and len(args) >= 2 and isinstance(args[1], torch.Tensor):
+            # F.linear(x, W) multiplies by W^T, x @ W by W: the [out, in] matrix is W or W^T
+            found = self.observer.locate(args[1] if linear else args[1].mT)
             if found is not None:
                 self.hit.add(found)
                 matrix = self.observer.matrix(*found)
@@ -104,7 +111,8 @@ class _Observer:
         return _expert_matrix(self.experts, attribute, index)
 
     def locate(self, weight: torch.Tensor) -> tuple[str, int] | None:
-        """(parameter, expert) when ``weight`` is one expert's slice (or its transpose) of a fused parameter."""
+        """(parameter, expert) when ``weight`` (a product's [out, in] operand) is exactly one expert's
+        ExpertMatrix view of a fused parameter: same storage, offset, shape and strides."""
         if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
             return None
         for attribute in self.attributes:
@@ -113,8 +121,10 @@ class _Observer:
                 continue
             offset = weight.storage_offset() - param.storage_offset()
             index, rest = divmod(offset, param.stride(0))
-            if rest == 0 and 0 <= index < param.shape[0] and {tuple(weight.shape), tuple(weight.shape[::-1])} & {
-                    tuple(param.shape[1:])}:
+            if rest or not 0 <= index < param.shape[0]:
+                continue
+            view = self.matrix(attribute, index).matrix()
+            if view.shape == weight.shape and view.stride() == weight.stride():
                 return attribute, index
         return None
 
@@ -168,7 +178,8 @@ class _Observer:
             hidden = args[0] if args else kwargs.get("hidden_states")
             if not routing.hit and isinstance(hidden, torch.Tensor) and hidden.shape[0]:
                 raise ConfigError(
-                    f"{type(module).__name__}'s forward multiplies no expert slice with F.linear, so the tokens routed "
+                    f"{type(module).__name__}'s forward multiplies no expert slice with F.linear or matmul in the "
+                    "orientation its is_transposed flag states, so the tokens routed "
                     "to each expert cannot be observed: prune its experts with a data-free method (magnitude), or "
                     "exclude them (exclude=[r'experts\\.'])."
                 )
