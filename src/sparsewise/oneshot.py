@@ -493,7 +493,7 @@ def _prune_calibrated(model, adapter, layers, run: _LayerPruner, calibration, se
         wanted=run.needs, device=run.device, mode=sequential,
         start_block=start_block, hidden_states=hidden_states, after_block=after_block,
         before_block=lambda index: run.keep_originals(adapter.block_layers(index)),
-        reconstruct=refit,
+        reconstruct=refit, stack_starts=adapter.stack_starts,
     )
     if run_progress is not None:
         run_progress.clear()

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..calibration.engine import model_inputs
 from ..calibration.progress import progress_bar
 from ..calibration.run import calibration_batches, pick_device
 from ..errors import ConfigError
@@ -90,7 +91,7 @@ class ActivationSparsity:
         device = next(self.model.parameters()).device
         with self.counting() as measured:
             for batch in batches:
-                self.model(**{key: value.to(device) for key, value in batch.items()})
+                self.model(**{key: value.to(device) for key, value in model_inputs(self.model, batch).items()})
         return measured
 
     def weighted(self, per_site: dict[str, float]) -> float:

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from ..calibration.engine import BlockCall, BlockWalk, capture_block_inputs, move_to, run_block
+from ..calibration.engine import BlockCall, BlockWalk, move_to, run_block
 from ..errors import ConfigError, UnsupportedModelError
 from ..models.adapters import ModelAdapter, PrunableLayer
 from .base import ActivationMethod, Site
@@ -99,12 +99,10 @@ def calibrate(model: nn.Module, adapter: ModelAdapter, method: ActivationMethod,
     On failure the model is left as it was (the engine's :class:`BlockWalk`: blocks back on their
     devices, no hook left behind)."""
     generator = torch.Generator().manual_seed(seed)
-    _, first_block = adapter.blocks[0]
     hooks: list[SiteHook] = []
     trajectories = []
-    calls = capture_block_inputs(model, first_block, batches, device)
-    with BlockWalk(model, adapter.blocks, calls, device) as walk:
-        del calls  # the walk holds the inputs of the block at hand, and frees them once it moves on
+    # calls=None: the walk captures each stack's first block's inputs itself (every stack of an encoder-decoder)
+    with BlockWalk(model, adapter.blocks, None, device, stack_starts=adapter.stack_starts, batches=batches) as walk:
         for step in walk:
             block = step.block
             sites = [site for kind in method.site_kinds

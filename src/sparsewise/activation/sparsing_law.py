@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..calibration.engine import capture_block_inputs
+from ..calibration.engine import capture_block_inputs, model_inputs
 from ..models.adapters import ModelAdapter
 from .base import Site, get_method
 from .calibrate import block_sites
@@ -43,10 +43,14 @@ class PPLpResult:
 
 def _down_projections(model: nn.Module, adapter: ModelAdapter, batches: list[dict]) -> list[Site]:
     """An "input" site on every MLP down projection (the reader of each MLP activation)."""
-    call = capture_block_inputs(model, adapter.blocks[0][1], batches[:1], next(model.parameters()).device)[0]
+    device = next(model.parameters()).device
+    # one call per stack (an encoder-decoder's decoder blocks take other arguments than its encoder's)
+    calls = {start: capture_block_inputs(model, adapter.blocks[start][1], batches[:1], device)[0]
+             for start in adapter.stack_starts}
     names = {module: name for name, module in model.named_modules()}
     sites = []
     for index in range(len(adapter.blocks)):
+        call = calls[max(start for start in adapter.stack_starts if start <= index)]
         for gate in block_sites(adapter, index, "gate", call):
             sites.append(Site(names[gate.reader], gate.reader, "input", index, gate.weight, gate.weight.numel()))
     return sites
@@ -62,7 +66,7 @@ def _activations(model: nn.Module, sites: list[Site], batches: list[dict], token
     device = next(model.parameters()).device
     try:
         for batch in batches:
-            model(**{key: value.to(device) for key, value in batch.items()})
+            model(**{key: value.to(device) for key, value in model_inputs(model, batch).items()})
     finally:
         for handle in handles:
             handle.remove()

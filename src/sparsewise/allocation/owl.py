@@ -73,7 +73,7 @@ class OWL:
         sequential_calibration(context.model, adapter.blocks, counted,
                                calibration_batches(context.calibration, self.batch_size), observe,
                                wanted=frozenset({STAT_NORMS}), device=context.device, mode=OBSERVE,
-                               after_block=finish)
+                               after_block=finish, stack_starts=adapter.stack_starts)
         return ratios
 
     def preferences(self, context: AllocationContext) -> dict[str, float]:

@@ -19,7 +19,7 @@ from typing import ClassVar
 
 import torch
 
-from ..calibration.engine import BlockWalk, capture_block_inputs, collect_block_stats, run_block
+from ..calibration.engine import BlockWalk, collect_block_stats, run_block
 from ..calibration.run import calibration_batches
 from ..calibration.stats import STAT_NORMS
 from ..errors import ConfigError
@@ -70,11 +70,10 @@ def block_costs(context: AllocationContext, levels: list[float], batch_size: int
     block_ids = sorted({shape.block for shape in context.shapes.values()})
     if block_ids and block_ids[0] < 0:
         raise ConfigError("the search allocates per block: every counted layer must sit in a repeated block.")
-    calls = capture_block_inputs(context.model, adapter.blocks[0][1],
-                                 calibration_batches(context.calibration, batch_size), device)
     costs = torch.zeros(len(block_ids), len(levels), dtype=torch.float64)
-    with BlockWalk(context.model, adapter.blocks, calls, device) as walk:
-        del calls  # the walk holds the inputs of the block at hand, and frees them once it moves on
+    # calls=None: the walk captures each stack's first block's inputs itself (every stack of an encoder-decoder)
+    with BlockWalk(context.model, adapter.blocks, None, device, stack_starts=adapter.stack_starts,
+                   batches=calibration_batches(context.calibration, batch_size)) as walk:
         for step in walk:
             block = step.block
             outputs = run_block(block, step.calls)

@@ -11,6 +11,7 @@ from .engine import (
     capture_block_inputs,
     check_memory,
     collect_block_stats,
+    model_inputs,
     run_block,
     sequential_calibration,
 )
@@ -20,6 +21,6 @@ from .stats import KNOWN_STATS, STAT_HESSIAN, STAT_MOMENTS, STAT_NORMS, LayerSta
 __all__ = [
     "KNOWN_STATS", "STAT_HESSIAN", "STAT_MOMENTS", "STAT_NORMS", "BlockCall", "BlockStep", "BlockWalk",
     "InsufficientMemoryError", "LayerStats", "available_memory", "calibration_batches", "capture_block_inputs",
-    "check_memory", "collect_block_stats", "gpu_peak_mb", "peak_rss_mb", "pick_device", "run_block",
+    "check_memory", "collect_block_stats", "gpu_peak_mb", "model_inputs", "peak_rss_mb", "pick_device", "run_block",
     "sequential_calibration", "start_gpu_peak",
 ]

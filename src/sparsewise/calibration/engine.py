@@ -10,6 +10,13 @@ the rest of the model stays where it is.
 failure); :func:`sequential_calibration`, activation calibration and the allocation search
 all run on it.
 
+Models with several stacks of blocks (an encoder-decoder: ``ModelAdapter.stack_starts``) are
+walked stack after stack: when the walk reaches a later stack's first block it captures that
+block's inputs again with a forward of the model, whose earlier stacks are pruned in place by
+then, so the decoder is calibrated on its own inputs and on the *pruned* encoder's outputs (the
+sequential scheme of SparseGPT, carried across stacks). An encoder-decoder's calibration batches
+get decoder tokens when they hold none (:func:`model_inputs`).
+
 No per-family forward code: the block receives exactly the positional and keyword arguments
 the model's own forward gave it (attention masks, rotary embeddings, position ids, ...).
 """
@@ -18,7 +25,7 @@ from __future__ import annotations
 
 import inspect
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -163,6 +170,42 @@ class BlockCall:
         return BlockCall(self.args, {**self.kwargs, "hidden_states": hidden})
 
 
+_DECODER_INPUTS = ("decoder_input_ids", "decoder_inputs_embeds", "labels")
+
+
+def model_inputs(model: nn.Module, batch: dict) -> dict:
+    """``batch`` as the model's forward takes it: an encoder-decoder (``config.is_encoder_decoder``)
+    whose batch holds no decoder inputs gets ``decoder_input_ids``, the encoder's tokens shifted
+    right behind the decoder start token (teacher forcing on the same text, so calibration text
+    needs no target side), and a ``decoder_attention_mask`` shifted alike. Other batches pass as is.
+    """
+    config = getattr(model, "config", None)
+    if not getattr(config, "is_encoder_decoder", False) or any(key in batch for key in _DECODER_INPUTS):
+        return batch
+    ids = batch.get("input_ids")
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        raise ConfigError(
+            f"{type(model).__name__} is an encoder-decoder and its calibration batches hold neither input_ids "
+            f"(keys: {sorted(batch)}) nor decoder inputs; give calibration dicts that also hold decoder_input_ids "
+            "(e.g. Whisper: input_features and decoder_input_ids)."
+        )
+    start = getattr(config, "decoder_start_token_id", None)
+    if start is None:
+        raise ConfigError(f"{type(model).__name__} is an encoder-decoder without config.decoder_start_token_id, "
+                          "so the decoder's calibration tokens cannot be made from the encoder's: set it, or give "
+                          "calibration dicts that hold decoder_input_ids.")
+    shift = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    if callable(shift):  # the model's own rule (T5's _shift_right, BART's shift_tokens_right)
+        decoder_ids = shift(labels=ids)
+    else:
+        decoder_ids = torch.cat([torch.full_like(ids[:, :1], int(start)), ids[:, :-1]], dim=1)
+    inputs = {**batch, "decoder_input_ids": decoder_ids}
+    mask = batch.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.shape == ids.shape and "decoder_attention_mask" not in batch:
+        inputs["decoder_attention_mask"] = torch.cat([torch.ones_like(mask[:, :1]), mask[:, :-1]], dim=1)
+    return inputs
+
+
 def _forward_kwargs(model: nn.Module) -> dict:
     # Caches only cost memory during calibration; not every model's forward takes the flag.
     params = inspect.signature(model.forward).parameters
@@ -171,42 +214,61 @@ def _forward_kwargs(model: nn.Module) -> dict:
 
 @torch.no_grad()
 def capture_block_inputs(
-    model: nn.Module, first_block: nn.Module, batches: Iterable[dict], device: torch.device
+    model: nn.Module, first_block: nn.Module, batches: Iterable[dict], device: torch.device, *,
+    later_blocks: Sequence[tuple[str, nn.Module]] = (), name: str = "its first block",
 ) -> list[BlockCall]:
-    """Run the model up to ``first_block`` for each batch; return what the block received."""
-    captured = _capture_calls(model, first_block, batches, device)
+    """Run the model up to ``first_block`` for each batch; return what the block received.
+
+    ``later_blocks``: (name, block) of the first blocks of the stacks the walk visits after this
+    one; the forward reaching one of them first means the stacks are out of execution order,
+    refused with :class:`UnsupportedModelError`. ``name`` names ``first_block`` in errors.
+    """
+    captured = _capture_calls(model, first_block, batches, device, later_blocks=later_blocks, name=name)
     # decided on every rank alike: one rank raising while the others wait in a collective would hang
     if any_rank(any(not torch.isfinite(call.hidden_states).all() for call in captured)):
-        raise NumericalError("non-finite hidden states entering the first block: check the model weights.")
+        raise NumericalError(f"non-finite hidden states entering {name}: check the model weights.")
     return captured
 
 
 @torch.no_grad()
-def _capture_calls(model: nn.Module, first_block: nn.Module, batches: Iterable[dict],
-                   device: torch.device) -> list[BlockCall]:
+def _capture_calls(model: nn.Module, first_block: nn.Module, batches: Iterable[dict], device: torch.device, *,
+                   later_blocks: Sequence[tuple[str, nn.Module]] = (), name: str = "its first block") -> list[BlockCall]:
     captured: list[BlockCall] = []
 
     def grab(_module, args, kwargs):
         captured.append(BlockCall(move_to(args, device), move_to(kwargs, device)))
         raise _StopForward
 
+    def out_of_order(later_name: str):
+        def hook(_module, _args):
+            raise UnsupportedModelError(
+                f"the model's forward runs block {later_name} before {name}, but the adapter's blocks list it "
+                "later: the stacks are not in execution order; pass blocks=[...] to the adapter naming the "
+                "blocks in the order the forward runs them."
+            )
+
+        return hook
+
     model_device = _module_device(model)
     extra = _forward_kwargs(model)
-    handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
+    handles = [first_block.register_forward_pre_hook(grab, with_kwargs=True)]
+    handles += [block.register_forward_pre_hook(out_of_order(later_name)) for later_name, block in later_blocks]
     try:
         for batch in batches:
             count = len(captured)
             try:
-                model(**move_to(batch, model_device), **extra)
+                model(**move_to(model_inputs(model, batch), model_device), **extra)
             except _StopForward:
                 pass
             if len(captured) != count + 1:
                 raise UnsupportedModelError(
-                    "the model's forward never reached its first block; pass blocks=[...] to the adapter "
-                    "naming the modules its forward actually runs."
+                    f"the model's forward never reached {name}; pass blocks=[...] to the adapter naming the "
+                    "modules its forward actually runs (for a model of several stacks, only the stacks the "
+                    "calibration inputs run, e.g. not a vision tower when calibrating on text)."
                 )
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     return captured
 
 
@@ -292,17 +354,36 @@ class BlockWalk:
     Blocks before ``start_block`` are skipped (resuming; ``calls`` are then the inputs of
     ``start_block``). ``before_onload(index)`` runs while the block is still at home.
 
+    Several stacks (``stack_starts``: the index of each stack's first block, the adapter's
+    ``stack_starts``): at a later stack's first block the walk captures that block's calls anew
+    from ``batches`` with a forward of the model as it is then (earlier stacks already pruned by
+    the caller); the previous stack's outputs are dropped. ``calls=None`` captures the calls of
+    ``start_block``, which must then be a stack's first block.
+
     Leaving the ``with`` early (``break``) moves the open block back too. On failure (any
     exception inside the ``with``, KeyboardInterrupt included) the open block goes back to where
     it was and every hook registered on the model's modules since the walk began is removed: the
     model is left on the devices, and with the hooks, it had.
     """
 
-    def __init__(self, model: nn.Module, blocks: list[tuple[str, nn.Module]], calls: list[BlockCall],
+    def __init__(self, model: nn.Module, blocks: list[tuple[str, nn.Module]], calls: list[BlockCall] | None,
                  device: torch.device | str, *, start_block: int = 0,
-                 before_onload: Callable[[int], None] | None = None):
-        self.model, self.blocks, self.calls, self.device = model, blocks, calls, torch.device(device)
+                 before_onload: Callable[[int], None] | None = None, stack_starts: Sequence[int] = (0,),
+                 batches: list[dict] | None = None):
+        self.model, self.blocks, self.device = model, blocks, torch.device(device)
         self.start_block, self.before_onload = start_block, before_onload
+        self.stack_starts, self.batches = sorted(set(stack_starts) | {0}), batches
+        recaptures = [start for start in self.stack_starts if start > start_block]
+        if calls is None:
+            recaptures = [start_block, *recaptures]
+            if start_block not in self.stack_starts:
+                raise ValueError(f"calls=None captures a stack's first block; block {start_block} is not one "
+                                 f"(stack starts: {self.stack_starts}).")
+        if recaptures and batches is None:
+            raise ConfigError("this model has several stacks of blocks (an encoder-decoder): the walk captures the "
+                              "inputs of each stack's first block anew, so pass batches= to BlockWalk.")
+        self.calls: list[BlockCall] = calls or []
+        self._capture_first = calls is None
         self._hooks_before: dict[int, dict[str, set[int]]] | None = None
         self._steps: Iterator[BlockStep] | None = None
 
@@ -328,10 +409,20 @@ class BlockWalk:
         self._steps = self._walk()
         return self._steps
 
+    def capture(self, index: int) -> list[BlockCall]:
+        """The calls of ``blocks[index]`` (a stack's first block), from a forward of the model as it is."""
+        later = [self.blocks[start] for start in self.stack_starts if start > index]
+        return capture_block_inputs(self.model, self.blocks[index][1], self.batches or [], self.device,
+                                    later_blocks=later, name=f"block {self.blocks[index][0]}")
+
     def _walk(self) -> Iterator[BlockStep]:
         for index, (name, block) in enumerate(self.blocks):
             if index < self.start_block:
                 continue
+            if (index == self.start_block and self._capture_first) or (index > self.start_block
+                                                                         and index in self.stack_starts):
+                self.calls = []  # the previous stack's outputs are not this stack's inputs
+                self.calls = self.capture(index)
             home = _module_device(block)
             if self.before_onload is not None:
                 self.before_onload(index)
@@ -526,6 +617,7 @@ def sequential_calibration(
     before_block: Callable[[int], None] | None = None,
     reconstruct: Callable[[int, nn.Module, list[BlockCall], list[torch.Tensor]], None] | None = None,
     check_memory_ahead: bool = True,
+    stack_starts: Sequence[int] = (0,),
 ) -> None:
     """Call ``prune_layer(name, stats)`` for every layer, block by block, propagating pruned outputs.
 
@@ -555,26 +647,45 @@ def sequential_calibration(
     ``check_memory_ahead``: before anything runs, the hidden states the walk will hold (every
     sample's block inputs and outputs, per stream) are measured on one sample and the walk is
     refused with :class:`InsufficientMemoryError` when they clearly exceed the memory available on
-    ``device`` (:func:`check_block_memory`).
+    ``device`` (:func:`check_block_memory`; measured at the first block walked).
+
+    ``stack_starts`` (the adapter's): models of several stacks are walked stack after stack, each
+    stack's first block getting its inputs from a forward of the model pruned so far
+    (:class:`BlockWalk`). Resuming inside a later stack captures that stack's first block's
+    calls, then puts ``hidden_states`` in; resuming at a stack's first block ignores them (they
+    are the previous stack's outputs). ``reconstruct`` is refused for several stacks: its dense
+    stream would need the dense model's inputs of each later stack, which the walk does not keep.
     """
     if mode not in ENGINE_MODES:
         raise ValueError(f"mode must be one of {ENGINE_MODES}, got {mode!r}")
     if mode == "layer" and len(batches) != 1:
         raise ValueError("mode 'layer' runs all calibration samples as one batch; pass exactly one batch")
+    starts = sorted(set(stack_starts) | {0})
+    if reconstruct is not None and len(starts) > 1:
+        raise ConfigError("block-wise reconstruction (reconstruct=) supports models of one stack of blocks only; "
+                          f"this one has {len(starts)} (an encoder-decoder): drop reconstruct, or pass blocks=[...] "
+                          "naming the blocks of one stack.")
+    stack_start = max(start for start in starts if start <= start_block)
+    first_name, first_block = blocks[stack_start]
     streams = 2 if reconstruct is not None else 1
     if check_memory_ahead:
-        check_block_memory(model, blocks[0][1], batches, device, copies=2 * streams)
-    calls = capture_block_inputs(model, blocks[0][1], batches, device)
+        check_block_memory(model, first_block, batches, device, copies=2 * streams)
+    calls = capture_block_inputs(model, first_block, batches, device, name=f"block {first_name}",
+                                 later_blocks=[blocks[start] for start in starts if start > stack_start])
     dense_calls = calls if reconstruct is not None else []  # [] otherwise: block 0's inputs must not outlive it
     if hidden_states is not None:
         if len(hidden_states) != streams * len(calls):
             raise ValueError(f"resume state holds {len(hidden_states)} batches, calibration gives "
                              f"{len(calls)}{' per stream (pruned, dense)' if streams == 2 else ''}")
+        if start_block == stack_start > 0:
+            hidden_states = None  # the previous stack's last outputs: this stack starts from its captured inputs
+    if hidden_states is not None:
         hidden = [tensor.to(device) for tensor in hidden_states]
         if streams == 2:
             dense_calls = [call.with_hidden_states(state) for call, state in zip(calls, hidden[len(calls):], strict=True)]
         calls = [call.with_hidden_states(state) for call, state in zip(calls, hidden[: len(calls)], strict=True)]
-    with BlockWalk(model, blocks, calls, device, start_block=start_block, before_onload=before_block) as walk:
+    with BlockWalk(model, blocks, calls, device, start_block=start_block, before_onload=before_block,
+                   stack_starts=starts, batches=batches) as walk:
         del calls  # the walk holds the pruned stream's inputs: a local here would keep block 0's alive to the end
         for step in walk:
             targets = run_block(step.block, dense_calls) if reconstruct is not None else []

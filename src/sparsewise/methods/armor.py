@@ -144,6 +144,7 @@ def armor(
         sequential_calibration(
             model, adapter.blocks, adapter.block_layers, batches, factorize_layer,
             wanted=frozenset({STAT_NORMS}), device=torch.device(device), mode="block",
+            stack_starts=adapter.stack_starts,
         )
     except BaseException:
         for parent, attribute, original in reversed(replaced):

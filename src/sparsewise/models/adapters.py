@@ -13,6 +13,8 @@ ModelAdapter(model, include=None, exclude=None, targets="blocks")
     model: nn.Module
     family: str               "llama", "gpt2", "opt", "phi3", "bert", "vit", ... or "generic"
     blocks: list[tuple[str, nn.Module]]   the repeated blocks in execution order, with names
+    stack_starts: list[int]   index in ``blocks`` of each stack's first block ([0] for one stack)
+    stacks: list[list[tuple[str, nn.Module]]]   ``blocks`` split into its stacks
     block_layers(index) -> dict[str, PrunableLayer]   prunable layers of one block, in execution order
     prunable_layers() -> dict[str, PrunableLayer]     all of them (filtered by include/exclude)
     extra_layers() -> dict[str, PrunableLayer]        linears outside blocks that were asked for
@@ -23,9 +25,14 @@ ModelAdapter(model, include=None, exclude=None, targets="blocks")
 Implementation notes
 --------------------
 Nothing here knows a model family's attribute paths. The blocks are the ``nn.ModuleList`` whose
-children all share one class and hold at least one Linear/Conv1D; when several qualify (an
-encoder-decoder, a vision tower, MoE experts inside blocks) the one holding the most parameters
-wins. ``blocks=[...]`` (module names) overrides the discovery.
+children all share one class and hold at least one Linear/Conv1D. A model may hold several such
+*stacks* (an encoder-decoder's encoder and decoder): every outermost qualifying list is one
+(lists nested in another, such as per-expert MLP lists inside blocks, are not; a list of bare
+Linears counts only when it is the largest list, so a pair of heads is no stack). ``blocks``
+is the concatenation of the stacks in module-tree order, which is their execution order in
+every encoder-decoder of transformers (the calibration engine checks it on the first forward);
+``stack_starts`` holds the index of each stack's first block. ``blocks=[...]`` (module names)
+overrides the discovery; consecutive names under one parent form one stack.
 
 Selection rules, in order:
 
@@ -64,8 +71,8 @@ from torch import nn
 
 from ..errors import ConfigError, PatternError, UnsupportedModelError
 
-__all__ = ["ExpertLayer", "ExpertMatrix", "ModelAdapter", "PrunableLayer", "expert_parameters", "is_prunable_module",
-           "unwrap_parallel", "weight_layers"]
+__all__ = ["ExpertLayer", "ExpertMatrix", "ModelAdapter", "PrunableLayer", "expert_parameters", "find_block_stacks",
+           "is_prunable_module", "unwrap_parallel", "weight_layers"]
 
 TARGETS = ("blocks", "all")
 
@@ -368,6 +375,28 @@ def find_block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
     return found
 
 
+def _inside(name: str, other: str) -> bool:
+    """True when module ``name`` lies inside module ``other`` (``""`` is the root, holding all)."""
+    return name != other and (other == "" or name.startswith(f"{other}."))
+
+
+def find_block_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """The block lists to prune, in module-tree order: the largest qualifying list
+    (:func:`find_block_lists`, most parameters) plus every other one that is neither nested in
+    nor holds another, and whose children are blocks rather than bare Linears (an
+    encoder-decoder's second stack, not a list of heads). Empty when no list qualifies."""
+    candidates = find_block_lists(model)
+    if not candidates:
+        return []
+    # max() keeps the first of equals, i.e. the outermost/earliest list.
+    largest = max(candidates, key=lambda item: _unique_param_count(item[1]))
+    names = [name for name, _ in candidates]
+    return [(name, block_list) for name, block_list in candidates
+            if name == largest[0]
+            or (not any(_inside(name, other) or _inside(other, name) for other in names)
+                and not any(is_prunable_module(child) for child in block_list))]
+
+
 def _compile(patterns: Sequence[str] | str | None, what: str) -> list[re.Pattern]:
     if patterns is None:
         return []
@@ -418,6 +447,10 @@ class ModelAdapter:
         self.blocks: list[tuple[str, nn.Module]] = (
             self._named_blocks(blocks) if blocks is not None else self._discover_blocks()
         )
+        # a new stack where a block's parent differs from the previous block's
+        parents = [name.rpartition(".")[0] for name, _ in self.blocks]
+        self.stack_starts: list[int] = [index for index, parent in enumerate(parents)
+                                        if index == 0 or parent != parents[index - 1]]
         self._restrict, self._add = self._split_include(_compile(include, "include"))
 
     # ----------------------------------------------------------------- discovery
@@ -427,9 +460,15 @@ class ModelAdapter:
         model_type = getattr(config, "model_type", None)
         return model_type if isinstance(model_type, str) and model_type else "generic"
 
+    @property
+    def stacks(self) -> list[list[tuple[str, nn.Module]]]:
+        """``blocks`` split into its stacks (an encoder-decoder: [encoder blocks, decoder blocks])."""
+        ends = [*self.stack_starts[1:], len(self.blocks)]
+        return [self.blocks[start:end] for start, end in zip(self.stack_starts, ends, strict=True)]
+
     def _discover_blocks(self) -> list[tuple[str, nn.Module]]:
-        candidates = find_block_lists(self.model)
-        if not candidates:
+        stacks = find_block_stacks(self.model)
+        if not stacks:
             n_linear = sum(1 for m in self.model.modules() if is_prunable_module(m))
             raise UnsupportedModelError(
                 f"could not find the repeated blocks of {type(self.model).__name__} "
@@ -437,10 +476,11 @@ class ModelAdapter:
                 "nn.ModuleList whose children share one class and contain nn.Linear (or Conv1D) layers. "
                 "Put the blocks in an nn.ModuleList, or pass blocks=[...] with their module names explicitly."
             )
-        # max() keeps the first of equals, i.e. the outermost/earliest list.
-        list_name, block_list = max(candidates, key=lambda item: _unique_param_count(item[1]))
-        prefix = f"{list_name}." if list_name else ""
-        return [(f"{prefix}{index}", child) for index, child in enumerate(block_list)]
+        blocks = []
+        for list_name, block_list in stacks:
+            prefix = f"{list_name}." if list_name else ""
+            blocks += [(f"{prefix}{index}", child) for index, child in enumerate(block_list)]
+        return blocks
 
     def _named_blocks(self, names: Sequence[str]) -> list[tuple[str, nn.Module]]:
         if isinstance(names, str):
