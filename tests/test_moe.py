@@ -219,3 +219,75 @@ def test_an_unobservable_experts_forward_is_refused():
         sw.prune(model, "wanda", 0.5, calibration=_calibration(), progress=False)
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, before[name]), name  # restored
+
+
+# ------------------------------------------------------------------ expert dropping (structured)
+
+
+def test_experts_to_keep_drops_the_least_selected_per_group():
+    from sparsewise.methods.expert_drop import experts_to_keep
+
+    assert experts_to_keep(torch.tensor([5.0, 1, 3, 1]), 0.5).tolist() == [True, False, True, False]
+    assert experts_to_keep(torch.tensor([5.0, 1, 3, 0]), 0.25).tolist() == [True, True, True, False]
+    # two routing groups [0, 1] and [2, 3]: one expert goes from each, even where a group is busier
+    assert experts_to_keep(torch.tensor([5.0, 4, 3, 0]), 0.5, groups=2).tolist() == [True, False, True, False]
+    with pytest.raises(ConfigError, match="equal routing groups"):
+        experts_to_keep(torch.ones(4), 0.5, groups=3)
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_expert_drop_removes_the_least_routed_experts(family, tmp_path):
+    model = build_tiny_moe(family)
+    sw.prune(model, "magnitude", 0.5, progress=False)  # masks first: their records must follow the experts
+    result = sw.prune(model, "expert_drop", 0.25, calibration=_calibration(), progress=False)
+    kept = EXPERTS - 1
+    for block in range(2):
+        name = f"model.layers.{block}.mlp.experts"
+        facts = result.removed["blocks"][name]
+        selections = facts["selections"]
+        assert sum(selections) == model.config.num_experts_per_tok * _calibration().numel()
+        assert len(facts["dropped"]) == 1 and selections[facts["dropped"][0]] == min(selections)
+        experts = model.get_submodule(name)
+        assert experts.gate_up_proj.shape[0] == experts.down_proj.shape[0] == kept
+        router = model.get_submodule(name.replace("experts", "router" if family == "gpt_oss" else "gate"))
+        assert router.weight.shape[0] == kept and experts.num_experts == kept
+    counts = {attribute: getattr(model.config, attribute) for attribute in ("num_experts", "num_local_experts",
+                                                                             "n_routed_experts")
+              if hasattr(model.config, attribute)}
+    assert counts and set(counts.values()) == {kept}
+    assert "1 of 4 experts dropped in each of 2 MoE layers" in result.summary()
+    assert result.removed["params_removed"] > 0
+    records = get_records(model)
+    layers = expert_layers(model)
+    assert len(layers) == 2 * 2 * kept and set(layers) <= set(records)
+    for name, layer in layers.items():  # renumbered records still describe their slices
+        assert torch.equal(records[name].mask, layer.get_weight() != 0), name
+    ids = _calibration()
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert torch.isfinite(logits).all()
+    assert model.generate(ids[:1, :4], max_new_tokens=3, do_sample=False).shape == (1, 7)
+
+    sw.save(model, tmp_path / "m")
+    loaded = sw.load(tmp_path / "m")  # rebuilt from the saved config, which counts the remaining experts
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, logits)
+    if family == "mixtral":
+        with pytest.raises(sw.errors.CheckpointError, match="expert_drop"):
+            sw.load(tmp_path / "m", model=build_tiny_moe(family))  # the original architecture no longer fits
+
+
+def test_expert_drop_refuses_to_leave_fewer_experts_than_top_k():
+    model = build_tiny_moe("qwen3_moe")
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(ConfigError, match="top-k = 2"):
+        sw.prune(model, "expert_drop", 0.75, calibration=_calibration(), progress=False)
+    assert {name: tensor.shape for name, tensor in model.state_dict().items()} == {
+        name: tensor.shape for name, tensor in before.items()}
+
+
+def test_expert_drop_needs_a_moe_model():
+    from conftest import build_tiny
+
+    with pytest.raises(ConfigError, match="no routed mixture-of-experts"):
+        sw.prune(build_tiny("llama"), "expert_drop", 0.25, calibration=_calibration(), progress=False)

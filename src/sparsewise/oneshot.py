@@ -45,6 +45,8 @@ class PruneResult:
     allocation: str = "uniform"
     reconstruction: list[dict[str, Any]] = field(default_factory=list)  # one entry per refitted block
     coverage: Coverage | None = None  # what share of each kind of parameter was pruned (measure_coverage)
+    removed: dict[str, Any] = field(default_factory=dict)  # what a structured method removed (expert_drop)
+    notes: list[str] = field(default_factory=list)  # its summary lines
 
     @property
     def counted_params(self) -> int:
@@ -75,9 +77,11 @@ class PruneResult:
         return notes
 
     def summary(self) -> str:
-        lines = [
-            f"method {self.method}  pattern {self.pattern}  target sparsity {self.sparsity:.2%}",
-            f"layers {len(self.records)}  counted weights {self.counted_params:,}  achieved {self.achieved_sparsity:.4%}",
+        lines = [f"method {self.method}  pattern {self.pattern}  target sparsity {self.sparsity:.2%}"]
+        if self.records or not self.removed:  # a structured removal masks nothing
+            lines.append(f"layers {len(self.records)}  counted weights {self.counted_params:,}  "
+                         f"achieved {self.achieved_sparsity:.4%}")
+        lines += [
             f"wall {self.wall_s:.1f} s  peak RSS {self.peak_rss_mb:.0f} MB"
             + (f"  peak GPU {self.peak_gpu_mb:.0f} MB" if self.peak_gpu_mb is not None else "")
             + f"  device {self.device}  sequential-{self.sequential}",
@@ -90,6 +94,7 @@ class PruneResult:
     def details(self) -> list[str]:
         """Summary lines of the optional steps: the layer-wise allocation and the block refit."""
         lines = [self.allocation] if self.allocation != "uniform" else []
+        lines += self.notes
         if self.coverage is not None:
             lines.append("coverage: " + "; ".join(self.coverage.lines()))
         if self.reconstruction:
@@ -307,7 +312,9 @@ def _prune_whole_model(pruner, model: nn.Module, calibration, *, pattern, sparsi
         method=pruner.name, pattern=str(pattern), sparsity=sparsity, records=records,
         wall_s=time.perf_counter() - start, peak_rss_mb=peak_rss_mb(), peak_gpu_mb=gpu_peak_mb(compute_device),
         device=str(compute_device), sequential="block", calibration=_calibration_facts(calibration),
-        coverage=model_coverage(model, records),
+        # a method that removed whole parts and masked nothing has no mask coverage to state
+        coverage=model_coverage(model, records) if records or not task.removed else None,
+        removed=task.removed, notes=task.notes,
     )
 
 def _allocate(allocation, options, pattern: Pattern, sparsity: float, model, adapter, layers, calibration,

@@ -1124,7 +1124,9 @@ def load(
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint does not fit {where}: {exc}") from exc
+        hint = ("; its shapes changed (a structured prune such as expert_drop removes experts): call load(path) "
+                "without model= to rebuild it from the saved config" if "size mismatch" in str(exc) else "")
+        raise CheckpointError(f"checkpoint does not fit {where}{hint}: {exc}") from exc
     _tie(model, manifest["aliases"])
 
     generation_config = manifest.get("generation_config")

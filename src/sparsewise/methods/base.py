@@ -120,6 +120,9 @@ class ModelTask:
     batch_size: int | None
     progress: bool
     options: dict[str, Any] = field(default_factory=dict)
+    # filled by structured methods that remove parts of the model (nothing left to mask):
+    notes: list[str] = field(default_factory=list)  # summary lines of what was removed
+    removed: dict[str, Any] = field(default_factory=dict)  # the same, machine-readable
 
 
 @runtime_checkable

@@ -19,6 +19,11 @@ more with all tokens routed to them, output discarded), and are listed by
 from all tokens (llm-compressor's "calibrate all experts"); the block output still follows the
 router. An experts module whose forward calls no ``F.linear`` on expert slices raises a
 :class:`~sparsewise.errors.ConfigError` rather than leaving experts unpruned.
+
+Whole experts: :func:`moe_blocks` finds every routed MoE layer (an ``experts`` module, fused or a
+ModuleList, next to the ``gate``/``router`` with one weight row per expert) and
+:func:`remove_experts` slices experts out of it (parameters, biases, router rows, expert counts),
+for structured expert dropping (:mod:`sparsewise.methods.expert_drop`).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,7 +40,8 @@ from torch.overrides import TorchFunctionMode
 
 from ..errors import ConfigError
 
-__all__ = ["all_token_experts", "calibrate_all_experts", "observe_experts"]
+__all__ = ["MoEBlock", "all_token_experts", "calibrate_all_experts", "moe_blocks", "observe_experts", "remove_experts",
+           "set_config_expert_count"]
 
 _ALL_EXPERTS = False
 # experts module -> its observer while at least one hook on one of its matrices is registered
@@ -222,3 +229,134 @@ def observe_experts(experts: nn.Module, handle) -> _Release:
         observer = _OBSERVERS[experts] = _Observer(experts)
     observer.users += 1
     return _Release(handle, experts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole experts: where the MoE blocks are, and their physical removal (structured expert dropping)
+
+ROUTER_ATTRIBUTES = ("gate", "router")  # the sibling of an experts module that scores the experts
+EXPERT_COUNT_NAMES = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
+@dataclass(eq=False)
+class MoEBlock:
+    """One routed mixture-of-experts layer: its experts module and the router that picks them.
+
+    ``experts`` holds the experts either fused (3-D parameters ``[experts, ...]``) or as an
+    ``nn.ModuleList`` of per-expert modules; ``router`` scores them (its ``weight`` has one row per
+    expert); ``groups`` > 1 for group-limited routing (DeepSeek's ``n_group``: experts in contiguous
+    groups of equal size, so removal must keep the groups equal).
+    """
+
+    name: str
+    experts: nn.Module
+    router_name: str
+    router: nn.Module
+    num_experts: int
+    top_k: int | None
+    groups: int = 1
+
+
+def _count_experts(experts: nn.Module) -> int | None:
+    if isinstance(experts, nn.ModuleList):
+        return len(experts)
+    from .adapters import expert_parameters
+
+    sizes = {getattr(experts, attribute).shape[0] for attribute in expert_parameters(experts)}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def moe_blocks(model: nn.Module) -> list[MoEBlock]:
+    """Every routed MoE layer of ``model``: a module named ``experts`` (fused 3-D parameters or a
+    ModuleList) next to a ``gate``/``router`` whose weight has one row per expert. An experts
+    module without such a router raises a ConfigError naming it."""
+    blocks = []
+    for name, parent in model.named_modules():
+        experts = getattr(parent, "experts", None)
+        if not isinstance(experts, nn.Module) or experts not in dict(parent.named_children()).values():
+            continue
+        count = _count_experts(experts)
+        if not count:
+            continue
+        experts_name = f"{name}.experts" if name else "experts"
+        routers = [(attribute, getattr(parent, attribute)) for attribute in ROUTER_ATTRIBUTES
+                   if isinstance(getattr(parent, attribute, None), nn.Module)]
+        routers = [(attribute, router) for attribute, router in routers
+                   if isinstance(getattr(router, "weight", None), torch.Tensor) and router.weight.shape[0] == count]
+        if len(routers) != 1:
+            raise ConfigError(
+                f"{experts_name} ({type(experts).__name__}, {count} experts) has no router next to it (a 'gate' or "
+                f"'router' module whose weight has {count} rows) in {type(parent).__name__}: its experts cannot be "
+                "dropped generically; exclude it or drop experts by hand."
+            )
+        attribute, router = routers[0]
+        top_k = getattr(router, "top_k", None) or getattr(parent, "top_k", None) or getattr(
+            getattr(model, "config", None), "num_experts_per_tok", None)
+        groups = int(getattr(router, "num_group", None) or getattr(router, "n_group", None) or 1)
+        blocks.append(MoEBlock(experts_name, experts, f"{name}.{attribute}" if name else attribute, router, count,
+                               int(top_k) if top_k else None, groups))
+    return blocks
+
+
+def _slice_rows(module: nn.Module, keep: torch.Tensor, count: int) -> None:
+    """Keep rows ``keep`` of every own parameter/buffer whose first dimension is ``count``."""
+    index = keep.nonzero().flatten().to(next(iter(module.parameters(recurse=False))).device)
+    for name, param in list(module.named_parameters(recurse=False)):
+        if param.ndim and param.shape[0] == count:
+            setattr(module, name, nn.Parameter(param.detach()[index].clone(), requires_grad=param.requires_grad))
+    for name, buffer in list(module.named_buffers(recurse=False)):
+        if buffer is not None and buffer.ndim and buffer.shape[0] == count:
+            module._buffers[name] = buffer[index.to(buffer.device)].clone()
+
+
+def _set_counts(objects: list[Any], old: int, new: int) -> None:
+    """Set every expert-count attribute equal to ``old`` (num_experts, num_local_experts, ...) to ``new``."""
+    for owner in objects:
+        for attribute in EXPERT_COUNT_NAMES:
+            if getattr(owner, attribute, None) == old:
+                setattr(owner, attribute, new)
+        if isinstance(owner, nn.Linear) and owner.out_features == old:
+            owner.out_features = new
+
+
+def remove_experts(model: nn.Module, block: MoEBlock, keep: torch.Tensor) -> None:
+    """Physically remove the experts of ``block`` where ``keep`` is False: slice the fused
+    parameters (and per-expert biases) or the ModuleList, the router's rows (weight, bias, score
+    correction), and update the expert counts of the experts module, the router and their parent.
+    The model's config is the caller's (one count for every block, :func:`set_config_expert_count`)."""
+    from .adapters import _EXPERT_MATRICES
+
+    keep = keep.bool().cpu()
+    new = int(keep.sum())
+    if isinstance(block.experts, nn.ModuleList):
+        kept = [module for module, kept in zip(block.experts, keep.tolist(), strict=True) if kept]
+        block.experts = _replace_child(model, block.name, nn.ModuleList(kept))
+    else:
+        _slice_rows(block.experts, keep, block.num_experts)
+        _EXPERT_MATRICES.pop(block.experts, None)  # ExpertMatrix views are per (parameter, index)
+    _slice_rows(block.router, keep, block.num_experts)
+    parent = model.get_submodule(block.name.rpartition(".")[0]) if "." in block.name else model
+    _set_counts([block.experts, block.router, parent], block.num_experts, new)
+    block.num_experts = new
+
+
+def _replace_child(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    parent_name, _, attribute = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attribute, new)
+    return new
+
+
+def set_config_expert_count(model: nn.Module, old: int, new: int) -> list[str]:
+    """Set the expert counts of ``model.config`` (and its sub-configs) that equal ``old`` to ``new``;
+    returns the attribute names changed, so a saved config rebuilds the smaller model."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return []
+    changed = []
+    configs = [config] + [value for value in vars(config).values() if hasattr(value, "to_dict")]
+    for owner in configs:
+        for attribute in EXPERT_COUNT_NAMES:
+            if getattr(owner, attribute, None) == old:
+                setattr(owner, attribute, new)
+                changed.append(attribute)
+    return changed
