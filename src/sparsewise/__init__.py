@@ -36,6 +36,7 @@ _LAZY = {
     "activation": ("activation", None),
     "allocation": ("allocation", None),
     "training": ("training", None),
+    "structured": ("structured", None),
     "sparsify_activations": ("activation", "sparsify_activations"),
     "remove_activation_sparsity": ("activation", "remove_activation_sparsity"),
     "PruneConfig": ("config", "PruneConfig"),

@@ -65,3 +65,16 @@ def wanda_scores(weight: torch.Tensor, channel_norms: torch.Tensor) -> torch.Ten
         raise NumericalError("input-channel norms must be >= 0; pass sqrt(sum_t x_tj^2), not a signed statistic.")
     norms = channel_norms.detach().to(device=weight.device, dtype=torch.float32)
     return weight.detach().abs().to(torch.float32) * norms.unsqueeze(0)
+
+
+def snip_scores(weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """S_ij = |W_ij * dL/dW_ij| on a data batch at initialization (connection sensitivity).
+
+    Lee et al. 2019, "SNIP: Single-shot Network Pruning based on Connection Sensitivity".
+    """
+    _check_weight(weight)
+    if not isinstance(grad, torch.Tensor) or grad.shape != weight.shape:
+        shape = tuple(grad.shape) if isinstance(grad, torch.Tensor) else type(grad).__name__
+        raise ConfigError(f"snip needs the loss gradient shaped like the weight {tuple(weight.shape)}, got {shape}; "
+                          "run a backward pass on a batch first.")
+    return (weight.detach().float() * grad.detach().float()).abs()

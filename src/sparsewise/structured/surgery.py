@@ -16,7 +16,8 @@ from torch import nn
 from ..errors import ConfigError
 from .graph import ChannelGraph
 
-__all__ = ["fold_removed_into_bias", "keep_all", "remove_channels", "removed_channels", "zero_channels"]
+__all__ = ["fold_removed_into_bias", "keep_all", "nonzero_channels", "remove_channels", "removed_channels",
+           "zero_channels"]
 
 
 def keep_all(graph: ChannelGraph) -> dict[int, torch.Tensor]:
@@ -190,3 +191,20 @@ def remove_channels(model: nn.Module, graph: ChannelGraph, keep: dict[int, torch
     for name, module in rebuilt.items():
         _replace(model, name, module)
     return rebuilt
+
+
+@torch.no_grad()
+def nonzero_channels(model: nn.Module, graph: ChannelGraph) -> dict[int, torch.Tensor]:
+    """Keep-indices per prunable group: channels where any producer row/bias or BatchNorm scale/bias
+    is nonzero (after a group-sparse regularizer, the others output exactly 0)."""
+    keep = {}
+    for group in graph.prunable():
+        alive = torch.zeros(group.size, dtype=torch.bool)
+        for name in group.producers + group.norms:
+            module = model.get_submodule(name)
+            alive |= (module.weight.detach().flatten(1) if module.weight.dim() > 1
+                      else module.weight.detach().unsqueeze(1)).ne(0).any(dim=1).cpu()
+            if module.bias is not None:
+                alive |= module.bias.detach().ne(0).cpu()
+        keep[group.index] = alive.nonzero().flatten()
+    return keep
