@@ -291,3 +291,22 @@ def test_expert_drop_needs_a_moe_model():
 
     with pytest.raises(ConfigError, match="no routed mixture-of-experts"):
         sw.prune(build_tiny("llama"), "expert_drop", 0.25, calibration=_calibration(), progress=False)
+
+
+def test_accelerate_keeps_expert_matrices_masked_dense_and_says_so():
+    from sparsewise.runtime import accelerate
+    from sparsewise.runtime.accelerate import EXPERTS_DENSE
+
+    model = build_tiny_moe("qwen2_moe")
+    sw.prune(model, "magnitude", 0.5, progress=False)
+    ids = _calibration()[:1]
+    with torch.no_grad():
+        before = model(ids).logits
+    report = accelerate(model, rows=None)  # untimed: every pruned linear swapped
+    experts = list(expert_layers(model))
+    assert all(report.skipped[name] == EXPERTS_DENSE for name in experts)
+    assert report.swapped and not any("experts." in name for name in report.swapped)
+    assert f"{len(experts)} pruned expert matrices in 4 fused expert parameters stay in masked dense form" in \
+        report.summary()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, before, rtol=1e-4, atol=1e-4)

@@ -7,6 +7,11 @@ form that wins) and the report says why. On CUDA: ``nn.Linear`` -> :class:`Spars
 C++ decode kernels; the measurements become the dispatch table, cached on disk, that serves
 each call by its row count). On the CPU: ``nn.Linear``, transformers ``Conv1D`` and 1x1
 ``nn.Conv2d`` -> :class:`~.cpu_linear.CpuSparseLinear` (C++ CSR kernel, Elsen et al. 2020).
+
+Mixture-of-experts: the expert matrices of fused 3-D parameters (records
+``<experts>.<parameter>.<i>``) stay in masked dense form, run by the model's own experts forward;
+the report lists them as left dense and says so (a grouped sparse expert GEMM may come later).
+Per-expert ``nn.Linear`` lists are ordinary linears and are swapped like any other.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ class AccelerateReport:
     sparse_bytes: int = 0
     decisions: list[LayerDecision] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what stays as it is and why (MoE expert matrices)
 
     @property
     def memory_ratio(self) -> float:
@@ -69,7 +75,7 @@ class AccelerateReport:
         if self.swapped:
             text += (f"; their weights take {self.sparse_bytes / 2**20:.1f} MiB vs {self.dense_bytes / 2**20:.1f} MiB "
                      f"dense ({self.memory_ratio:.3f}x)")
-        parts = [text]
+        parts = [text, *self.notes]
         if self.decisions:
             parts.append(self.table())
         return "\n".join(parts + [f"warning: {w}" for w in self.warnings])
@@ -150,7 +156,24 @@ def accelerate(model: nn.Module, *, device: torch.device | str | None = None, mi
         _decide(model, report, name, linear, sparse, sparse.kind, ratios)
     if cpu:
         _accelerate_cpu(model, report, cpu, rows)
+    _note_experts(model, report, records)
     return report
+
+
+EXPERTS_DENSE = "expert matrix of a fused parameter: stays masked dense (no grouped sparse expert GEMM yet)"
+
+
+def _note_experts(model: nn.Module, report: AccelerateReport, records: dict) -> None:
+    """List the pruned expert slices of fused 3-D parameters as left dense, with one summary note."""
+    fused = {name for name, param in model.named_parameters() if param.ndim == 3}
+    experts = [name for name in records if name.rpartition(".")[0] in fused and name.rpartition(".")[2].isdigit()]
+    for name in experts:
+        report.skipped[name] = EXPERTS_DENSE
+    if experts:
+        parameters = {name.rpartition(".")[0] for name in experts}
+        report.notes.append(f"{len(experts)} pruned expert matrices in {len(parameters)} fused expert parameters stay in "
+                            "masked dense form (the model's experts forward runs them; a grouped sparse expert GEMM "
+                            "may come later)")
 
 
 def _decide(model, report, name, dense, sparse, kind, ratios) -> None:
