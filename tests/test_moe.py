@@ -310,3 +310,21 @@ def test_accelerate_keeps_expert_matrices_masked_dense_and_says_so():
         report.summary()
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, before, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("family", "allocation", "options"), [("gpt_oss", "owl", {"lam": 0.1}),
+                                                                 ("mixtral", "ecoflap", {})])
+def test_allocation_gives_every_expert_matrix_its_ratio(family, allocation, options):
+    model = build_tiny_moe(family)
+    result = sw.prune(model, "wanda", 0.5, calibration=_calibration(), allocation=allocation,
+                      allocation_options=options, progress=False)
+    layers = expert_layers(model)
+    assert set(layers) <= set(result.records)
+    ratios = {name: result.records[name].sparsity for name in layers}
+    assert len(set(ratios.values())) > 1  # the allocator moved the expert layers off the uniform 50%
+    for name, layer in layers.items():  # each expert matrix pruned to its own planned ratio
+        zeros = (layer.get_weight() == 0).float().mean().item()
+        assert zeros == pytest.approx(ratios[name], abs=1 / layer.in_features), name
+    assert result.achieved_sparsity == pytest.approx(0.5, abs=1e-3)  # the weighted mean hits the target
+    experts = result.measure_coverage(model).kinds["experts"]
+    assert experts.fraction == 1.0 and experts.achieved == pytest.approx(0.5, abs=0.05)
