@@ -4,7 +4,8 @@
     result.macs_before, result.macs_after, result.widths   # the model is now physically smaller
 
 Importance methods are registered by name (``bn_scale``: |gamma| of the BatchNorm after each
-layer; ``l1``: L1 norm of each filter); a new one is one small class with ``scores(model, group)``.
+layer, groups without one keep their width; ``l1``: L1 norm of each filter); a new one is one small
+class with ``scores(model, group)`` returning a score per channel, or None to leave the group whole.
 """
 
 from __future__ import annotations
@@ -43,10 +44,9 @@ def available_channel_importances() -> list[str]:
 class BNScaleImportance:
     name: ClassVar[str] = "bn_scale"
 
-    def scores(self, model: nn.Module, group: ChannelGroup) -> torch.Tensor:
+    def scores(self, model: nn.Module, group: ChannelGroup) -> torch.Tensor | None:
         if not group.norms:
-            raise ConfigError(f"importance 'bn_scale' needs a BatchNorm after {', '.join(group.producers)}; "
-                              "use importance='l1' for layers without one.")
+            return None  # no BatchNorm to rank by: the group keeps its width
         return bn_scale_scores([model.get_submodule(name).weight for name in group.norms])
 
 
@@ -98,6 +98,11 @@ def select_channels(model: nn.Module, graph: ChannelGraph, *, keep_ratio: float 
     if not groups:
         raise ConfigError("no prunable channel group: every traced layer's channels are fixed or excluded.")
     scores = {group.index: scorer.scores(model, group) for group in groups}
+    scores = {index: value for index, value in scores.items() if value is not None}
+    if not scores:
+        raise ConfigError(f"importance {importance!r} ranks none of the prunable layers (bn_scale needs a BatchNorm "
+                          "after each pruned layer); use importance='l1'.")
+    groups = [group for group in groups if group.index in scores]
     sizes = {group.index: group.size for group in groups}
     names = {group.index: ", ".join(group.producers) for group in groups}
     total = sum(sizes.values())

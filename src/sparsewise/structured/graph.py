@@ -173,7 +173,7 @@ def trace_channels(model: nn.Module, example: torch.Tensor) -> ChannelGraph:
     seen_modules: set[str] = set()
 
     def tensor_args(node: fx.Node) -> list[fx.Node]:
-        return [arg for arg in node.args if isinstance(arg, fx.Node) and _shape(arg) is not None]
+        return [arg for arg in _flat_nodes((node.args, node.kwargs)) if _shape(arg) is not None]
 
     def unknown(node: fx.Node, flow: _Flow) -> UnsupportedModelError:
         writers = producers.get(sets.find(flow.group), [])
