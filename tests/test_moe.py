@@ -328,3 +328,29 @@ def test_allocation_gives_every_expert_matrix_its_ratio(family, allocation, opti
     assert result.achieved_sparsity == pytest.approx(0.5, abs=1e-3)  # the weighted mean hits the target
     experts = result.measure_coverage(model).kinds["experts"]
     assert experts.fraction == 1.0 and experts.achieved == pytest.approx(0.5, abs=0.05)
+
+
+@pytest.mark.parametrize("method", ["teal", "wina"])
+def test_activation_sparsity_reaches_the_routed_input_of_every_expert(method):
+    model = build_tiny_moe("gpt_oss")
+    ids = _calibration()
+    with torch.no_grad():
+        dense = model(ids).logits
+    handle = sw.sparsify_activations(model, method, 0.5, calibration=ids)
+    experts = set(expert_layers(model))
+    assert experts <= {hook.site.name for hook in handle.hooks}
+    measured = handle.measure([{"input_ids": ids}])
+    for name in experts:  # thresholds from the routed tokens, met on them
+        assert measured[name] == pytest.approx(0.5, abs=0.15), name
+    with torch.no_grad():
+        sparse = model(ids).logits
+    assert torch.isfinite(sparse).all() and not torch.equal(sparse, dense)
+    sw.remove_activation_sparsity(model)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, dense)  # detached: the experts forward is unobserved again
+
+
+def test_gate_activation_methods_refuse_routed_experts():
+    model = build_tiny_moe("qwen2_moe")  # its shared expert has an act_fn: the routed ones must not pass silently
+    with pytest.raises(sw.errors.UnsupportedModelError, match="use an input method"):
+        sw.sparsify_activations(model, "cats", 0.5, calibration=_calibration())

@@ -132,6 +132,11 @@ def sparsify_activations(model: nn.Module, method: str | ActivationMethod = "tea
     quantile at the target is the threshold. ``allocation="greedy"`` records TEAL's greedy
     per-block allocation up to ``greedy_limit`` on the first ``greedy_calls`` calibration
     batches. Reversible with :func:`remove_activation_sparsity`; the model's weights never change.
+
+    Mixture-of-experts: input methods (teal, wina, topk) treat each routed expert matrix as a site
+    whose input is the tokens the router sends it (thresholds calibrated on those tokens); while
+    attached, the experts forward runs its eager per-expert loop (:mod:`sparsewise.models.experts`).
+    Gate methods (cats, chess) refuse blocks with routed experts.
     """
     if allocation not in ("uniform", "greedy"):
         raise ConfigError(f"allocation must be 'uniform' or 'greedy', got {allocation!r}.")

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..calibration.engine import BlockCall, BlockWalk, move_to, run_block
 from ..errors import ConfigError, UnsupportedModelError
-from ..models.adapters import ModelAdapter, PrunableLayer
+from ..models.adapters import ExpertLayer, ModelAdapter, PrunableLayer
 from .base import ActivationMethod, Site
 from .hooks import SiteHook
 
@@ -55,7 +55,13 @@ def block_sites(adapter: ModelAdapter, index: int, kind: str, call: BlockCall | 
     layers: dict[str, PrunableLayer] = adapter.block_layers(index)
     inputs = [Site(name, layer.module, "input", index, layer.get_weight(), layer.numel) for name, layer in layers.items()]
     if kind == "input":
-        return inputs
+        return inputs  # routed experts included: each ExpertMatrix's input is the tokens routed to it
+    experts = [name for name, layer in layers.items() if isinstance(layer, ExpertLayer)]
+    if experts:
+        raise UnsupportedModelError(
+            f"block {block_name}: {len(experts)} routed expert matrices (e.g. {experts[0]}) compute their MLP "
+            "activation inside the fused experts forward, which gate/attention sites (cats, chess) cannot reach; "
+            "use an input method (teal, wina, topk), which sparsifies every expert's routed input.")
     if call is None:
         raise ValueError(f"{kind} sites need one calibration call to find the MLP activation widths.")
     gates, mlp_linears = [], set()
