@@ -164,13 +164,66 @@ class BlockCall:
     def hidden_states(self) -> torch.Tensor:
         return self.args[0] if self.args else self.kwargs["hidden_states"]
 
-    def with_hidden_states(self, hidden: torch.Tensor) -> BlockCall:
+    def with_hidden_states(self, hidden: torch.Tensor | None) -> BlockCall:
         if self.args:
             return BlockCall((hidden, *self.args[1:]), self.kwargs)
         return BlockCall(self.args, {**self.kwargs, "hidden_states": hidden})
 
+    def slots(self) -> dict[int | str, object]:
+        """Every argument but the hidden states: {position or keyword: value}."""
+        found: dict[int | str, object] = {index: value for index, value in enumerate(self.args) if index}
+        found.update({key: value for key, value in self.kwargs.items() if self.args or key != "hidden_states"})
+        return found
+
+    def with_slots(self, values: dict[int | str, object]) -> BlockCall:
+        """This call with the arguments in ``values`` ({position or keyword: value}) replaced."""
+        args = list(self.args)
+        for slot, value in values.items():
+            if isinstance(slot, int):
+                args += [None] * (slot + 1 - len(args))
+                args[slot] = value
+        kwargs = {**self.kwargs, **{slot: value for slot, value in values.items() if isinstance(slot, str)}}
+        return BlockCall(tuple(args), kwargs)
+
+
+def _same_value(first, second) -> bool:
+    """True when two block arguments are the same object or hold equal values."""
+    if first is second:
+        return True
+    if isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor):
+        return (first.shape == second.shape and first.dtype == second.dtype and first.device == second.device
+                and bool(torch.equal(first, second)))
+    if isinstance(first, (tuple, list)) and type(first) is type(second):
+        return len(first) == len(second) and all(_same_value(a, b) for a, b in zip(first, second, strict=True))
+    if isinstance(first, dict) and isinstance(second, dict):
+        return first.keys() == second.keys() and all(_same_value(first[key], second[key]) for key in first)
+    try:
+        return bool(first == second)
+    except Exception:  # objects whose == is not a truth value
+        return False
+
+
+def differing_slots(first: BlockCall, second: BlockCall) -> list[int | str]:
+    """The arguments (besides the hidden states) that ``second`` got other than ``first``: what a
+    forward hands its blocks after the first that the first did not get (T5's relative position
+    bias, computed by the first block and passed on to every later one)."""
+    first_slots, second_slots = first.slots(), second.slots()
+    return [slot for slot, value in second_slots.items()
+            if slot not in first_slots or not _same_value(first_slots[slot], value)]
+
 
 _DECODER_INPUTS = ("decoder_input_ids", "decoder_inputs_embeds", "labels")
+
+
+def is_encoder_decoder(model: nn.Module) -> bool:
+    """True for a model whose forward runs an encoder and a decoder (``config.is_encoder_decoder``
+    and a ``decoder_input_ids`` argument: T5EncoderModel shares T5's config but has no decoder)."""
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return False
+    try:
+        return "decoder_input_ids" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def model_inputs(model: nn.Module, batch: dict) -> dict:
@@ -180,7 +233,7 @@ def model_inputs(model: nn.Module, batch: dict) -> dict:
     needs no target side), and a ``decoder_attention_mask`` shifted alike. Other batches pass as is.
     """
     config = getattr(model, "config", None)
-    if not getattr(config, "is_encoder_decoder", False) or any(key in batch for key in _DECODER_INPUTS):
+    if not is_encoder_decoder(model) or any(key in batch for key in _DECODER_INPUTS):
         return batch
     ids = batch.get("input_ids")
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
@@ -224,20 +277,91 @@ def capture_block_inputs(
     refused with :class:`UnsupportedModelError`. ``name`` names ``first_block`` in errors.
     """
     captured = _capture_calls(model, first_block, batches, device, later_blocks=later_blocks, name=name)
-    # decided on every rank alike: one rank raising while the others wait in a collective would hang
-    if any_rank(any(not torch.isfinite(call.hidden_states).all() for call in captured)):
-        raise NumericalError(f"non-finite hidden states entering {name}: check the model weights.")
+    _check_finite(captured, name)
     return captured
+
+
+def _check_finite(calls: list[BlockCall], name: str) -> None:
+    # decided on every rank alike: one rank raising while the others wait in a collective would hang
+    if any_rank(any(not torch.isfinite(call.hidden_states).all() for call in calls)):
+        raise NumericalError(f"non-finite hidden states entering {name}: check the model weights.")
+
+
+@dataclass
+class StackInputs:
+    """What the blocks of one stack receive, per calibration batch: ``calls`` are the first
+    block's calls; ``later`` the arguments of every later block (hidden states None), None when
+    they are the first block's. A forward may give its later blocks other arguments than its
+    first (T5: the relative position bias the first block computes); the walk must hand them
+    the same, or their statistics would be of a model without them."""
+
+    calls: list[BlockCall]
+    later: list[BlockCall] | None
+
+
+@torch.no_grad()
+def capture_stack_inputs(model: nn.Module, blocks: list[tuple[str, nn.Module]], start: int, batches: list[dict],
+                         device: torch.device, *, later_blocks: Sequence[tuple[str, nn.Module]] = (),
+                         second: bool = True) -> StackInputs:
+    """The inputs of the stack whose first block is ``blocks[start]``, from forwards of the model as it is.
+
+    When the stack has a second block (``second``), one sample is run up to it first: if the
+    forward gives it arguments other than the first block's, the capture runs on to the second
+    block (the first one's forward, dense, over every batch) and keeps those arguments for all
+    later blocks (the model's forward giving every later block the same ones, as T5's does).
+    """
+    name, first_block = blocks[start]
+    name = f"block {name}"
+    if not second or start + 1 >= len(blocks) or not batches:
+        return StackInputs(capture_block_inputs(model, first_block, batches, device, later_blocks=later_blocks,
+                                                name=name), None)
+    second_block = blocks[start + 1][1]
+    home = _module_device(model)
+    cuda = [home.index if home.index is not None else torch.cuda.current_device()] if home.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):  # a model in training mode (dropout) must not shift the RNG
+        probe = _capture(model, [first_block, second_block], [_first_sample(batches[0])], None,
+                         later_blocks=later_blocks, name=name)
+    slots = differing_slots(probe[0][0], probe[1][0])
+    if not any_rank(bool(slots)):
+        return StackInputs(capture_block_inputs(model, first_block, batches, device, later_blocks=later_blocks,
+                                                name=name), None)
+    firsts, seconds = _capture(model, [first_block, second_block], batches, device, later_blocks=later_blocks,
+                               name=name, keep={1: set(slots)})
+    _check_finite(firsts, name)
+    later = [call.with_hidden_states(None).with_slots(own) for call, own in zip(firsts, seconds, strict=True)]
+    return StackInputs(firsts, later)
 
 
 @torch.no_grad()
 def _capture_calls(model: nn.Module, first_block: nn.Module, batches: Iterable[dict], device: torch.device, *,
                    later_blocks: Sequence[tuple[str, nn.Module]] = (), name: str = "its first block") -> list[BlockCall]:
-    captured: list[BlockCall] = []
+    return _capture(model, [first_block], batches, device, later_blocks=later_blocks, name=name)[0]
 
-    def grab(_module, args, kwargs):
-        captured.append(BlockCall(move_to(args, device), move_to(kwargs, device)))
-        raise _StopForward
+
+@torch.no_grad()
+def _capture(model: nn.Module, targets: list[nn.Module], batches: Iterable[dict], device: torch.device | None, *,
+             later_blocks: Sequence[tuple[str, nn.Module]] = (), name: str = "its first block",
+             keep: dict[int, set] | None = None) -> list[list]:
+    """The calls every block of ``targets`` receives (moved to ``device``; as they are when None),
+    one list per target; each forward stops at the last target. ``keep={target: slots}``: that
+    target's entries are {slot: value} of those arguments only (:meth:`BlockCall.slots`)."""
+    captured: list[list] = [[] for _ in targets]
+
+    def moved(value):
+        return value if device is None else move_to(value, device)
+
+    def make_grab(position: int):
+        def grab(_module, args, kwargs):
+            call = BlockCall(args, kwargs)
+            if keep is not None and position in keep:
+                captured[position].append(moved({slot: value for slot, value in call.slots().items()
+                                                 if slot in keep[position]}))
+            else:
+                captured[position].append(BlockCall(moved(call.args), moved(call.kwargs)))
+            if position == len(targets) - 1:
+                raise _StopForward
+
+        return grab
 
     def out_of_order(later_name: str):
         def hook(_module, _args):
@@ -251,16 +375,17 @@ def _capture_calls(model: nn.Module, first_block: nn.Module, batches: Iterable[d
 
     model_device = _module_device(model)
     extra = _forward_kwargs(model)
-    handles = [first_block.register_forward_pre_hook(grab, with_kwargs=True)]
+    handles = [block.register_forward_pre_hook(make_grab(position), with_kwargs=True)
+               for position, block in enumerate(targets)]
     handles += [block.register_forward_pre_hook(out_of_order(later_name)) for later_name, block in later_blocks]
     try:
         for batch in batches:
-            count = len(captured)
+            count = len(captured[-1])
             try:
                 model(**move_to(model_inputs(model, batch), model_device), **extra)
             except _StopForward:
                 pass
-            if len(captured) != count + 1:
+            if len(captured[-1]) != count + 1:
                 raise UnsupportedModelError(
                     f"the model's forward never reached {name}; pass blocks=[...] to the adapter naming the "
                     "modules its forward actually runs (for a model of several stacks, only the stacks the "
@@ -340,25 +465,35 @@ class BlockStep:
 class BlockWalk:
     """The walk over a model's blocks in order, each onloaded to ``device`` for its step only.
 
-        calls = capture_block_inputs(model, blocks[0][1], batches, device)
-        with BlockWalk(model, blocks, calls, device) as walk:
+        with BlockWalk(model, blocks, None, device, batches=batches, stack_starts=adapter.stack_starts) as walk:
             for step in walk:
                 step.outputs = run_block(step.block, step.calls)
 
-    Each step holds one block, moved to ``device``, with its inputs (``step.calls``: block 0's
-    captured calls, then the previous block's outputs); the caller sets ``step.outputs`` and the
-    walk moves the block back to where it was and passes the outputs on as the next block's
-    hidden states (the other call arguments stay). After the walk ``calls`` holds the last
-    block's outputs as calls.
+    Each step holds one block, moved to ``device``, with its inputs (``step.calls``: the first
+    block's captured calls, then the previous block's outputs); the caller sets ``step.outputs``
+    and the walk moves the block back to where it was and passes the outputs on as the next
+    block's hidden states. After the walk ``calls`` holds the last block's outputs as calls.
 
-    Blocks before ``start_block`` are skipped (resuming; ``calls`` are then the inputs of
-    ``start_block``). ``before_onload(index)`` runs while the block is still at home.
+    ``calls=None`` (with ``batches``): the walk captures the inputs itself when it is entered
+    (:func:`capture_stack_inputs`). With ``later_arguments`` the blocks after a stack's first
+    one get the arguments the model's forward gives them when these differ from the first
+    block's (T5's relative position bias, computed by the first block); finding out costs a
+    forward of the first block on one sample, so by default (None) it is done for encoder-decoders
+    and models of several stacks only, and other models keep today's single capture. Given
+    ``calls`` (e.g. from :func:`capture_block_inputs`) are the first block's, and every later
+    block of that stack gets their other arguments.
 
     Several stacks (``stack_starts``: the index of each stack's first block, the adapter's
     ``stack_starts``): at a later stack's first block the walk captures that block's calls anew
     from ``batches`` with a forward of the model as it is then (earlier stacks already pruned by
-    the caller); the previous stack's outputs are dropped. ``calls=None`` captures the calls of
-    ``start_block``, which must then be a stack's first block.
+    the caller, so a decoder sees the pruned encoder's outputs); the previous stack's outputs
+    are dropped.
+
+    Blocks before ``start_block`` are skipped (resuming): given ``calls`` are then the inputs of
+    ``start_block``; with ``calls=None`` the inputs of its stack's first block are captured and
+    ``hidden_states`` (one tensor per batch: block ``start_block - 1``'s outputs) put in, unless
+    ``start_block`` begins a later stack (then they are ignored). ``before_onload(index)`` runs
+    while the block is still at home.
 
     Leaving the ``with`` early (``break``) moves the open block back too. On failure (any
     exception inside the ``with``, KeyboardInterrupt included) the open block goes back to where
@@ -369,26 +504,32 @@ class BlockWalk:
     def __init__(self, model: nn.Module, blocks: list[tuple[str, nn.Module]], calls: list[BlockCall] | None,
                  device: torch.device | str, *, start_block: int = 0,
                  before_onload: Callable[[int], None] | None = None, stack_starts: Sequence[int] = (0,),
-                 batches: list[dict] | None = None):
+                 batches: list[dict] | None = None, hidden_states: list[torch.Tensor] | None = None,
+                 later_arguments: bool | None = None):
         self.model, self.blocks, self.device = model, blocks, torch.device(device)
         self.start_block, self.before_onload = start_block, before_onload
         self.stack_starts, self.batches = sorted(set(stack_starts) | {0}), batches
-        recaptures = [start for start in self.stack_starts if start > start_block]
-        if calls is None:
-            recaptures = [start_block, *recaptures]
-            if start_block not in self.stack_starts:
-                raise ValueError(f"calls=None captures a stack's first block; block {start_block} is not one "
-                                 f"(stack starts: {self.stack_starts}).")
-        if recaptures and batches is None:
-            raise ConfigError("this model has several stacks of blocks (an encoder-decoder): the walk captures the "
-                              "inputs of each stack's first block anew, so pass batches= to BlockWalk.")
+        if later_arguments is None:
+            later_arguments = len(self.stack_starts) > 1 or is_encoder_decoder(model)
+        self.later_arguments = later_arguments
+        if batches is None and (calls is None or any(start > start_block for start in self.stack_starts)):
+            raise ConfigError("the walk captures block inputs itself (calls=None, or a model of several stacks of "
+                              "blocks such as an encoder-decoder, whose later stacks are captured anew): pass "
+                              "batches= to BlockWalk.")
+        if calls is not None and hidden_states is not None:
+            raise ValueError("give BlockWalk either calls (the inputs of start_block) or hidden_states, not both.")
         self.calls: list[BlockCall] = calls or []
-        self._capture_first = calls is None
+        self._given = calls is not None
+        self._hidden_states = hidden_states
+        self._base: list[BlockCall] | None = None  # the stack's first block's arguments (hidden states None)
+        self._later: list[BlockCall] | None = None  # the arguments of its later blocks, when they differ
         self._hooks_before: dict[int, dict[str, set[int]]] | None = None
         self._steps: Iterator[BlockStep] | None = None
 
     def __enter__(self) -> BlockWalk:
         self._hooks_before = _hook_ids(self.model)
+        if not self._given:
+            self._start()
         return self
 
     def __exit__(self, exc_type, _exc, _tb) -> bool:
@@ -409,20 +550,44 @@ class BlockWalk:
         self._steps = self._walk()
         return self._steps
 
-    def capture(self, index: int) -> list[BlockCall]:
-        """The calls of ``blocks[index]`` (a stack's first block), from a forward of the model as it is."""
-        later = [self.blocks[start] for start in self.stack_starts if start > index]
-        return capture_block_inputs(self.model, self.blocks[index][1], self.batches or [], self.device,
-                                    later_blocks=later, name=f"block {self.blocks[index][0]}")
+    def _capture_stack(self, start: int) -> list[BlockCall]:
+        """The calls of ``blocks[start]`` (a stack's first block), from a forward of the model as it is."""
+        inputs = capture_stack_inputs(self.model, self.blocks, start, self.batches or [], self.device,
+                                      later_blocks=[self.blocks[s] for s in self.stack_starts if s > start],
+                                      second=self.later_arguments and start + 1 not in self.stack_starts)
+        self._base = [call.with_hidden_states(None) for call in inputs.calls]
+        self._later = inputs.later
+        return inputs.calls
+
+    def _start(self) -> None:
+        stack_start = max(start for start in self.stack_starts if start <= self.start_block)
+        hidden = self._hidden_states
+        if hidden is not None and len(hidden) != len(self.batches or []):
+            raise ValueError(f"resume state holds {len(hidden)} batches, calibration gives {len(self.batches or [])}")
+        if hidden is None and self.start_block != stack_start:
+            raise ValueError(f"resuming at block {self.start_block}, inside a stack, needs hidden_states: the outputs "
+                             f"of block {self.start_block - 1}, one tensor per batch.")
+        first_calls = self._capture_stack(stack_start)
+        if hidden is None or self.start_block == stack_start > 0:  # a later stack starts from its captured inputs
+            self.calls = first_calls
+        elif self.start_block == stack_start:
+            self.calls = [call.with_hidden_states(state.to(self.device))
+                          for call, state in zip(first_calls, hidden, strict=True)]
+        else:
+            self.calls = self.following([state.to(self.device) for state in hidden])
+
+    def following(self, outputs: list[torch.Tensor]) -> list[BlockCall]:
+        """The calls of a later block of the current stack, whose hidden states are ``outputs``."""
+        base = self._later if self._later is not None else self._base if self._base is not None else self.calls
+        return [call.with_hidden_states(out) for call, out in zip(base, outputs, strict=True)]
 
     def _walk(self) -> Iterator[BlockStep]:
         for index, (name, block) in enumerate(self.blocks):
             if index < self.start_block:
                 continue
-            if (index == self.start_block and self._capture_first) or (index > self.start_block
-                                                                         and index in self.stack_starts):
+            if index > self.start_block and index in self.stack_starts:
                 self.calls = []  # the previous stack's outputs are not this stack's inputs
-                self.calls = self.capture(index)
+                self.calls = self._capture_stack(index)
             home = _module_device(block)
             if self.before_onload is not None:
                 self.before_onload(index)
@@ -434,7 +599,7 @@ class BlockWalk:
                 block.to(home)  # also on failure (or a close by __exit__): the model ends where it started
             if step.outputs is None:
                 raise ValueError(f"block {index} ({name}): set step.outputs, the hidden states for the next block.")
-            self.calls = [call.with_hidden_states(out) for call, out in zip(self.calls, step.outputs, strict=True)]
+            self.calls = self.following(step.outputs)
             step.calls, step.outputs = [], None  # the walk holds the only reference to the next block's inputs
 
 
@@ -666,27 +831,20 @@ def sequential_calibration(
                           f"this one has {len(starts)} (an encoder-decoder): drop reconstruct, or pass blocks=[...] "
                           "naming the blocks of one stack.")
     stack_start = max(start for start in starts if start <= start_block)
-    first_name, first_block = blocks[stack_start]
     streams = 2 if reconstruct is not None else 1
+    if hidden_states is not None and len(hidden_states) != streams * len(batches):
+        raise ValueError(f"resume state holds {len(hidden_states)} batches, calibration gives "
+                         f"{len(batches)}{' per stream (pruned, dense)' if streams == 2 else ''}")
     if check_memory_ahead:
-        check_block_memory(model, first_block, batches, device, copies=2 * streams)
-    calls = capture_block_inputs(model, first_block, batches, device, name=f"block {first_name}",
-                                 later_blocks=[blocks[start] for start in starts if start > stack_start])
-    dense_calls = calls if reconstruct is not None else []  # [] otherwise: block 0's inputs must not outlive it
-    if hidden_states is not None:
-        if len(hidden_states) != streams * len(calls):
-            raise ValueError(f"resume state holds {len(hidden_states)} batches, calibration gives "
-                             f"{len(calls)}{' per stream (pruned, dense)' if streams == 2 else ''}")
-        if start_block == stack_start > 0:
-            hidden_states = None  # the previous stack's last outputs: this stack starts from its captured inputs
-    if hidden_states is not None:
-        hidden = [tensor.to(device) for tensor in hidden_states]
-        if streams == 2:
-            dense_calls = [call.with_hidden_states(state) for call, state in zip(calls, hidden[len(calls):], strict=True)]
-        calls = [call.with_hidden_states(state) for call, state in zip(calls, hidden[: len(calls)], strict=True)]
-    with BlockWalk(model, blocks, calls, device, start_block=start_block, before_onload=before_block,
-                   stack_starts=starts, batches=batches) as walk:
-        del calls  # the walk holds the pruned stream's inputs: a local here would keep block 0's alive to the end
+        check_block_memory(model, blocks[stack_start][1], batches, device, copies=2 * streams)
+    pruned_hidden = hidden_states[: len(batches)] if hidden_states is not None else None
+    with BlockWalk(model, blocks, None, device, start_block=start_block, before_onload=before_block,
+                   stack_starts=starts, batches=batches, hidden_states=pruned_hidden) as walk:
+        dense_calls: list[BlockCall] = []  # only with reconstruct: block inputs must not outlive their block
+        if reconstruct is not None:
+            dense_calls = walk.calls if hidden_states is None else [
+                call.with_hidden_states(state.to(device))
+                for call, state in zip(walk.calls, hidden_states[len(batches):], strict=True)]
         for step in walk:
             targets = run_block(step.block, dense_calls) if reconstruct is not None else []
             outputs = _process_block(step.block, block_layers(step.index), step.calls, wanted, prune_layer, mode)
@@ -694,7 +852,7 @@ def sequential_calibration(
                 del outputs
                 reconstruct(step.index, step.block, step.calls, targets)
                 outputs = run_block(step.block, step.calls)
-                dense_calls = [call.with_hidden_states(out) for call, out in zip(dense_calls, targets, strict=True)]
+                dense_calls = walk.following(targets)
             step.outputs = outputs
             if after_block is not None:
                 after_block(step.index, step.name, outputs + targets)

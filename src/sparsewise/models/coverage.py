@@ -13,7 +13,8 @@ Every parameter gets one kind:
                  (gpt-oss's ``gate_up_proj_bias``): one bias vector per expert.
 
 "Inside the blocks" means inside *any* repeated-block list (both stacks of an encoder-decoder),
-not only the one a prune walks, so an unpruned encoder shows up as dense attention and MLP.
+not only the one a prune walks, so an unpruned encoder shows up as dense attention and MLP. A
+model of several stacks also gets one line per stack (its attention, MLP and expert matrices).
 
 :func:`model_coverage` matches the pruning records to parameters: a record named like a module
 covers its ``.weight``; a record ``<parameter>.<i>`` covers expert ``i`` of a 3-D parameter.
@@ -83,6 +84,8 @@ class Coverage:
     left_out: list[LeftOut] = field(default_factory=list)
     unmatched: list[str] = field(default_factory=list)  # record names that name no parameter
     all_token_experts: list[str] = field(default_factory=list)  # experts no calibration token was routed to
+    # per block list, when there are several (an encoder-decoder): its attention/mlp/expert matrices
+    stacks: dict[str, KindCoverage] = field(default_factory=dict)
 
     @property
     def targeted(self) -> int:
@@ -118,6 +121,9 @@ class Coverage:
             share = entry.params / self.total_params if self.total_params else 0.0
             achieved = f", {entry.achieved:.1%} zeros" if entry.achieved is not None else ""
             items.append(f"{kind} {entry.fraction:.0%} pruned ({share:.1%} of params{achieved})")
+        for name, entry in self.stacks.items():
+            achieved = f", {entry.achieved:.1%} zeros" if entry.achieved is not None else ""
+            items.append(f"stack {name} {entry.fraction:.0%} pruned{achieved}")
         return items
 
     def to_json(self) -> dict[str, Any]:
@@ -130,6 +136,8 @@ class Coverage:
                          for item in self.left_out],
             "unmatched": list(self.unmatched),
             "all_token_experts": list(self.all_token_experts),
+            "stacks": {name: {"params": entry.params, "targeted": entry.targeted, "fraction": entry.fraction,
+                              "achieved": entry.achieved} for name, entry in self.stacks.items()},
             "warnings": self.warnings,
         }
 
@@ -202,6 +210,7 @@ def model_coverage(model: nn.Module, records: Mapping[str, LayerRecord]) -> Cove
     for name, param in unique.items():
         coverage.kinds[kinds[name]].params += param.numel()
     covered: dict[str, int] = {}
+    zeros_of: dict[str, float] = {}
     for record_name, record in records.items():
         resolved = _resolve(record_name, aliases)
         if resolved is None:
@@ -210,6 +219,7 @@ def model_coverage(model: nn.Module, records: Mapping[str, LayerRecord]) -> Cove
         param_name = resolved[0]
         numel = math.prod(record.shape)
         covered[param_name] = covered.get(param_name, 0) + numel
+        zeros_of[param_name] = zeros_of.get(param_name, 0.0) + record.achieved * numel
         entry = coverage.kinds[kinds[param_name]]
         entry.targeted += numel
         entry.zeros += record.achieved * numel
@@ -219,4 +229,15 @@ def model_coverage(model: nn.Module, records: Mapping[str, LayerRecord]) -> Cove
     for name, param in unique.items():
         if param.ndim in (2, 3) and name not in covered and param.numel() >= LARGE_FRACTION * total:
             coverage.left_out.append(LeftOut(name, kinds[name], tuple(param.shape), param.numel()))
+    prefixes = _block_prefixes(model)
+    if len(prefixes) > 1:
+        coverage.stacks = {prefix.rstrip("."): KindCoverage() for prefix in prefixes}
+        for name, param in unique.items():
+            prefix = next((prefix for prefix in prefixes if name.startswith(prefix)), None)
+            if prefix is None or kinds[name] not in PRUNED_KINDS:
+                continue
+            entry = coverage.stacks[prefix.rstrip(".")]
+            entry.params += param.numel()
+            entry.targeted += covered.get(name, 0)
+            entry.zeros += zeros_of.get(name, 0.0)
     return coverage
