@@ -257,12 +257,16 @@ def test_dense_activation_calibration_walks_both_stacks():
 
 
 def test_observe_mode_sees_dense_encoder_outputs():
-    """Observe mode (OWL) leaves the model dense: the decoder's inputs come from the dense encoder."""
+    """Observe mode (OWL's dense pass) leaves the model dense: the decoder's cross-attention reads
+    the dense encoder's outputs. The stacks are found from the block names (no stack_starts given)."""
     model = build("bart")
     adapter = ModelAdapter(model)
-    batches = [{"input_ids": token_ids(2, 8)}]
-    seen: list[str] = []
-    sequential_calibration(model, adapter.blocks, adapter.block_layers, batches, lambda name, _stats: seen.append(name),
-                           wanted=frozenset({STAT_NORMS}), device=torch.device("cpu"), mode=OBSERVE,
-                           stack_starts=adapter.stack_starts)
-    assert seen == [name for index in range(len(adapter.blocks)) for name in adapter.block_layers(index)]
+    ids = token_ids(2, 8)
+    norms: dict[str, torch.Tensor] = {}
+    sequential_calibration(model, adapter.blocks, adapter.block_layers, [{"input_ids": ids}],
+                           lambda name, stats: norms.__setitem__(name, stats.channel_norms.clone()),
+                           wanted=frozenset({STAT_NORMS}), device=torch.device("cpu"), mode=OBSERVE)
+    assert list(norms) == [name for index in range(len(adapter.blocks)) for name in adapter.block_layers(index)]
+    encoder = model.model.encoder(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(norms["model.decoder.layers.1.encoder_attn.k_proj"],
+                               encoder.reshape(-1, HIDDEN).float().norm(dim=0), rtol=1e-5, atol=1e-5)

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, NumericalError, UnsupportedModelError
+from ..models.adapters import stack_starts_of
 from .distributed import all_reduce_stats, any_rank
 from .stats import LayerStats
 
@@ -484,10 +485,10 @@ class BlockWalk:
     block of that stack gets their other arguments.
 
     Several stacks (``stack_starts``: the index of each stack's first block, the adapter's
-    ``stack_starts``): at a later stack's first block the walk captures that block's calls anew
-    from ``batches`` with a forward of the model as it is then (earlier stacks already pruned by
-    the caller, so a decoder sees the pruned encoder's outputs); the previous stack's outputs
-    are dropped.
+    ``stack_starts``; None: a new stack wherever a block's parent module changes): at a later
+    stack's first block the walk captures that block's calls anew from ``batches`` with a
+    forward of the model as it is then (earlier stacks already pruned by the caller, so a
+    decoder sees the pruned encoder's outputs); the previous stack's outputs are dropped.
 
     Blocks before ``start_block`` are skipped (resuming): given ``calls`` are then the inputs of
     ``start_block``; with ``calls=None`` the inputs of its stack's first block are captured and
@@ -503,11 +504,13 @@ class BlockWalk:
 
     def __init__(self, model: nn.Module, blocks: list[tuple[str, nn.Module]], calls: list[BlockCall] | None,
                  device: torch.device | str, *, start_block: int = 0,
-                 before_onload: Callable[[int], None] | None = None, stack_starts: Sequence[int] = (0,),
+                 before_onload: Callable[[int], None] | None = None, stack_starts: Sequence[int] | None = None,
                  batches: list[dict] | None = None, hidden_states: list[torch.Tensor] | None = None,
                  later_arguments: bool | None = None):
         self.model, self.blocks, self.device = model, blocks, torch.device(device)
         self.start_block, self.before_onload = start_block, before_onload
+        if stack_starts is None:
+            stack_starts = stack_starts_of(blocks)
         self.stack_starts, self.batches = sorted(set(stack_starts) | {0}), batches
         if later_arguments is None:
             later_arguments = len(self.stack_starts) > 1 or is_encoder_decoder(model)
@@ -782,7 +785,7 @@ def sequential_calibration(
     before_block: Callable[[int], None] | None = None,
     reconstruct: Callable[[int, nn.Module, list[BlockCall], list[torch.Tensor]], None] | None = None,
     check_memory_ahead: bool = True,
-    stack_starts: Sequence[int] = (0,),
+    stack_starts: Sequence[int] | None = None,
 ) -> None:
     """Call ``prune_layer(name, stats)`` for every layer, block by block, propagating pruned outputs.
 
@@ -814,7 +817,8 @@ def sequential_calibration(
     refused with :class:`InsufficientMemoryError` when they clearly exceed the memory available on
     ``device`` (:func:`check_block_memory`; measured at the first block walked).
 
-    ``stack_starts`` (the adapter's): models of several stacks are walked stack after stack, each
+    ``stack_starts`` (the adapter's; None: derived from the block names, a new stack wherever a
+    block's parent module changes): models of several stacks are walked stack after stack, each
     stack's first block getting its inputs from a forward of the model pruned so far
     (:class:`BlockWalk`). Resuming inside a later stack captures that stack's first block's
     calls, then puts ``hidden_states`` in; resuming at a stack's first block ignores them (they
@@ -825,7 +829,7 @@ def sequential_calibration(
         raise ValueError(f"mode must be one of {ENGINE_MODES}, got {mode!r}")
     if mode == "layer" and len(batches) != 1:
         raise ValueError("mode 'layer' runs all calibration samples as one batch; pass exactly one batch")
-    starts = sorted(set(stack_starts) | {0})
+    starts = sorted(set(stack_starts_of(blocks) if stack_starts is None else stack_starts) | {0})
     if reconstruct is not None and len(starts) > 1:
         raise ConfigError("block-wise reconstruction (reconstruct=) supports models of one stack of blocks only; "
                           f"this one has {len(starts)} (an encoder-decoder): drop reconstruct, or pass blocks=[...] "

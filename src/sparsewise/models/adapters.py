@@ -72,7 +72,7 @@ from torch import nn
 from ..errors import ConfigError, PatternError, UnsupportedModelError
 
 __all__ = ["ExpertLayer", "ExpertMatrix", "ModelAdapter", "PrunableLayer", "expert_parameters", "find_block_stacks",
-           "is_prunable_module", "unwrap_parallel", "weight_layers"]
+           "is_prunable_module", "stack_starts_of", "unwrap_parallel", "weight_layers"]
 
 TARGETS = ("blocks", "all")
 
@@ -286,6 +286,11 @@ class ExpertLayer(PrunableLayer):
         return int(self.module.matrix().shape[0])
 
     def to_rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A tensor shaped like the stored (fused) parameter, e.g. its gradient, as this expert's
+        [out, in] rows (a view); an [out, in] tensor is returned as it is."""
+        if tensor.ndim == 3 and tensor.shape == self.module.weight.shape:
+            rows = tensor[self.module.index]
+            return rows.T if self.module.stored_transposed else rows
         return tensor
 
     def from_rows(self, rows: torch.Tensor, shape: Sequence[int] | None = None) -> torch.Tensor:
@@ -380,6 +385,13 @@ def _inside(name: str, other: str) -> bool:
     return name != other and (other == "" or name.startswith(f"{other}."))
 
 
+def stack_starts_of(blocks: Sequence[tuple[str, nn.Module]]) -> list[int]:
+    """Index of each stack's first block in ``blocks`` ((name, module) in walk order): a new stack
+    begins where a block's parent module differs from the previous block's."""
+    parents = [name.rpartition(".")[0] for name, _ in blocks]
+    return [index for index, parent in enumerate(parents) if index == 0 or parent != parents[index - 1]]
+
+
 def find_block_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
     """The block lists to prune, in module-tree order: the largest qualifying list
     (:func:`find_block_lists`, most parameters) plus every other one that is neither nested in
@@ -447,10 +459,7 @@ class ModelAdapter:
         self.blocks: list[tuple[str, nn.Module]] = (
             self._named_blocks(blocks) if blocks is not None else self._discover_blocks()
         )
-        # a new stack where a block's parent differs from the previous block's
-        parents = [name.rpartition(".")[0] for name, _ in self.blocks]
-        self.stack_starts: list[int] = [index for index, parent in enumerate(parents)
-                                        if index == 0 or parent != parents[index - 1]]
+        self.stack_starts: list[int] = stack_starts_of(self.blocks)
         self._restrict, self._add = self._split_include(_compile(include, "include"))
 
     # ----------------------------------------------------------------- discovery
