@@ -69,6 +69,16 @@ def test_set_weight_writes_only_its_slice():
     torch.testing.assert_close(fused[[0, 1, 3]], before[[0, 1, 3]], rtol=0, atol=0)
     with pytest.raises(ConfigError, match="expected"):
         layer.set_weight(torch.zeros(layer.in_features, layer.out_features))
+    gradient = torch.randn_like(fused)  # shaped like the fused parameter: to_rows gives this expert's rows
+    assert torch.equal(layer.to_rows(gradient), gradient[2])
+
+
+def test_to_rows_of_transposed_storage_gives_out_by_in():
+    model = build_tiny_moe("gpt_oss")  # [experts, in, out]
+    layer = expert_layers(model)["model.layers.0.mlp.experts.gate_up_proj.1"]
+    gradient = torch.randn_like(model.model.layers[0].mlp.experts.gate_up_proj)
+    assert torch.equal(layer.to_rows(gradient), gradient[1].T)
+    assert layer.to_rows(gradient).shape == layer.get_weight().shape
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
@@ -123,12 +133,14 @@ def _calibration():
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
-@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
-@pytest.mark.parametrize("sequential", ["layer", "block"])
-def test_calibrated_methods_see_the_tokens_routed_to_each_expert(family, method, sequential):
+@pytest.mark.parametrize(("method", "sequential", "pattern"), [
+    ("wanda", "layer", "unstructured"), ("wanda", "block", "2:4"),
+    ("sparsegpt", "layer", "2:4"), ("sparsegpt", "block", "unstructured")])
+def test_calibrated_methods_see_the_tokens_routed_to_each_expert(family, method, sequential, pattern):
     model = build_tiny_moe(family)
     implementation = model.config._experts_implementation
-    result = sw.prune(model, method, 0.5, calibration=_calibration(), progress=False, sequential=sequential)
+    result = sw.prune(model, method, 0.5, pattern=pattern, calibration=_calibration(), progress=False,
+                      sequential=sequential)
     assert model.config._experts_implementation == implementation  # eager only while observed
     layers = expert_layers(model)
     assert set(layers) <= set(result.records)
@@ -141,6 +153,8 @@ def test_calibrated_methods_see_the_tokens_routed_to_each_expert(family, method,
             assert result.records[f"model.layers.{block}.mlp.experts.down_proj.{e}"].info["tokens"] == routed[e]
     for name, layer in layers.items():
         assert (layer.get_weight() == 0).float().mean().item() == pytest.approx(0.5), name
+        if pattern == "2:4":
+            assert check_mask(layer.get_weight() != 0, Pattern.parse(pattern)), name
     assert all_token_experts(model) == []
     with torch.no_grad():
         assert torch.isfinite(model(_calibration()).logits).all()

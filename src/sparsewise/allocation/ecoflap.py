@@ -163,8 +163,9 @@ class ECoFLaP:
                 module.weight.grad = None
             for batch in batches:
                 _lm_loss(context.model, batch, context.device).backward()
-            for name, module in modules.items():
-                grad, weight = module.weight.grad.float(), module.weight.detach().float()
+            for name, module in modules.items():  # to_rows: an expert's slice of a fused parameter's gradient
+                layer = context.layers[name]
+                grad, weight = layer.to_rows(module.weight.grad).float(), layer.get_weight().float()
                 value = {"g": grad.abs(), "wg": (weight * grad).abs(), "w2g2": (weight * grad) ** 2}[self.first_order]
                 scores[name] = float(value.sum())
         finally:
