@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import VOCAB
 from tiny_moe import EXPERTS, MOE_FAMILIES, build_tiny_moe
+from torch import nn
 
 import sparsewise as sw
 from sparsewise.errors import ConfigError
@@ -368,3 +369,53 @@ def test_gate_activation_methods_refuse_routed_experts():
     model = build_tiny_moe("qwen2_moe")  # its shared expert has an act_fn: the routed ones must not pass silently
     with pytest.raises(sw.errors.UnsupportedModelError, match="use an input method"):
         sw.sparsify_activations(model, "cats", 0.5, calibration=_calibration())
+
+
+class _ListMoE(nn.Module):
+    """A plain MoE layer: per-expert MLPs in a ModuleList, a linear gate returning logits (top-2)."""
+
+    def __init__(self, width: int = 16, experts: int = 4) -> None:
+        super().__init__()
+        self.top_k = 2
+        self.gate = nn.Linear(width, experts, bias=False)
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+                                     for _ in range(experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, chosen = self.gate(x).softmax(-1).topk(self.top_k, dim=-1)
+        out = torch.zeros_like(x)
+        for index, expert in enumerate(self.experts):
+            hit = (chosen == index).any(-1)
+            share = (weights * (chosen == index)).sum(-1, keepdim=True)
+            out[hit] += share[hit] * expert(x[hit])
+        return x + out
+
+
+class _ListMoEModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 16)
+        self.layers = nn.ModuleList(_ListMoE() for _ in range(2))
+        self.head = nn.Linear(16, VOCAB)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed(input_ids)
+        for layer in self.layers:
+            hidden = layer(hidden)
+        return self.head(hidden)
+
+
+def test_expert_drop_slices_an_expert_module_list_counted_from_gate_logits():
+    torch.manual_seed(0)
+    model = _ListMoEModel().eval()
+    kept_modules = list(model.layers[0].experts)
+    result = sw.prune(model, "expert_drop", 0.5, calibration=_calibration(), progress=False)
+    facts = result.removed["blocks"]["layers.0.experts"]
+    assert sum(facts["selections"]) == 2 * _calibration().numel()  # top-2 of the gate's logits
+    dropped = facts["dropped"]
+    assert sorted(facts["selections"])[:2] == sorted(facts["selections"][i] for i in dropped)
+    layer = model.layers[0]
+    assert len(layer.experts) == 2 and layer.gate.weight.shape == (2, 16) and layer.gate.out_features == 2
+    assert list(layer.experts) == [module for i, module in enumerate(kept_modules) if i not in dropped]
+    with torch.no_grad():
+        assert torch.isfinite(model(_calibration())).all()

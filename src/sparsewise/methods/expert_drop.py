@@ -40,26 +40,32 @@ def experts_to_keep(counts: torch.Tensor, ratio: float, groups: int = 1) -> torc
 
 
 class _RouteCounter:
-    """Counts, per experts module, how often each expert is among a token's top-k: read from the
-    integer expert-index tensor the MoE layer passes its experts module."""
+    """Counts, per MoE layer, how often each expert is among a token's top-k, from its router's
+    output: the integer expert indices it returns (transformers' routers return (logits, weights,
+    indices)), or else the top-k of its [tokens, experts] logits (k from the router or config)."""
 
     def __init__(self, blocks) -> None:
         self.counts = {block.name: torch.zeros(block.num_experts, dtype=torch.float64) for block in blocks}
         self.top_k = {block.name: block.top_k for block in blocks}
-        self.handles = [block.experts.register_forward_pre_hook(self._hook(block.name), with_kwargs=True)
+        self.handles = [block.router.register_forward_hook(self._hook(block.name, block.router_name))
                         for block in blocks]
 
-    def _hook(self, name: str):
-        def count(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-            index = next((value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)
-                          and not value.is_floating_point() and value.ndim >= 1), None)
-            if index is None:
-                raise ConfigError(f"{name} received no expert-index tensor, so its router's choices cannot be "
-                                  "counted: expert_drop needs experts called as experts(hidden, indices, weights).")
+    def _hook(self, name: str, router_name: str):
+        def count(_module: nn.Module, _args: tuple, output: Any) -> None:
             counts = self.counts[name]
+            outputs = output if isinstance(output, (tuple, list)) else (output,)
+            tensors = [value for value in outputs if isinstance(value, torch.Tensor)]
+            index = next((value for value in tensors if not value.is_floating_point()), None)
+            if index is None:
+                logits = next((value for value in tensors if value.shape[-1] == counts.numel()), None)
+                if logits is None or not self.top_k[name]:
+                    raise ConfigError(f"{router_name} returns neither expert indices nor [tokens, {counts.numel()}] "
+                                      "logits with a known top-k (router.top_k or config.num_experts_per_tok), so "
+                                      "its choices cannot be counted for expert_drop.")
+                index = logits.topk(self.top_k[name], dim=-1).indices
             self.top_k[name] = self.top_k[name] or int(index.shape[-1])
             index = index.reshape(-1).cpu()
-            counts += torch.bincount(index[index < counts.numel()], minlength=counts.numel()).double()
+            counts += torch.bincount(index[(index >= 0) & (index < counts.numel())], minlength=counts.numel()).double()
 
         return count
 
@@ -100,6 +106,10 @@ class ExpertDrop(Method):
                                   for key, value in batch.items()})
         finally:
             counter.remove()
+        silent = [block.router_name for block in blocks if not counter.counts[block.name].sum()]
+        if silent:
+            raise ConfigError(f"{silent[0]} (and {len(silent) - 1} more) never routed a calibration token: check that "
+                              "the calibration data runs through the model's MoE layers.")
         plans = []
         for block in blocks:  # every check before the first change
             keep = experts_to_keep(counter.counts[block.name], task.sparsity, block.groups)
