@@ -419,3 +419,21 @@ def test_expert_drop_slices_an_expert_module_list_counted_from_gate_logits():
     assert list(layer.experts) == [module for i, module in enumerate(kept_modules) if i not in dropped]
     with torch.no_grad():
         assert torch.isfinite(model(_calibration())).all()
+
+
+def test_expert_drop_keeps_group_limited_routing_groups_equal():
+    """DeepSeek-V3 routes within n_group contiguous groups: each group loses the same number."""
+    import transformers as tf
+
+    from tiny_moe import tiny_moe_config
+
+    config = tiny_moe_config("deepseek_v3")
+    config.n_routed_experts, config.n_group, config.topk_group = 8, 2, 1
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    result = sw.prune(model, "expert_drop", 0.25, calibration=_calibration(), progress=False)
+    for facts in result.removed["blocks"].values():
+        assert len(facts["dropped"]) == 2 and sorted(index // 4 for index in facts["dropped"]) == [0, 1]
+    assert model.config.n_routed_experts == 6 and model.model.layers[0].mlp.gate.e_score_correction_bias.shape == (6,)
+    with torch.no_grad():
+        assert torch.isfinite(model(_calibration()).logits).all()
