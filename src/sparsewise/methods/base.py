@@ -92,6 +92,8 @@ class LayerTask:
     stats: LayerStats | None = None  # None for data-free methods
     generator: torch.Generator | None = None  # seeded, for methods with random choices
     options: dict[str, Any] = field(default_factory=dict)
+    # the layer's bias (read-only): a method that puts a module in the layer's place carries it over
+    bias: torch.Tensor | None = None
 
 
 @dataclass
