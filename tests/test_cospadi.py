@@ -108,3 +108,16 @@ def test_prune_refuses_patterns_it_cannot_make():
     with pytest.raises(ConfigError, match="cospadi"):
         sw.prune(build_tiny("llama"), method="cospadi", pattern="2:4",
                  calibration=torch.randint(0, 100, (2, 8)), progress=False)
+
+
+def test_replacements_keep_the_layers_bias_and_the_models_dtype():
+    model = build_tiny("opt").to(torch.bfloat16)  # OPT's linears have biases
+    biases = {name: module.bias.detach().clone() for name, module in model.named_modules()
+              if isinstance(module, torch.nn.Linear) and ".layers." in name}
+    sw.prune(model, method="cospadi", sparsity=0.3, calibration=torch.randint(0, 100, (2, 16)),
+             method_options={"iterations": 1}, progress=False)
+    swapped = {name: module for name, module in model.named_modules() if isinstance(module, SparseDictionaryLinear)}
+    assert swapped and set(swapped) <= set(biases)
+    for name, module in swapped.items():
+        assert module.codes.weight.dtype == torch.bfloat16 and module.dictionary.weight.dtype == torch.bfloat16
+        assert torch.equal(module.dictionary.bias, biases[name])

@@ -378,8 +378,9 @@ class _LayerPruner:
         if keep is not None:  # mask decided globally beforehand
             new_weight, mask, info = work * keep, keep, {}
         else:
+            bias = layer.bias
             task = LayerTask(name, work, self.sparsities.get(name, self.sparsity), self.patterns.get(name, self.pattern), stats,
-                             self.generator, self.options)
+                             self.generator, self.options, bias=None if bias is None else bias.detach())
             result = self.pruner.prune_layer(task)
             if result.module is not None:
                 self._replace(name, layer, result)
@@ -399,7 +400,8 @@ class _LayerPruner:
             raise ConfigError(f"{self.pruner.name} replaces modules; a refiner re-picks masks of plain weights: drop refine.")
         parent_name, _, attribute = name.rpartition(".")
         parent = self.model.get_submodule(parent_name)
-        module = result.module.to(device=layer.get_weight().device)
+        weight = layer.get_weight()  # the new module computes in the model's dtype, on the layer's device
+        module = result.module.to(device=weight.device, dtype=weight.dtype)
         setattr(parent, attribute, module)
         self.replaced.append((parent, attribute, layer.module))
         core = f"{name}.{result.core}" if result.core else name
