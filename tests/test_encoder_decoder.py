@@ -272,3 +272,9 @@ def test_observe_mode_sees_dense_encoder_outputs():
     encoder = model.model.encoder(input_ids=ids).last_hidden_state
     torch.testing.assert_close(norms["model.decoder.layers.1.encoder_attn.k_proj"],
                                encoder.reshape(-1, HIDDEN).float().norm(dim=0), rtol=1e-5, atol=1e-5)
+
+
+def test_hf_dir_of_an_encoder_decoder_loads_with_its_head(tmp_path):
+    build("t5").save_pretrained(tmp_path / "t5")
+    model, _tokenizer = sw.load_model(tmp_path / "t5")
+    assert type(model).__name__ == "T5ForConditionalGeneration"  # not the bare T5Model, which drops lm_head

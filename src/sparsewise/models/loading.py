@@ -186,7 +186,15 @@ def _auto_class(config: Any, task: str):
         raise ConfigError(f"task must be one of {', '.join(TASKS)}; got {task!r}.")
     architectures = getattr(config, "architectures", None) or []
     causal = task == "causal-lm" or (task == "auto" and any(a.endswith("ForCausalLM") for a in architectures))
-    return transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    if causal:
+        return transformers.AutoModelForCausalLM
+    if task == "auto" and getattr(config, "is_encoder_decoder", False) and architectures:
+        # the class the checkpoint was saved from (T5ForConditionalGeneration, WhisperFor...): the bare
+        # AutoModel would drop its LM head, which the saved weights hold
+        named = getattr(transformers, architectures[0], None)
+        if isinstance(named, type) and issubclass(named, transformers.PreTrainedModel):
+            return named
+    return transformers.AutoModel
 
 
 def _load_hf_dir(path: Path, *, dtype: torch.dtype, trust_remote_code: bool, task: str):
@@ -311,7 +319,8 @@ def load_model(
 ) -> tuple[nn.Module, Any]:
     """Load ``(model, tokenizer_or_None)``, the model in eval mode on ``device`` in ``dtype``.
 
-    task: "auto" (causal LM when config.architectures names a *ForCausalLM, else the bare model),
+    task: "auto" (causal LM when config.architectures names a *ForCausalLM, an encoder-decoder's
+          named class such as T5ForConditionalGeneration, else the bare model),
     "causal-lm" or "base". See the module docstring for the accepted sources.
     """
     if task not in TASKS:
