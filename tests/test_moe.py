@@ -424,7 +424,6 @@ def test_expert_drop_slices_an_expert_module_list_counted_from_gate_logits():
 def test_expert_drop_keeps_group_limited_routing_groups_equal():
     """DeepSeek-V3 routes within n_group contiguous groups: each group loses the same number."""
     import transformers as tf
-
     from tiny_moe import tiny_moe_config
 
     config = tiny_moe_config("deepseek_v3")
