@@ -123,8 +123,8 @@ def train(model: nn.Module, train_set, epochs: float, seed: int, *, lr: float = 
     cwd = None
     if teacher is not None:
         captured: dict[str, torch.Tensor] = {}
-        feature_layer(model).register_forward_hook(lambda m, a, out: captured.__setitem__("student", out))
-        feature_layer(teacher).register_forward_hook(lambda m, a, out: captured.__setitem__("teacher", out))
+        hooks = [feature_layer(model).register_forward_hook(lambda m, a, out: captured.__setitem__("student", out)),
+                 feature_layer(teacher).register_forward_hook(lambda m, a, out: captured.__setitem__("teacher", out))]
         probe = images[:2]
         with torch.no_grad():
             model.eval(), teacher.eval()
@@ -161,6 +161,9 @@ def train(model: nn.Module, train_set, epochs: float, seed: int, *, lr: float = 
                 break
     if prox is not None:
         prox.detach()
+    if teacher is not None:
+        for hook in hooks:
+            hook.remove()
     model.eval()
     return time.perf_counter() - start
 
