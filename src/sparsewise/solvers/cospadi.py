@@ -189,6 +189,9 @@ def cospadi_factorize(weight: torch.Tensor, hessian: torch.Tensor | None, atoms:
     dictionary = left[:, :atoms].contiguous()  # the whitened rank-`atoms` subspace
 
     def codes_for(dictionary: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if nonzeros == atoms:  # every atom in every column: low rank, C = D^+ W is the data-aware optimum too
+            support = torch.arange(atoms, device=w.device).expand(in_features, atoms)
+            return support, torch.linalg.lstsq(dictionary, w).solution
         support = omp_supports(dictionary, w, nonzeros)
         return support, fit_codes(w, dictionary, h, support, iterations=cg_iterations)
 
