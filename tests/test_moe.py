@@ -220,6 +220,20 @@ def test_calibrate_all_experts_sends_every_token_to_every_expert():
     assert result.measure_coverage(model).kinds["experts"].fraction == 1.0
 
 
+def test_the_all_experts_option_of_prune_matches_the_context_manager():
+    routed = sw.prune(build_tiny_moe("qwen3_moe"), "sparsegpt", 0.5, calibration=_calibration(), progress=False)
+    model = build_tiny_moe("qwen3_moe")
+    result = sw.prune(model, "sparsegpt", 0.5, calibration=_calibration(), all_experts=True, progress=False)
+    expert_tokens = [record.info["tokens"] for name, record in result.records.items() if "experts" in name]
+    assert expert_tokens and set(expert_tokens) == {_calibration().numel()}
+    assert any(record.info["tokens"] < _calibration().numel()
+               for name, record in routed.records.items() if "experts" in name)  # routed-only by default
+    with calibrate_all_experts():
+        reference = sw.prune(build_tiny_moe("qwen3_moe"), "sparsegpt", 0.5, calibration=_calibration(), progress=False)
+    for name, record in result.records.items():
+        assert torch.equal(record.mask, reference.records[name].mask), name
+
+
 def test_an_unobservable_experts_forward_is_refused():
     """A forward that multiplies the whole 3-D tensor at once cannot be split per expert: say so."""
     model = build_tiny_moe("mixtral")

@@ -156,6 +156,9 @@ class PruneConfig:
     self_seqlen: int = option(256, group="calibration", parse=int, positive=True, job=True,
                               help="tokens per self-generated sequence")
     batch_size: int = option(8, group="calibration", parse=int, positive=True, help="calibration batch size")
+    all_experts: bool = option(False, group="calibration",
+                               help="mixture-of-experts: statistics of every expert from every calibration token "
+                                    "(llm-compressor's calibrate-all-experts), not only the tokens routed to it")
     sequential: str = option("layer", group="calibration", parse=registry_name,
                              choices=_names("calibration.engine", "SEQUENTIAL_MODES"),
                              help="layer: one pass per block, layers pruned in order; block: classic two-pass "

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from .errors import ConfigError
 from .methods import LayerTask, ModelTask, method_capabilities
 from .models import ModelAdapter, PrunableLayer
 from .models.coverage import Coverage, model_coverage
+from .models.experts import calibrate_all_experts
 from .patterns import Pattern, global_masks
 from .records import LayerRecord, get_records, set_records
 
@@ -127,6 +129,7 @@ def prune(
     seed: int = 0,
     sequential: str = "layer",
     batch_size: int = 8,
+    all_experts: bool = False,
     method_options: dict[str, Any] | None = None,
     resume_dir: str | Path | None = None,
     progress: bool = True,
@@ -153,6 +156,10 @@ def prune(
     Wanda/SparseGPT code and llm-compressor: statistics of the whole dense block over batches of
     ``batch_size`` samples, then prune, then a second pass for the pruned outputs; it bounds
     activation memory by ``batch_size`` for calibration sets too large for one batch.
+
+    ``all_experts``: on mixture-of-experts models, every expert's statistics come from every
+    calibration token (the block output still follows the router), so rarely chosen experts get
+    full Hessians too (:func:`sparsewise.models.calibrate_all_experts`); default: the routed tokens.
 
     ``resume_dir``: after every block the finished weights and the next block's inputs are
     written there; calling ``prune`` again with the same settings continues after the last
@@ -196,6 +203,7 @@ def prune(
         config = PruneConfig(
             method=method, sparsity=sparsity, pattern=pattern, include=include or [], exclude=exclude or [],
             device="auto" if device is None else device, seed=seed, sequential=sequential, batch_size=batch_size,
+            all_experts=all_experts,
             method_options=dict(method_options or {}), resume_dir=resume_dir,
             allocation="uniform" if allocation is None else allocation, allocation_options=dict(allocation_options or {}),
             refine=refine, refine_options=dict(refine_options or {}), reconstruct=reconstruct,
@@ -250,8 +258,9 @@ def prune(
         by_ratio = {choice.fixed_sparsity: choice for choice in choices}
         run.patterns = {name: by_ratio[value] for name, value in plan.sparsities.items()}
     bar = progress_bar(len(adapter.blocks), f"{pruner.name} {pattern}", progress, unit="block")
+    experts_context = calibrate_all_experts() if cfg.all_experts else contextlib.nullcontext()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), experts_context:
             if pattern.scope == "global":
                 scores = {name: pruner.global_score(layer.get_weight(), run.generator)
                           for name, layer in layers.items()}
