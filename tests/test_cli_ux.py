@@ -307,7 +307,7 @@ def test_prune_flags_and_defaults_unchanged():
               "--allocation-option", "--refine", "--refine-option", "--reconstruct", "--reconstruct-option",
               "--include", "--exclude", "--device", "--batch-size", "--out", "--save-format", "--overwrite",
               "--no-progress"}
-    assert flags == before | {"--dtype"}
+    assert flags == before | {"--dtype", "--all-experts"}
     defaults = vars(build_parser().parse_args(["prune"]))
     assert defaults.pop("command") == "prune" and defaults.pop("no_progress") is False
     assert all(value is None for value in defaults.values()), defaults  # the config's defaults apply
