@@ -11,6 +11,9 @@ Pure math lives in functions over tensors (:mod:`.importance`, :mod:`.budget`, :
 * WGSEF: :class:`ProxRegularizer` with the weighted group sparse envelope prox over :class:`GroupSpec`,
   then :func:`nonzero_channels` + :func:`remove_channels`.
 
+Depth pruning of LLMs (:mod:`.depth`): :func:`block_influence` (ShortGPT) and :func:`removal_loss_scores`
+rank whole blocks, :func:`remove_blocks` deletes them (method ``"depth"``).
+
 The regularizers follow the sparse-training loop protocol (``loss_term()`` before backward,
 ``step()`` after ``optimizer.step()``), so they run next to ``sw.training.attach`` in one loop.
 """
@@ -26,6 +29,14 @@ from .channels import (
     register_channel_importance,
     select_channels,
 )
+from .depth import (
+    block_influence,
+    block_influence_scores,
+    blocks_to_remove,
+    depth_count,
+    removal_loss_scores,
+    remove_blocks,
+)
 from .graph import ChannelGraph, ChannelGroup, trace_channels
 from .losses import ChannelWiseDistillLoss, channel_wise_kl
 from .precropping import PrecropResult, layer_densities, precrop, snip_layer_scores
@@ -35,6 +46,8 @@ from .surgery import fold_removed_into_bias, nonzero_channels, remove_channels, 
 
 __all__ = ["BNScaleL1", "BudgetLayer", "ChannelBudgetSolver", "ChannelGraph", "ChannelGroup", "ChannelPruneResult",
            "ChannelWiseDistillLoss", "GroupSpec", "PrecropResult", "ProxRegularizer", "available_channel_importances",
+           "block_influence", "block_influence_scores", "blocks_to_remove", "depth_count", "removal_loss_scores",
+           "remove_blocks",
            "channel_group_specs", "channel_wise_kl", "count_params", "fold_removed_into_bias", "layer_densities",
            "nonzero_channels", "precrop", "prune_channels", "register_channel_importance", "remove_channels",
            "select_channels", "snip_layer_scores", "solve_width_ratios", "trace_channels", "wgsef_penalty",
