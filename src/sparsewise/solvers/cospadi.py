@@ -75,6 +75,17 @@ def damped(hessian: torch.Tensor, damp_ratio: float) -> torch.Tensor:
     return hessian + damp_ratio * mean_diag * torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
 
 
+def whitened_basis(weight: torch.Tensor, hessian: torch.Tensor, damp_ratio: float) -> torch.Tensor:
+    """Left singular vectors of W L, H = L L^T (``hessian`` already damped by ``damp_ratio``): the
+    directions of W's outputs ordered by their energy on the calibration inputs (SVD-LLM's whitening)."""
+    try:
+        lower = torch.linalg.cholesky(hessian)
+    except RuntimeError as error:
+        raise NumericalError(f"the damped Hessian is not positive definite (damp_ratio {damp_ratio}): pass a larger "
+                             "damp_ratio.") from error
+    return torch.linalg.svd(weight @ lower, full_matrices=False)[0]
+
+
 def data_error(weight: torch.Tensor, approximation: torch.Tensor, hessian: torch.Tensor) -> float:
     """tr(E H E^T) / tr(W H W^T), E = W - approximation: the relative output error on X."""
     residual = weight - approximation
@@ -99,8 +110,8 @@ def omp_supports(dictionary: torch.Tensor, targets: torch.Tensor, nonzeros: int)
         pick = residual_corr.abs().masked_fill(taken, -1.0).argmax(dim=0)
         chosen[:, t] = pick
         taken[pick, columns] = True
-        cross = gram[chosen[:, :t], pick[:, None]] if t else None  # [n, t]: G[S, p]
         if t:
+            cross = gram[chosen[:, :t], pick[:, None]]  # [n, t]: G[S, p]
             row = torch.linalg.solve_triangular(factor[:, :t, :t], cross[:, :, None], upper=False)[..., 0]
             factor[:, t, :t] = row
             diagonal = (1.0 - (row * row).sum(dim=1)).clamp_min(1e-10)
@@ -180,13 +191,7 @@ def cospadi_factorize(weight: torch.Tensor, hessian: torch.Tensor | None, atoms:
     w = weight.detach().to(torch.float64)
     h = (torch.eye(in_features, dtype=torch.float64, device=w.device) if hessian is None
          else damped(hessian.detach().to(device=w.device, dtype=torch.float64), damp_ratio))
-    try:
-        lower = torch.linalg.cholesky(h)
-    except RuntimeError as error:
-        raise NumericalError(f"the damped Hessian is not positive definite (damp_ratio {damp_ratio}): pass a larger "
-                             "damp_ratio.") from error
-    left, _, _ = torch.linalg.svd(w @ lower, full_matrices=False)
-    dictionary = left[:, :atoms].contiguous()  # the whitened rank-`atoms` subspace
+    dictionary = whitened_basis(w, h, damp_ratio)[:, :atoms].contiguous()  # the whitened rank-`atoms` subspace
 
     def codes_for(dictionary: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if nonzeros == atoms:  # every atom in every column: low rank, C = D^+ W is the data-aware optimum too
@@ -216,7 +221,5 @@ def whitened_svd_error(weight: torch.Tensor, hessian: torch.Tensor, rank: int, d
     (truncated SVD of W L, un-whitened): the low-rank baseline CoSpaDi is compared with."""
     w = weight.detach().to(torch.float64)
     h = damped(hessian.detach().to(torch.float64), damp_ratio)
-    lower = torch.linalg.cholesky(h)
-    left, _, _ = torch.linalg.svd(w @ lower, full_matrices=False)
-    basis = left[:, :rank]
+    basis = whitened_basis(w, h, damp_ratio)[:, :rank]
     return data_error(w, basis @ (basis.T @ w), h)
