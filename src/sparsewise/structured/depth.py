@@ -47,9 +47,7 @@ def block_influence(x_in: torch.Tensor, x_out: torch.Tensor, mask: torch.Tensor 
     if x_in.shape != x_out.shape:
         raise ConfigError(f"block_influence needs x_in and x_out of one shape, got {tuple(x_in.shape)} and "
                           f"{tuple(x_out.shape)}.")
-    cos = torch.nn.functional.cosine_similarity(x_in.double(), x_out.double(), dim=-1)
-    if mask is not None:
-        cos = cos[mask.to(torch.bool)]
+    cos = _token_cosines(x_in, x_out, mask)
     if cos.numel() == 0:
         raise ConfigError("block_influence got no token to average over (empty input or all-False mask).")
     return 1 - cos.mean()
@@ -57,10 +55,14 @@ def block_influence(x_in: torch.Tensor, x_out: torch.Tensor, mask: torch.Tensor 
 
 def cosine_sum(x_in: torch.Tensor, x_out: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[float, int]:
     """``(sum_t cos(x_in[t], x_out[t]), token count)``: Block Influence accumulated over batches."""
-    cos = torch.nn.functional.cosine_similarity(x_in.double(), x_out.double(), dim=-1)
-    if mask is not None:
-        cos = cos[mask.to(torch.bool)]
+    cos = _token_cosines(x_in, x_out, mask)
     return float(cos.sum()), cos.numel()
+
+
+def _token_cosines(x_in: torch.Tensor, x_out: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """cos(x_in[t], x_out[t]) in float64 for the tokens ``mask`` selects (all when None)."""
+    cos = torch.nn.functional.cosine_similarity(x_in.double(), x_out.double(), dim=-1)
+    return cos if mask is None else cos[mask.to(torch.bool)]
 
 
 def next_token_kl(ref_logits: torch.Tensor, logits: torch.Tensor,
